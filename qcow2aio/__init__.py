@@ -1,0 +1,63 @@
+"""qcow2aio: QEMU's qcow2 disk-image format for asyncio, with a synchronous fast path.
+
+>>> import qcow2aio
+>>> with qcow2aio.open("disk.qcow2") as img:          # doctest: +SKIP
+...     head = img.read_sync(0, 512)
+"""
+
+from __future__ import annotations
+
+import os
+
+from .create import create
+from .errors import (
+    ImageBusyError,
+    Qcow2CorruptError,
+    Qcow2Error,
+    Qcow2FormatError,
+    Qcow2IOError,
+    Qcow2RangeError,
+    Qcow2ReadOnlyError,
+    Qcow2UnsupportedError,
+)
+from .image import Image
+
+__all__ = [
+    "Image",
+    "ImageBusyError",
+    "Qcow2CorruptError",
+    "Qcow2Error",
+    "Qcow2FormatError",
+    "Qcow2IOError",
+    "Qcow2RangeError",
+    "Qcow2ReadOnlyError",
+    "Qcow2UnsupportedError",
+    "create",
+    "open",
+]
+
+__version__ = "0.1.0"
+
+
+def open(
+    path: str | os.PathLike[str],
+    mode: str = "r",
+    *,
+    passphrase: str | bytes | None = None,
+    l2_cache_size: int | None = None,
+    refcount_cache_size: int | None = None,
+    open_backing: bool = True,
+) -> Image:
+    """Open a qcow2 image, ``mode`` "r" (read-only) or "r+" (read-write).
+
+    Usable directly, as ``with``, or as ``async with``. ``l2_cache_size`` and
+    ``refcount_cache_size`` bound the metadata caches in bytes.
+    """
+    return Image(
+        path,
+        mode,
+        passphrase=passphrase,
+        l2_cache_size=l2_cache_size,
+        refcount_cache_size=refcount_cache_size,
+        open_backing=open_backing,
+    )
