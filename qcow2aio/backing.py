@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import struct
 
 from . import constants as C
@@ -27,9 +28,23 @@ def resolve_name(name: str, image_path: str) -> str:
         raise Qcow2UnsupportedError(
             f"Only local backing files are supported: backing_file={name!r}"
         )
-    if os.path.isabs(name):
-        return name
-    return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+    path = (
+        name
+        if os.path.isabs(name)
+        else os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+    )
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return path  # opening it reports the problem (as a Qcow2IOError)
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        # A directory is refused by QEMU too; open() of a FIFO blocks until a writer
+        # appears (QEMU 7.2 hangs there) and a terminal's reads block: refuse them all.
+        raise Qcow2UnsupportedError(
+            f"Backing or data file is not a regular file or block device: {name!r} "
+            f"(mode {stat.filemode(mode)})"
+        )
+    return path
 
 
 def probe_format(path: str) -> str:

@@ -13,8 +13,11 @@ awaits only in phase 2. Both use the same mapping code.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Sequence
+import struct
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -25,13 +28,17 @@ from .errors import (
     ImageBusyError,
     Qcow2CorruptError,
     Qcow2Error,
+    Qcow2IOError,
     Qcow2RangeError,
+    Qcow2ReadOnlyError,
     Qcow2UnsupportedError,
 )
-from .io import FileBackend
+from .inflight import InflightList, L2Meta
+from .io import Buffer, FileBackend
 from .lock import MetaLock
 from .mapping import BACKING, COMPRESSED, DATA, ZERO, Extent, map_read
 from .metadata import Metadata
+from .writes import WriteStep, abort_step, commit_step, prepare_write, zero_clusters
 
 Backing = "Image | RawImage"
 _ZEROS = bytes(1 << 16)
@@ -72,6 +79,12 @@ class Image:
         self.backing: Image | RawImage | None = None
         self.lock = MetaLock()
         self._compressed_cache: tuple[int, bytes] | None = None
+        # Requests that hold host offsets from a mapping, by the epoch they started in;
+        # a freed cluster is reused only after every older request has finished.
+        self._epoch = 0
+        self._active: Counter[int] = Counter()
+        self._background: set[asyncio.Task[None]] = set()
+        self._poisoned: str | None = None
         try:
             self.meta = Metadata(
                 self._file,
@@ -95,6 +108,9 @@ class Image:
                 self._data = FileBackend(self.data_file_path, writable=self.writable)
             if open_backing and hdr.backing_file is not None:
                 self.backing = self._open_backing(hdr.backing_file, hdr.backing_format)
+            self.inflight = InflightList(self.meta.cluster_size)
+            if self.writable:
+                self._open_for_writing()
         except BaseException:
             self._close_files()
             raise
@@ -269,6 +285,329 @@ class Image:
                     cluster = self._inflate(ext, bytes(raw))
                 view[:] = cluster[ext.skip : ext.skip + ext.length]
 
+    # ------------------------------------------------------- write set-up
+    def _open_for_writing(self) -> None:
+        meta = self.meta
+        hdr = meta.header
+        meta.enable_writes(self._data if self._data is not self._file else None)
+        if hdr.dirty:
+            # Lazy refcounts left the refcounts stale: rebuild them before any write.
+            from .check import check_image
+
+            result = check_image(meta, repair="all")
+            if result.corruptions - result.corruptions_fixed > 0:
+                raise Qcow2CorruptError(
+                    f"Could not repair dirty image: {result.corruptions} corruptions remain"
+                )
+            meta.reload_refcounts()
+            hdr.incompatible_features &= ~C.INCOMPAT_DIRTY
+            self._file.pwrite(struct.pack(">Q", hdr.incompatible_features), 72, "header_update")
+            self._file.flush("header_update")
+            assert meta.writeback is not None
+            meta.writeback.dirty_on_disk = False
+        # Autoclear bits we do not maintain (bitmaps, unknown) must be cleared before the
+        # first write, or another reader would trust data we are about to change.
+        keep = hdr.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW
+        if hdr.autoclear_features != keep or (
+            hdr.version >= 3 and self._on_disk_autoclear() != keep
+        ):
+            hdr.autoclear_features = keep
+            self._file.pwrite(struct.pack(">Q", keep), 88, "header_update")
+            self._file.flush("header_update")
+
+    def _on_disk_autoclear(self) -> int:
+        value: int = struct.unpack(">Q", self._file.pread(88, 8, "header_read"))[0]
+        return value
+
+    def _check_writable(self, offset: int, length: int) -> None:
+        self._check_range(offset, length)
+        if not self.writable:
+            raise Qcow2ReadOnlyError(f"image {self.path!r} is opened read-only")
+        if self.meta.header.corrupt:
+            raise Qcow2CorruptError(f"image {self.path!r} is marked corrupt; writes refused")
+        if self._poisoned is not None:
+            raise Qcow2IOError(
+                f"image {self.path!r} refuses writes after a failed flush ({self._poisoned}); "
+                "reopen it"
+            )
+
+    # ------------------------------------------------- request bookkeeping
+    def _enter(self) -> int:
+        ep = self._epoch
+        self._active[ep] += 1
+        return ep
+
+    def _leave(self, ep: int) -> None:
+        self._active[ep] -= 1
+        if not self._active[ep]:
+            del self._active[ep]
+
+    def retire_epoch(self) -> int:
+        """Tag for a cluster being unlinked now: requests up to this epoch may still use it."""
+        ep = self._epoch
+        self._epoch += 1
+        return ep
+
+    def _oldest_active(self) -> int | None:
+        return min(self._active) if self._active else None
+
+    # ------------------------------------------------------- async writes
+    async def write(self, offset: int, data: Buffer) -> int:
+        """Write ``data`` at guest ``offset``; returns the number of bytes written."""
+        view = memoryview(data).cast("B")
+        n = len(view)
+        self._check_writable(offset, n)
+        ep = self._enter()
+        try:
+            pos = 0
+            while pos < n:
+                await self.lock.acquire()
+                try:
+                    step = prepare_write(self, offset + pos, n - pos)
+                finally:
+                    self.lock.release()
+                if isinstance(step, L2Meta):
+                    await step.wait()
+                    continue
+                # The data phase and the link run to completion even if we are cancelled:
+                # an allocation must be either linked or freed, never left in flight.
+                task = asyncio.ensure_future(self._finish_step(step, view[pos : pos + step.length]))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                await asyncio.shield(task)
+                pos += step.length
+        finally:
+            self._leave(ep)
+        return n
+
+    async def writev(self, offset: int, buffers: Sequence[Buffer]) -> int:
+        """Gather ``buffers`` and write them at guest ``offset``."""
+        if len(buffers) == 1:
+            return await self.write(offset, buffers[0])
+        return await self.write(offset, b"".join(buffers))
+
+    async def _finish_step(self, step: WriteStep, chunk: memoryview) -> None:
+        try:
+            bufs: list[Buffer] = []
+            if step.head_len:
+                head = bytearray(step.head_len)
+                await self._run_plan(step.head, memoryview(head), step.guest - step.head_len)
+                bufs.append(head)
+            bufs.append(chunk)
+            if step.tail_len:
+                tail = bytearray(step.tail_len)
+                await self._run_plan(step.tail, memoryview(tail), step.guest + step.length)
+                bufs.append(tail)
+            start = step.host - step.head_len
+            self._check_data_write(start, step.head_len + step.length + step.tail_len)
+            await self._data.apwritev(bufs, start, "data_write")
+        except BaseException:
+            await self.lock.acquire()
+            try:
+                abort_step(self, step)
+            finally:
+                self.lock.release()
+            raise
+        await self.lock.acquire()
+        try:
+            commit_step(self, step)
+        finally:
+            self.lock.release()
+
+    def _check_data_write(self, host: int, length: int) -> None:
+        if self._data is self._file:
+            self.meta.check_data_write(host, length)
+
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeros.
+
+        On v3 images whole clusters (subclusters with extended L2) get the zero
+        flag and, with ``unmap``, their host clusters are freed; the unaligned
+        rest, and everything on v2 images, is written as zeros.
+        """
+        self._check_writable(offset, length)
+        head, mid, tail = self._split_aligned(offset, length, for_discard=False)
+        if mid[1]:
+            extra = await self._zero_locked(mid[0], mid[1], unmap=unmap, discard=False)
+        else:
+            extra = []
+        for off, n in (head, tail, *extra):
+            if n:
+                await self.write(off, bytes(n))
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Discard whole clusters in the range (v3: they read as zeros; host clusters freed).
+
+        Like QEMU, unaligned parts are ignored, and on a v2 image with a backing
+        file discard does nothing (there is no way to hide the backing data).
+        """
+        self._check_writable(offset, length)
+        if self.meta.version < 3 and self.backing is not None:
+            return
+        _, mid, _ = self._split_aligned(offset, length, for_discard=True)
+        if mid[1]:
+            await self._zero_locked(mid[0], mid[1], unmap=True, discard=True)
+
+    def _split_aligned(
+        self, offset: int, length: int, *, for_discard: bool
+    ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """Split into unaligned head, aligned middle, unaligned tail (granule = cluster).
+
+        The last cluster counts as whole when the range runs to the end of the image.
+        """
+        gran = self.meta.cluster_size
+        end = offset + length
+        if self.meta.version < 3 and not for_discard:
+            return (offset, length), (end, 0), (end, 0)
+        a = (offset + gran - 1) & ~(gran - 1)
+        b = end & ~(gran - 1)
+        if end == self.size:
+            b = (end + gran - 1) & ~(gran - 1)
+        if b <= a:
+            return (offset, length), (end, 0), (end, 0)
+        mid_end = min(b, end)
+        return (offset, a - offset), (a, b - a), (mid_end, end - mid_end)
+
+    async def _zero_locked(
+        self, offset: int, length: int, *, unmap: bool, discard: bool
+    ) -> list[tuple[int, int]]:
+        ep = self._enter()
+        try:
+            while True:
+                await self.lock.acquire()
+                try:
+                    blocker = self.inflight.overlapping(offset, length)
+                    if blocker is None:
+                        return zero_clusters(
+                            self, offset, offset + length, unmap=unmap, discard=discard
+                        )
+                finally:
+                    self.lock.release()
+                await blocker.wait()
+        finally:
+            self._leave(ep)
+
+    async def flush(self) -> None:
+        """Make every write acknowledged so far durable (data, then metadata, in order)."""
+        if self._closed:
+            raise Qcow2Error(f"image {self.path!r} is closed")
+        if not self.writable:
+            return
+        await self.lock.acquire(readers_ok=True)
+        try:
+            await self._drive_async(self._flush_steps())
+        finally:
+            self.lock.release()
+
+    def _flush_steps(self) -> Iterator[str]:
+        assert self.meta.writeback is not None and self.meta.allocator is not None
+        if self._poisoned is not None:
+            raise Qcow2IOError(f"image {self.path!r} failed an earlier flush; reopen it")
+        yield from self.meta.writeback.flush_steps()
+        self.meta.allocator.apply_frees(self._oldest_active())
+
+    async def _drive_async(self, steps: Iterator[str]) -> None:
+        try:
+            for event in steps:
+                if self._data is not self._file:
+                    await self._data.aflush(event)
+                await self._file.aflush(event)
+        except Qcow2Error as exc:
+            self._poisoned = str(exc)
+            raise
+
+    def _drive_sync(self, steps: Iterator[str]) -> None:
+        try:
+            for event in steps:
+                self.meta.flush_files(event)
+        except Qcow2Error as exc:
+            self._poisoned = str(exc)
+            raise
+
+    # -------------------------------------------------------- sync writes
+    def _take_sync(self) -> None:
+        if not self.lock.try_acquire():
+            raise ImageBusyError("metadata lock is held by a suspended request")
+
+    def write_sync(self, offset: int, data: Buffer) -> int:
+        """Write without ever awaiting; raises ImageBusyError (having changed nothing)
+        if the lock is held or an in-flight allocation overlaps the range."""
+        view = memoryview(data).cast("B")
+        n = len(view)
+        self._check_writable(offset, n)
+        self._take_sync()
+        ep = self._enter()
+        try:
+            if self.inflight.overlapping(offset, n) is not None:
+                raise ImageBusyError(
+                    f"an in-flight allocation overlaps the write at {offset} (+{n})"
+                )
+            pos = 0
+            while pos < n:
+                step = prepare_write(self, offset + pos, n - pos)
+                assert not isinstance(step, L2Meta)
+                self._finish_step_sync(step, view[pos : pos + step.length])
+                pos += step.length
+        finally:
+            self._leave(ep)
+            self.lock.release()
+        return n
+
+    def writev_sync(self, offset: int, buffers: Sequence[Buffer]) -> int:
+        if len(buffers) == 1:
+            return self.write_sync(offset, buffers[0])
+        return self.write_sync(offset, b"".join(buffers))
+
+    def _finish_step_sync(self, step: WriteStep, chunk: memoryview) -> None:
+        try:
+            bufs: list[Buffer] = []
+            if step.head_len:
+                head = bytearray(step.head_len)
+                self._run_plan_sync(step.head, memoryview(head), step.guest - step.head_len)
+                bufs.append(head)
+            bufs.append(chunk)
+            if step.tail_len:
+                tail = bytearray(step.tail_len)
+                self._run_plan_sync(step.tail, memoryview(tail), step.guest + step.length)
+                bufs.append(tail)
+            start = step.host - step.head_len
+            self._check_data_write(start, step.head_len + step.length + step.tail_len)
+            self._data.pwritev(bufs, start, "data_write")
+        except BaseException:
+            abort_step(self, step)
+            raise
+        commit_step(self, step)
+
+    def flush_sync(self) -> None:
+        """Synchronous flush; raises ImageBusyError if the metadata lock is held."""
+        if self._closed:
+            raise Qcow2Error(f"image {self.path!r} is closed")
+        if not self.writable:
+            return
+        self._take_sync()
+        try:
+            self._drive_sync(self._flush_steps())
+        finally:
+            self.lock.release()
+
+    # ---------------------------------------------------------------- check
+    def check(self, repair: str | None = None) -> dict[str, Any]:
+        """The counts of ``qemu-img check --output=json`` (flushes a writable image first)."""
+        from .check import check_image
+
+        if repair is not None and not self.writable:
+            raise Qcow2ReadOnlyError("repair needs an image opened with mode 'r+'")
+        if self.writable:
+            self.flush_sync()
+        self._take_sync()
+        try:
+            result = check_image(self.meta, repair=repair)
+            if repair is not None:
+                self.meta.reload_refcounts()
+        finally:
+            self.lock.release()
+        return result.to_json(self.path)
+
     # ----------------------------------------------------------------- info
     def info(self) -> dict[str, Any]:
         """The keys and values of ``qemu-img info --output=json`` for this image."""
@@ -286,13 +625,42 @@ class Image:
         self._file.close()
 
     def close(self) -> None:
+        """Flush (a writable image), mark it clean, and close the files."""
         if self._closed:
             return
-        self._closed = True
-        self._close_files()
+        try:
+            if self.writable and self._poisoned is None and not self.meta.header.corrupt:
+                self._take_sync()
+                try:
+                    assert self.meta.writeback is not None
+                    self._drive_sync(self._close_steps())
+                finally:
+                    self.lock.release()
+        finally:
+            self._closed = True
+            self._close_files()
+
+    def _close_steps(self) -> Iterator[str]:
+        assert self.meta.writeback is not None and self.meta.allocator is not None
+        yield from self._flush_steps()
+        yield from self.meta.writeback.close_steps()
 
     async def aclose(self) -> None:
-        self.close()
+        """Wait for requests still finishing, then close like :meth:`close`."""
+        if self._closed:
+            return
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        try:
+            if self.writable and self._poisoned is None and not self.meta.header.corrupt:
+                await self.lock.acquire()
+                try:
+                    await self._drive_async(self._close_steps())
+                finally:
+                    self.lock.release()
+        finally:
+            self._closed = True
+            self._close_files()
 
     def __enter__(self) -> Image:
         return self

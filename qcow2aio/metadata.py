@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import struct
 from array import array
+from typing import TYPE_CHECKING
 
 from . import constants as C
 from .cache import LRUCache
-from .errors import Qcow2CorruptError, Qcow2FormatError
+from .errors import Qcow2CorruptError, Qcow2Error
 from .header import Header, parse_header
 from .io import FileBackend
 from .refcount import RefcountBlock
-from .snapshot import Snapshot, parse_snapshots
+from .snapshot import Snapshot, read_snapshot_table
 from .tables import Table, decode_be64
+
+if TYPE_CHECKING:
+    from .allocator import Allocator
+    from .writeback import Writeback
 
 DEFAULT_L2_CACHE_BYTES = 32 << 20
 DEFAULT_REFCOUNT_CACHE_BYTES = 4 << 20
-_SNAP_HDR = struct.Struct(">QIHHIIQII")
 
 
 class Metadata:
@@ -78,35 +82,23 @@ class Metadata:
             "reftable_load",
         )
         self.reftable = Table(hdr.refcount_table_offset, decode_be64(raw_rt))
+        self.snapshot_table_end = hdr.snapshots_offset
         self.snapshots: list[Snapshot] = self._read_snapshots()
+        # Write support (see enable_writes); None/empty on read-only images.
+        self.allocator: Allocator | None = None
+        self.writeback: Writeback | None = None
+        self.data_file: FileBackend | None = None
+        self.meta_kind: dict[int, str] = {}
 
     # ------------------------------------------------------------- snapshots
     def _read_snapshots(self) -> list[Snapshot]:
+        # Bounded like QEMU (<= 1024 bytes of extra data an entry, <= 64 MiB in all);
+        # the snapshots' own L1 tables are checked when used (validate_snapshot_l1).
         hdr = self.header
-        if hdr.nb_snapshots == 0:
-            return []
-        # Read entry by entry: each is bounded (40 + 1024 + 2 * 65535 bytes) and the
-        # table as a whole by QCOW_MAX_SNAPSHOTS_SIZE, so memory stays bounded.
-        parts: list[bytes] = []
-        pos = hdr.snapshots_offset
-        total = 0
-        for i in range(hdr.nb_snapshots):
-            head = self.file.pread(pos, _SNAP_HDR.size, "snapshot_load")
-            _, _, id_len, name_len, _, _, _, _, extra = _SNAP_HDR.unpack(head)
-            if extra > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
-                raise Qcow2FormatError(
-                    f"Too much extra metadata in snapshot table entry {i}: extra_data_size={extra}"
-                )
-            entry_len = (_SNAP_HDR.size + extra + id_len + name_len + 7) & ~7
-            total += entry_len
-            if total > C.QCOW_MAX_SNAPSHOTS_SIZE:
-                raise Qcow2FormatError(f"Snapshot table too large: {total} bytes")
-            parts.append(
-                head
-                + self.file.pread(pos + _SNAP_HDR.size, entry_len - _SNAP_HDR.size, "snapshot_load")
-            )
-            pos += entry_len
-        return parse_snapshots(b"".join(parts), hdr.nb_snapshots, self.cluster_size)
+        snaps, self.snapshot_table_end = read_snapshot_table(
+            self.file, hdr.snapshots_offset, hdr.nb_snapshots
+        )
+        return snaps
 
     # -------------------------------------------------------------------- L2
     def l2_offset_for(self, l1_index: int) -> int:
@@ -165,11 +157,127 @@ class Metadata:
             return 0
         return blk.get(cluster_index & ((1 << bits) - 1))
 
+    def reload_refcounts(self) -> None:
+        """Re-read the refcount table after a repair rewrote refcount structures on disk."""
+        hdr = self.header
+        raw = self.file.pread(
+            hdr.refcount_table_offset, hdr.refcount_table_clusters * self.cluster_size, "reftable_load"
+        )
+        self.reftable = Table(hdr.refcount_table_offset, decode_be64(raw))
+        self.refblock_cache.clear()
+        if self.allocator is not None:
+            self.allocator.free_cluster_index = 0
+        if self.meta_kind:
+            self._build_meta_map()
+
     # ------------------------------------------------------------- writeback
-    # Placeholders until the write path installs ordering-aware hooks; a read-only
-    # image never dirties a table, so reaching these is a bug.
     def _writeback_l2(self, table: Table) -> None:
-        raise AssertionError(f"dirty L2 table {table.offset:#x} on a read-only image")
+        if self.writeback is None:
+            raise AssertionError(f"dirty L2 table {table.offset:#x} on a read-only image")
+        self.writeback.evict_l2(table)
 
     def _writeback_refblock(self, blk: RefcountBlock) -> None:
-        raise AssertionError(f"dirty refcount block {blk.offset:#x} on a read-only image")
+        if self.writeback is None:
+            raise AssertionError(f"dirty refcount block {blk.offset:#x} on a read-only image")
+        self.writeback.evict_refblock(blk)
+
+    def flush_files(self, event: str = "flush") -> None:
+        """Make the image file (and an external data file) durable, synchronously."""
+        if self.data_file is not None:
+            self.data_file.flush(event)
+        self.file.flush(event)
+
+    def allocator_frees_durable(self) -> None:
+        if self.allocator is not None:
+            self.allocator.mark_frees_durable()
+
+    # ------------------------------------------------------ write support
+    def enable_writes(self, data_file: FileBackend | None) -> None:
+        """Set up allocation, writeback and the overlap map for a read-write image."""
+        from .allocator import Allocator
+        from .writeback import Writeback
+
+        self.data_file = data_file
+        self.allocator = Allocator(self)
+        self.writeback = Writeback(self)
+        self._build_meta_map()
+
+    def _build_meta_map(self) -> None:
+        """Which host clusters hold metadata, for QEMU-style overlap checks ("cached" level)."""
+        hdr = self.header
+        kinds = self.meta_kind
+        kinds.clear()
+        kinds[0] = "header"
+        self.add_meta_range(hdr.l1_table_offset, hdr.l1_size * 8, "l1")
+        self.add_meta_range(
+            hdr.refcount_table_offset, hdr.refcount_table_clusters * self.cluster_size, "reftable"
+        )
+        for entry in self.reftable.entries:
+            off = entry & C.REFT_OFFSET_MASK
+            if off:
+                self.add_meta_range(off, self.cluster_size, "refblock")
+        for entry in self.l1.entries:
+            off = entry & C.L1E_OFFSET_MASK
+            if off:
+                self.add_meta_range(off, self.cluster_size, "l2")
+        if hdr.nb_snapshots:
+            end = self.snapshot_table_end
+            self.add_meta_range(hdr.snapshots_offset, end - hdr.snapshots_offset, "snapshot_table")
+            for snap in self.snapshots:
+                self.add_meta_range(snap.l1_table_offset, snap.l1_size * 8, "inactive_l1")
+
+    def add_meta_cluster(self, offset: int, kind: str = "refblock") -> None:
+        self.meta_kind[offset >> self.cluster_bits] = kind
+
+    def add_meta_range(self, offset: int, length: int, kind: str = "reftable") -> None:
+        if length <= 0:
+            return
+        for c in range(
+            offset >> self.cluster_bits, ((offset + length - 1) >> self.cluster_bits) + 1
+        ):
+            self.meta_kind[c] = kind
+
+    def remove_meta_range(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        for c in range(
+            offset >> self.cluster_bits, ((offset + length - 1) >> self.cluster_bits) + 1
+        ):
+            self.meta_kind.pop(c, None)
+
+    def check_data_write(self, host: int, length: int) -> None:
+        """QEMU's pre-write overlap check for guest data going into the image file."""
+        kinds = self.meta_kind
+        if not kinds or length <= 0:
+            return
+        for c in range(host >> self.cluster_bits, ((host + length - 1) >> self.cluster_bits) + 1):
+            kind = kinds.get(c)
+            if kind is not None:
+                self.mark_corrupt(
+                    f"Preventing invalid write on metadata (overlaps with {kind}): "
+                    f"data write at {host:#x}+{length:#x}"
+                )
+
+    def check_meta_write(self, offset: int, length: int, kind: str) -> None:
+        """A metadata write must stay inside clusters known to hold that kind of table."""
+        for c in range(
+            offset >> self.cluster_bits, ((offset + length - 1) >> self.cluster_bits) + 1
+        ):
+            have = self.meta_kind.get(c)
+            if have != kind:
+                self.mark_corrupt(
+                    f"Preventing invalid write on metadata (overlaps with {have or 'data'}): "
+                    f"{kind} write at {offset:#x}+{length:#x}"
+                )
+
+    def mark_corrupt(self, reason: str) -> None:
+        """Set the corrupt bit (one small header write) and refuse the operation."""
+        hdr = self.header
+        if self.writable and not hdr.corrupt:
+            hdr.incompatible_features |= C.INCOMPAT_CORRUPT
+            try:
+                self.file.pwrite(struct.pack(">Q", hdr.incompatible_features), 72, "header_update")
+                self.file.flush("header_update")
+            except Qcow2Error:
+                pass
+        raise Qcow2CorruptError(f"Marking image as corrupt: {reason}")

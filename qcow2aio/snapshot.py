@@ -1,22 +1,33 @@
-"""The internal snapshot table (read side): entries, bounds-checked.
+"""The internal snapshot table (read side): entries, bounds-checked like QEMU 7.2.
 
 Each entry is a 40-byte header, ``extra_data_size`` bytes of extra data, the ID
-string and the name, padded to 8 bytes. Sizes come from the image, so every one
-is capped (QEMU's limits) before it is used to slice or allocate.
+string and the name; each entry starts on an 8-byte boundary. Sizes come from
+the image, so each one is capped (QEMU's limits) before it is used to read or
+allocate: ``extra_data_size`` <= 1024, and the table as a whole <= 64 MiB.
+
+As in ``qcow2_read_snapshots``, an entry's own L1 table is *not* checked when
+the image is opened: a bad snapshot L1 offset or size does not stop the active
+layer from being read. :func:`validate_snapshot_l1` does QEMU's check; call it
+before a snapshot's L1 table is used (loading, reverting, deleting, or marking
+its clusters as metadata).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import constants as C
 from .errors import Qcow2FormatError
+from .io import FileBackend
 
 _SNAP = struct.Struct(">QIHHIIQII")  # 40 bytes
+_INT_MAX = 0x7FFFFFFF
+_WINDOW = 1 << 16
 
 
-@dataclass
+@dataclass(slots=True)
 class Snapshot:
     l1_table_offset: int
     l1_size: int
@@ -31,45 +42,88 @@ class Snapshot:
     extra_data: bytes
 
 
-def parse_snapshots(table: bytes, count: int, cluster_size: int) -> list[Snapshot]:
-    """Decode ``count`` entries from the raw snapshot table bytes."""
-    snaps: list[Snapshot] = []
-    pos = 0
-    for i in range(count):
-        if pos + _SNAP.size > len(table):
-            raise Qcow2FormatError(f"Snapshot table truncated at snapshot {i}: offset {pos}")
-        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmstate, extra_len) = (
-            _SNAP.unpack_from(table, pos)
+def validate_snapshot_l1(snap: Snapshot, index: int, cluster_size: int) -> None:
+    """QEMU's check of a snapshot's L1 table (``qcow2_validate_table``) before it is used."""
+    if snap.l1_size > C.QCOW_MAX_L1_SIZE // 8:
+        raise Qcow2FormatError(
+            f"Snapshot L1 table too large: snapshot {index} (id {snap.id_str!r}) "
+            f"l1_size={snap.l1_size}"
         )
-        pos += _SNAP.size
+    off = snap.l1_table_offset
+    if off % cluster_size or C.INT64_MAX - snap.l1_size * 8 < off:
+        raise Qcow2FormatError(
+            f"Snapshot L1 table offset invalid: snapshot {index} (id {snap.id_str!r}) "
+            f"l1_table_offset={off:#x}"
+        )
+
+
+class _TableReader:
+    """Sequential reads of the table through a small window; past EOF reads as zeros."""
+
+    def __init__(self, pread: Callable[[int, int], bytes], pos: int) -> None:
+        self._pread = pread
+        self.pos = pos
+        self._base = pos
+        self._buf = b""
+
+    def read(self, n: int, index: int) -> bytes:
+        start = self.pos
+        end = start + n
+        if end > C.INT64_MAX:
+            raise Qcow2FormatError(
+                f"Snapshot table entry {index} runs past the largest file offset (at {start:#x})"
+            )
+        self.pos = end
+        if n > _WINDOW:
+            return self._pread(start, n)
+        if start < self._base or end > self._base + len(self._buf):
+            self._base = start
+            self._buf = self._pread(start, min(_WINDOW, C.INT64_MAX - start))
+        rel = start - self._base
+        return self._buf[rel : rel + n]
+
+
+def _name(raw: bytes) -> str:
+    # QEMU keeps C strings: the ID and name end at the first NUL byte.
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+
+
+def _read_table(
+    pread: Callable[[int, int], bytes], offset: int, count: int
+) -> tuple[list[Snapshot], int]:
+    snaps: list[Snapshot] = []
+    reader = _TableReader(pread, offset)
+    table_length = 0
+    for i in range(count):
+        table_length = (table_length + 7) & ~7
+        reader.pos = (reader.pos + 7) & ~7
+        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmstate, extra_len) = (
+            _SNAP.unpack(reader.read(_SNAP.size, i))
+        )
         if extra_len > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             raise Qcow2FormatError(
-                f"Too much extra metadata in snapshot table entry {i}: extra_data_size={extra_len}"
+                f"Too much extra metadata in snapshot table entry {i}: "
+                f"extra_data_size={extra_len} (at most {C.QCOW_MAX_SNAPSHOT_EXTRA_DATA})"
             )
-        end = pos + extra_len + id_len + name_len
-        if end > len(table):
-            raise Qcow2FormatError(f"Snapshot table entry {i} exceeds the snapshot table")
-        extra = table[pos : pos + extra_len]
-        pos += extra_len
-        id_str = table[pos : pos + id_len].decode("utf-8", errors="replace")
-        pos += id_len
-        name = table[pos : pos + name_len].decode("utf-8", errors="replace")
-        pos += name_len
-        pos = (pos + 7) & ~7
+        extra = reader.read(extra_len, i)
+        id_str = _name(reader.read(id_len, i))
+        name = _name(reader.read(name_len, i))
+        table_length += _SNAP.size + extra_len + id_len + name_len
+        if table_length > C.QCOW_MAX_SNAPSHOTS_SIZE or reader.pos - offset > _INT_MAX:
+            raise Qcow2FormatError(
+                f"Snapshot table is too big: {table_length} bytes after entry {i} "
+                f"(nb_snapshots={count}, at most {C.QCOW_MAX_SNAPSHOTS_SIZE} bytes)"
+            )
         vm_state = vmstate
         disk_size: int | None = None
         icount: int | None = None
-        if len(extra) >= 8:
+        if extra_len >= 8:
             vm_state = struct.unpack_from(">Q", extra, 0)[0]
-        if len(extra) >= 16:
+        if extra_len >= 16:
             disk_size = struct.unpack_from(">Q", extra, 8)[0]
-        if len(extra) >= 24:
+        if extra_len >= 24:
             raw_icount = struct.unpack_from(">Q", extra, 16)[0]
             icount = None if raw_icount == 0xFFFFFFFFFFFFFFFF else raw_icount
-        if l1_size > C.QCOW_MAX_L1_SIZE // 8:
-            raise Qcow2FormatError(f"Snapshot {i} L1 table too large: l1_size={l1_size}")
-        if l1_off % cluster_size or C.INT64_MAX - l1_size * 8 < l1_off:
-            raise Qcow2FormatError(f"Snapshot {i} L1 table offset invalid: {l1_off:#x}")
         snaps.append(
             Snapshot(
                 l1_off,
@@ -85,16 +139,26 @@ def parse_snapshots(table: bytes, count: int, cluster_size: int) -> list[Snapsho
                 bytes(extra),
             )
         )
-    return snaps
+    return snaps, reader.pos
 
 
-def snapshot_table_length(table: bytes, count: int) -> int:
-    """Byte length of ``count`` entries (to bound the read of the table)."""
-    pos = 0
-    for _ in range(count):
-        if pos + _SNAP.size > len(table):
-            return pos
-        id_len, name_len = struct.unpack_from(">HH", table, pos + 12)
-        extra_len = struct.unpack_from(">I", table, pos + 36)[0]
-        pos = (pos + _SNAP.size + extra_len + id_len + name_len + 7) & ~7
-    return pos
+def read_snapshot_table(file: FileBackend, offset: int, count: int) -> tuple[list[Snapshot], int]:
+    """Read ``count`` entries at ``offset``; returns them and the offset just past the last.
+
+    The header's ``snapshots_offset``/``nb_snapshots`` must already be validated
+    (aligned, count <= 65536). Memory is bounded by the 64 MiB table limit, and a
+    table past the end of the file reads as zeros (empty entries), as in QEMU.
+    """
+    if count == 0:
+        return [], offset
+    return _read_table(lambda pos, n: file.pread(pos, n, "snapshot_load"), offset, count)
+
+
+def parse_snapshots(table: bytes, count: int, cluster_size: int = 0) -> list[Snapshot]:
+    """Decode ``count`` entries from raw table bytes (missing bytes read as zeros)."""
+
+    def pread(pos: int, n: int) -> bytes:
+        out = table[pos : pos + n]
+        return out + bytes(n - len(out))
+
+    return _read_table(pread, 0, count)[0]
