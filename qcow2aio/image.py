@@ -246,8 +246,14 @@ class Image:
     async def readinto(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from guest ``offset``."""
         self._check_range(offset, len(buf))
-        plan = await self._map_for_read(offset, len(buf))
-        await self._run_plan(plan, buf, offset)
+        # Registered from mapping to the end of the data phase: clusters this plan
+        # names are not reused until we are done (see docs/concurrency.md).
+        ep = self._enter()
+        try:
+            plan = await self._map_for_read(offset, len(buf))
+            await self._run_plan(plan, buf, offset)
+        finally:
+            self._leave(ep)
 
     async def _map_for_read(self, offset: int, length: int) -> list[Extent]:
         # Mapping is synchronous: it runs atomically on the event loop. Only when
