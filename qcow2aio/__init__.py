@@ -21,6 +21,7 @@ from .errors import (
     Qcow2UnsupportedError,
 )
 from .image import Image
+from .io import BackendFactory
 
 __all__ = [
     "Image",
@@ -47,11 +48,14 @@ def open(
     l2_cache_size: int | None = None,
     refcount_cache_size: int | None = None,
     open_backing: bool = True,
+    io_backend: BackendFactory | None = None,
 ) -> Image:
     """Open a qcow2 image, ``mode`` "r" (read-only) or "r+" (read-write).
 
     Usable directly, as ``with``, or as ``async with``. ``l2_cache_size`` and
-    ``refcount_cache_size`` bound the metadata caches in bytes.
+    ``refcount_cache_size`` bound the metadata caches in bytes. ``io_backend``
+    opens the files, ``(path, writable) -> FileBackend``: recording or
+    fault-injecting backends in tests, or another I/O engine.
     """
     return Image(
         path,
@@ -60,4 +64,5 @@ def open(
         l2_cache_size=l2_cache_size,
         refcount_cache_size=refcount_cache_size,
         open_backing=open_backing,
+        io_backend=io_backend,
     )

@@ -118,6 +118,7 @@ class Allocator:
 
     def alloc_clusters(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1 each); returns the host offset."""
+        self.meta.file.event("cluster_alloc")
         while True:
             saved = self.free_cluster_index
             start = self._find_free(n)
@@ -152,6 +153,7 @@ class Allocator:
                     cluster << self.cluster_bits, bytearray(self.cluster_size), self.order
                 )
                 blk.set(cluster & mask, 1)
+                blk.fresh = True
                 break
             if meta.refblock(owner) is None:
                 # The free cluster belongs to another missing block: create that one first.
@@ -162,7 +164,7 @@ class Allocator:
             blk = RefcountBlock(
                 cluster << self.cluster_bits, bytearray(self.cluster_size), self.order
             )
-            blk.dirty = True
+            blk.dirty = blk.fresh = True
             break
         meta.refblock_cache.insert(blk)
         meta.reftable.entries[rt_index] = blk.offset
@@ -234,6 +236,7 @@ class Allocator:
         done = 0
         for p in self.pending:
             if p.durable and (oldest_active_epoch is None or oldest_active_epoch > p.epoch):
+                self.meta.file.event("cluster_free")
                 self.update_refcount(p.offset, p.length, -1)
                 done += 1
             else:

@@ -60,9 +60,9 @@ def probe_format(path: str) -> str:
 class RawImage:
     """A raw file used as a backing file: guest offset == file offset."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, file: FileBackend | None = None) -> None:
         self.path = path
-        self._file = FileBackend(path, writable=False)
+        self._file = file if file is not None else FileBackend(path, writable=False)
         self.size = self._file.size()
         self.format = "raw"
 

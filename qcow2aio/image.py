@@ -33,15 +33,21 @@ from .errors import (
     Qcow2ReadOnlyError,
     Qcow2UnsupportedError,
 )
-from .inflight import InflightList, L2Meta
-from .io import Buffer, FileBackend
-from .lock import MetaLock
+from . import testing
+from .inflight import InflightList, L2Meta, NoInflightList
+from .io import BackendFactory, Buffer, FileBackend
+from .lock import MetaLock, NoLock
 from .mapping import BACKING, COMPRESSED, DATA, ZERO, Extent, map_read
 from .metadata import Metadata
 from .writes import WriteStep, abort_step, commit_step, prepare_write, zero_clusters
 
 Backing = "Image | RawImage"
 _ZEROS = bytes(1 << 16)
+
+
+def _write_event(step: WriteStep) -> str:
+    """blkdebug-style name of a step's data write: COW included, or the guest data alone."""
+    return "cow_write" if step.head_len or step.tail_len else "data_write"
 
 
 def _zero(view: memoryview) -> None:
@@ -64,6 +70,7 @@ class Image:
         l2_cache_size: int | None = None,
         refcount_cache_size: int | None = None,
         open_backing: bool = True,
+        io_backend: BackendFactory | None = None,
         _chain: tuple[str, ...] = (),
     ) -> None:
         if mode not in ("r", "r+"):
@@ -74,10 +81,13 @@ class Image:
         self.format = "qcow2"
         self._closed = True
         self._chain = check_chain(self.path, _chain)
-        self._file = FileBackend(self.path, writable=self.writable)
+        self._io_backend: BackendFactory = io_backend or FileBackend
+        self._file = self._io_backend(self.path, self.writable)
         self._data: FileBackend = self._file
         self.backing: Image | RawImage | None = None
-        self.lock = MetaLock()
+        # qcow2aio.testing.unserialized() turns both off, to prove race tests can fail.
+        self.serialized = testing.serialized()
+        self.lock: MetaLock = MetaLock() if self.serialized else NoLock()
         self._compressed_cache: tuple[int, bytes] | None = None
         # Requests that hold host offsets from a mapping, by the epoch they started in;
         # a freed cluster is reused only after every older request has finished.
@@ -105,10 +115,14 @@ class Image:
                 )
             if hdr.data_file is not None:
                 self.data_file_path = resolve_name(hdr.data_file, self.path)
-                self._data = FileBackend(self.data_file_path, writable=self.writable)
+                self._data = self._io_backend(self.data_file_path, self.writable)
             if open_backing and hdr.backing_file is not None:
                 self.backing = self._open_backing(hdr.backing_file, hdr.backing_format)
-            self.inflight = InflightList(self.meta.cluster_size)
+            self.inflight: InflightList = (
+                InflightList(self.meta.cluster_size)
+                if self.serialized
+                else NoInflightList(self.meta.cluster_size)
+            )
             if self.writable:
                 self._open_for_writing()
         except BaseException:
@@ -122,10 +136,10 @@ class Image:
         if fmt is None:
             fmt = probe_format(path)
         if fmt == "qcow2":
-            return Image(path, "r", _chain=self._chain)
+            return Image(path, "r", io_backend=self._io_backend, _chain=self._chain)
         if fmt in RAW_FORMATS:
             check_chain(path, self._chain)
-            return RawImage(path)
+            return RawImage(path, self._io_backend(path, False))
         raise Qcow2UnsupportedError(f"Unsupported backing file format: backing_format={fmt!r}")
 
     @property
@@ -183,12 +197,14 @@ class Image:
         plan = map_read(self.meta, offset, len(buf), self.backing is not None)
         self._run_plan_sync(plan, buf, offset)
 
-    def _run_plan_sync(self, plan: list[Extent], dest: memoryview, base: int) -> None:
+    def _run_plan_sync(
+        self, plan: list[Extent], dest: memoryview, base: int, event: str = "data_read"
+    ) -> None:
         for ext in plan:
             view = dest[ext.guest - base : ext.guest - base + ext.length]
             kind = ext.kind
             if kind == DATA:
-                self._data.readinto(view, ext.host, "data_read")
+                self._data.readinto(view, ext.host, event)
             elif kind == ZERO:
                 _zero(view)
             elif kind == BACKING:
@@ -266,12 +282,14 @@ class Image:
                 self.lock.release()
         return map_read(self.meta, offset, length, self.backing is not None)
 
-    async def _run_plan(self, plan: list[Extent], dest: memoryview, base: int) -> None:
+    async def _run_plan(
+        self, plan: list[Extent], dest: memoryview, base: int, event: str = "data_read"
+    ) -> None:
         for ext in plan:
             view = dest[ext.guest - base : ext.guest - base + ext.length]
             kind = ext.kind
             if kind == DATA:
-                await self._data.areadinto(view, ext.host, "data_read")
+                await self._data.areadinto(view, ext.host, event)
             elif kind == ZERO:
                 _zero(view)
             elif kind == BACKING:
@@ -397,16 +415,20 @@ class Image:
             bufs: list[Buffer] = []
             if step.head_len:
                 head = bytearray(step.head_len)
-                await self._run_plan(step.head, memoryview(head), step.guest - step.head_len)
+                await self._run_plan(
+                    step.head, memoryview(head), step.guest - step.head_len, "cow_read"
+                )
                 bufs.append(head)
             bufs.append(chunk)
             if step.tail_len:
                 tail = bytearray(step.tail_len)
-                await self._run_plan(step.tail, memoryview(tail), step.guest + step.length)
+                await self._run_plan(
+                    step.tail, memoryview(tail), step.guest + step.length, "cow_read"
+                )
                 bufs.append(tail)
             start = step.host - step.head_len
             self._check_data_write(start, step.head_len + step.length + step.tail_len)
-            await self._data.apwritev(bufs, start, "data_write")
+            await self._data.apwritev(bufs, start, _write_event(step))
         except BaseException:
             await self.lock.acquire()
             try:
@@ -569,16 +591,20 @@ class Image:
             bufs: list[Buffer] = []
             if step.head_len:
                 head = bytearray(step.head_len)
-                self._run_plan_sync(step.head, memoryview(head), step.guest - step.head_len)
+                self._run_plan_sync(
+                    step.head, memoryview(head), step.guest - step.head_len, "cow_read"
+                )
                 bufs.append(head)
             bufs.append(chunk)
             if step.tail_len:
                 tail = bytearray(step.tail_len)
-                self._run_plan_sync(step.tail, memoryview(tail), step.guest + step.length)
+                self._run_plan_sync(
+                    step.tail, memoryview(tail), step.guest + step.length, "cow_read"
+                )
                 bufs.append(tail)
             start = step.host - step.head_len
             self._check_data_write(start, step.head_len + step.length + step.tail_len)
-            self._data.pwritev(bufs, start, "data_write")
+            self._data.pwritev(bufs, start, _write_event(step))
         except BaseException:
             abort_step(self, step)
             raise

@@ -112,3 +112,16 @@ class InflightList:
             if ms < b and a < me:
                 return m
         return None
+
+
+class NoInflightList(InflightList):
+    """Tracks nothing, so nothing ever waits: for ``qcow2aio.testing.unserialized()`` only."""
+
+    def add(self, meta: L2Meta) -> None:
+        meta.cluster_size = self.cluster_size
+
+    def conflict(self, start: int, length: int) -> tuple[int, L2Meta | None]:
+        return length, None
+
+    def overlapping(self, start: int, length: int) -> L2Meta | None:
+        return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiofiles.os
@@ -24,6 +24,9 @@ import aiofiles.os
 from .errors import Qcow2IOError
 
 Buffer = bytes | bytearray | memoryview
+# Opens a file for an image: (path, writable) -> backend. Tests pass recording or
+# fault-injecting subclasses of FileBackend through qcow2aio.open(io_backend=...).
+BackendFactory = Callable[[str, bool], "FileBackend"]
 
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 _apreadv: Any = aiofiles.os.wrap(os.preadv)
@@ -39,7 +42,7 @@ def _ioerror(what: str, path: str, exc: OSError) -> Qcow2IOError:
 class FileBackend:
     """An open file addressed by offset only. Subclass hooks: override the methods."""
 
-    def __init__(self, path: str, *, writable: bool) -> None:
+    def __init__(self, path: str, writable: bool = False) -> None:
         self.path = path
         self.writable = writable
         flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
@@ -50,6 +53,12 @@ class FileBackend:
         self._nowait = bool(_RWF_NOWAIT)
 
     # ------------------------------------------------------------------ sync
+    def event(self, name: str) -> None:
+        """A named point with no I/O of its own (``cluster_alloc``, ``cluster_free``).
+
+        The plain backend does nothing; fault-injection backends may raise here.
+        """
+
     def size(self) -> int:
         try:
             return os.fstat(self.fd).st_size

@@ -65,3 +65,22 @@ class MetaLock:
                 return
         self._held = False
         self._readers_ok = False
+
+
+class NoLock(MetaLock):
+    """A lock that never excludes anyone: for ``qcow2aio.testing.unserialized()`` only."""
+
+    def locked(self) -> bool:
+        return False
+
+    def blocks_readers(self) -> bool:
+        return False
+
+    def try_acquire(self, *, readers_ok: bool = False) -> bool:
+        return True
+
+    async def acquire(self, *, readers_ok: bool = False) -> None:
+        return None
+
+    def release(self) -> None:
+        return None

@@ -20,6 +20,7 @@ class RefcountBlock:
     data: bytearray
     order: int
     dirty: bool = False
+    fresh: bool = False  # allocated and never written yet ("refblock_alloc")
 
     @property
     def entries(self) -> int:

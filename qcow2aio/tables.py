@@ -49,6 +49,7 @@ class Table:
     offset: int  # host offset of the table
     entries: array[int]
     dirty: bool = False
+    fresh: bool = False  # allocated and never written yet (its first write is "l2_alloc")
 
     def to_bytes(self) -> bytes:
         return encode_be64(self.entries)

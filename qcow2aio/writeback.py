@@ -59,13 +59,15 @@ class Writeback:
 
     def _write_refblock(self, blk: RefcountBlock) -> None:
         self.meta.check_meta_write(blk.offset, len(blk.data), "refblock")
-        self.meta.file.pwrite(blk.to_bytes(), blk.offset, "refblock_update")
-        blk.dirty = False
+        event = "refblock_alloc" if blk.fresh else "refblock_update"
+        self.meta.file.pwrite(blk.to_bytes(), blk.offset, event)
+        blk.dirty = blk.fresh = False
 
     def _write_l2(self, table: Table) -> None:
         self.meta.check_meta_write(table.offset, len(table.entries) * 8, "l2")
-        self.meta.file.pwrite(table.to_bytes(), table.offset, "l2_update")
-        table.dirty = False
+        event = "l2_alloc" if table.fresh else "l2_update"
+        self.meta.file.pwrite(table.to_bytes(), table.offset, event)
+        table.dirty = table.fresh = False
 
     def _mark_dirty_bit(self) -> bool:
         """Set the dirty bit in the header; True when the caller must flush before L2 writes."""

@@ -109,7 +109,7 @@ def l2_for_write(img: Image, l1_index: int) -> Table:
         entries = array("Q", bytes(meta.cluster_size))
     new = alloc.alloc_clusters(1)
     meta.add_meta_range(new, meta.cluster_size, "l2")
-    table = Table(new, entries, dirty=True)
+    table = Table(new, entries, dirty=True, fresh=True)
     meta.l2_cache.insert(table)
     meta.l1.entries[l1_index] = new | C.QCOW_OFLAG_COPIED
     meta.l1.dirty = True

@@ -41,7 +41,9 @@ def test_l2_entry_into_refblock_sets_corrupt_bit(qemu: Qemu, tmp_path: Path) -> 
 class FailingWrites:
     """Makes data writes (or flushes) of an image fail with an errno."""
 
-    def __init__(self, img: qcow2aio.Image, err: int, *, what: str = "data_write") -> None:
+    def __init__(
+        self, img: qcow2aio.Image, err: int, *, what: tuple[str, ...] = ("data_write", "cow_write")
+    ) -> None:
         self.on = True
         backend = img._data  # noqa: SLF001
         orig_w = backend.pwritev
@@ -50,7 +52,7 @@ class FailingWrites:
         orig_af = backend.aflush
 
         def fail(event: str) -> None:
-            if self.on and event == what:
+            if self.on and event in what:
                 raise qcow2aio.Qcow2IOError(f"injected {errno.errorcode[err]} at {event}", err)
 
         def pwritev(buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
@@ -101,7 +103,7 @@ async def test_failed_flush_refuses_writes_until_reopen(qemu: Qemu, tmp_path: Pa
     qemu.img("create", "-q", "-f", "qcow2", str(path), "4M")
     img = qcow2aio.open(path, "r+")
     await img.write(0, b"a" * 1000)
-    FailingWrites(img, errno.EIO, what="flush")
+    FailingWrites(img, errno.EIO, what=("flush",))
     with pytest.raises(qcow2aio.Qcow2IOError):
         await img.flush()
     with pytest.raises(qcow2aio.Qcow2IOError, match="flush"):
