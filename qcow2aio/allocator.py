@@ -87,7 +87,7 @@ class Allocator:
 
     # ---------------------------------------------------------- updating
     def update_refcount(self, offset: int, length: int, addend: int) -> None:
-        """Add ``addend`` to the refcount of every cluster touched by ``[offset, offset+length)``."""
+        """Add ``addend`` to the refcount of each cluster touched by ``[offset, offset+length)``."""
         if length <= 0:
             return
         first = offset >> self.cluster_bits
@@ -208,6 +208,7 @@ class Allocator:
         new.offset = offset
         meta.add_meta_range(offset, clusters * self.cluster_size)
         # Make the refcount blocks and the new table durable, then switch.
+        assert meta.writeback is not None
         meta.writeback.write_refblocks()
         meta.file.pwrite(new.to_bytes(), offset, "reftable_grow")
         meta.file.flush("reftable_grow")

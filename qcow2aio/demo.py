@@ -34,39 +34,48 @@ async def _run(folder: Path) -> int:
     base.write_bytes(base_data)
     overlay = folder / "overlay.qcow2"
     qcow2aio.create(overlay, SIZE, backing_file="base.raw", backing_fmt="raw")
-    print(f"created {overlay.name}: {SIZE >> 20} MiB qcow2 over {base.name} ({len(base_data) >> 20} MiB raw)")
+    print(
+        f"created {overlay.name}: {SIZE >> 20} MiB qcow2 over {base.name} "
+        f"({len(base_data) >> 20} MiB raw)"
+    )
 
     oracle = bytearray(SIZE)
     oracle[: len(base_data)] = base_data
-    busy = 0
-    sync_reads = 0
+    busy = sync_reads = sync_writes = 0
     async with qcow2aio.open(overlay, "r+") as img:
         # Each writer owns interleaved 4 KiB slots, so writers share clusters (and race
         # to allocate them) but never the same bytes: the oracle stays exact.
         async def writer(w: int) -> None:
-            nonlocal busy, sync_reads
+            nonlocal busy, sync_reads, sync_writes
             wr = random.Random(w)
             for i in range(WRITES_PER_WRITER):
                 slot = wr.randrange(0, SIZE // 4096 // WRITERS) * WRITERS + w
                 off = slot * 4096 + wr.randrange(0, 2048)
                 data = bytes([w + 1]) * wr.randrange(1, 2048)
                 oracle[off : off + len(data)] = data
-                await img.write(off, data)
-                # The synchronous fast path between other requests' steps.
-                try:
-                    got = img.read_sync(off, len(data))
-                    assert got == data, "sync read saw stale data"
-                    sync_reads += 1
-                except qcow2aio.ImageBusyError:
-                    busy += 1
+                if i % 2:
+                    # The synchronous fast path, between other requests' steps: it
+                    # runs to completion or says at once that it would have to wait.
+                    try:
+                        img.write_sync(off, data)
+                        sync_writes += 1
+                    except qcow2aio.ImageBusyError:
+                        busy += 1
+                        await img.write(off, data)
+                else:
+                    await img.write(off, data)
+                got = img.read_sync(off, len(data))
+                assert got == data, "sync read saw stale data"
+                sync_reads += 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(writer(w) for w in range(WRITERS)))
         await img.flush()
         elapsed = time.perf_counter() - t0
         print(
-            f"{WRITERS} async writers x {WRITES_PER_WRITER} writes, {sync_reads} sync reads "
-            f"in between ({busy} busy) in {elapsed:.2f} s"
+            f"{WRITERS} writers x {WRITES_PER_WRITER} writes in {elapsed:.2f} s: "
+            f"{sync_writes} through write_sync ({busy} more found an in-flight allocation, "
+            f"ImageBusyError, and went async), {sync_reads} read_sync checks in between"
         )
         ok = await img.read(0, SIZE) == bytes(oracle)
         print("every byte matches the oracle:", "yes" if ok else "NO")
@@ -83,7 +92,16 @@ async def _run(folder: Path) -> int:
             ok = False
         (folder / "oracle.raw").write_bytes(oracle)
         cmp = subprocess.run(
-            ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(overlay), str(folder / "oracle.raw")],
+            [
+                "qemu-img",
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                str(overlay),
+                str(folder / "oracle.raw"),
+            ],
             capture_output=True,
             text=True,
         )

@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from . import constants as C
+from . import testing
 from .backing import RAW_FORMATS, RawImage, check_chain, probe_format, resolve_name
 from .compression import decompress_cluster
 from .errors import (
@@ -33,7 +34,6 @@ from .errors import (
     Qcow2ReadOnlyError,
     Qcow2UnsupportedError,
 )
-from . import testing
 from .inflight import InflightList, L2Meta, NoInflightList
 from .io import BackendFactory, Buffer, FileBackend
 from .lock import MetaLock, NoLock

@@ -79,7 +79,7 @@ def _expected(seed: int, flushed: int, horizon: int) -> tuple[bytearray, bytearr
             pending.append((off, data))
             if len(pending) == 5 or i == flushed - 1:
                 # Within an async batch the order is not defined: mask overlaps.
-                for j, (o, d) in enumerate(pending):
+                for o, d in pending:
                     oracle[o : o + len(d)] = d
                 for j, (o, d) in enumerate(pending):
                     for k, (o2, d2) in enumerate(pending):

@@ -30,7 +30,7 @@ class Gate:
         self.release = asyncio.Event()
         self.entered = asyncio.Event()
         self.held = 0
-        backend = img._data  # noqa: SLF001 - the test reaches into the driver on purpose
+        backend = img._data
         orig_write = backend.apwritev
         orig_flush = backend.aflush
 
@@ -89,9 +89,7 @@ async def test_many_writers_same_unallocated_clusters_allocate_once(
     assert qemu.convert_raw(path) == bytes(oracle)
 
 
-async def test_writers_under_one_unallocated_l2_share_one_table(
-    qemu: Qemu, tmp_path: Path
-) -> None:
+async def test_writers_under_one_unallocated_l2_share_one_table(qemu: Qemu, tmp_path: Path) -> None:
     path = tmp_path / "a.qcow2"
     qemu.img("create", "-q", "-f", "qcow2", str(path), "64M")
     async with qcow2aio.open(path, "r+") as img:
@@ -157,7 +155,7 @@ async def test_sync_path_between_steps_is_right_or_busy(qemu: Qemu, tmp_path: Pa
 async def test_sync_writes_busy_while_flush_holds_lock_reads_proceed(
     qemu: Qemu, tmp_path: Path
 ) -> None:
-    path, base = _overlay(qemu, tmp_path)
+    path, _ = _overlay(qemu, tmp_path)
     async with qcow2aio.open(path, "r+") as img:
         await img.write(0, b"\x01" * 100)
         gate = Gate(img, flush=True)
@@ -197,11 +195,9 @@ async def test_sync_path_inside_running_loop(qemu: Qemu, tmp_path: Path) -> None
         assert await img.read(0, 20) == b"a" * 10 + b"b" * 10
 
 
-async def test_discard_and_zeroes_wait_for_inflight_allocation(
-    qemu: Qemu, tmp_path: Path
-) -> None:
+async def test_discard_and_zeroes_wait_for_inflight_allocation(qemu: Qemu, tmp_path: Path) -> None:
     """QEMU 7.2 forgot this; a discard must not free a cluster a write is about to link."""
-    path, base = _overlay(qemu, tmp_path)
+    path, _ = _overlay(qemu, tmp_path)
     async with qcow2aio.open(path, "r+") as img:
         gate = Gate(img)
         w = asyncio.ensure_future(img.write(0, b"\x11" * CS))
@@ -218,9 +214,7 @@ async def test_discard_and_zeroes_wait_for_inflight_allocation(
     assert code == 0, rep
 
 
-async def test_freed_cluster_not_reused_while_reader_in_flight(
-    qemu: Qemu, tmp_path: Path
-) -> None:
+async def test_freed_cluster_not_reused_while_reader_in_flight(qemu: Qemu, tmp_path: Path) -> None:
     path = tmp_path / "f.qcow2"
     qemu.img("create", "-q", "-f", "qcow2", str(path), "4M")
     async with qcow2aio.open(path, "r+") as img:
@@ -228,12 +222,12 @@ async def test_freed_cluster_not_reused_while_reader_in_flight(
         await img.flush()
         host = img.map(0, 1)[0].host
         # Register a request that read the old mapping, then discard + flush.
-        ep = img._enter()  # noqa: SLF001
+        ep = img._enter()
         await img.discard(0, CS)
         await img.flush()
         await img.write(2 * CS, b"\x44" * CS)  # must not land on the old cluster
         assert img.map(2 * CS, 1)[0].host != host
-        img._leave(ep)  # noqa: SLF001
+        img._leave(ep)
         await img.flush()  # now the cluster may be reused
         await img.write(4 * CS, b"\x55" * CS)
         assert img.map(4 * CS, 1)[0].host == host

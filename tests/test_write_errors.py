@@ -45,7 +45,7 @@ class FailingWrites:
         self, img: qcow2aio.Image, err: int, *, what: tuple[str, ...] = ("data_write", "cow_write")
     ) -> None:
         self.on = True
-        backend = img._data  # noqa: SLF001
+        backend = img._data
         orig_w = backend.pwritev
         orig_aw = backend.apwritev
         orig_f = backend.flush

@@ -40,7 +40,9 @@ CONFIGS = [
 ]
 
 
-def _make(qemu: Qemu, tmp: Path, opts: str, backing: str | None, seed: int) -> tuple[Path, bytearray]:
+def _make(
+    qemu: Qemu, tmp: Path, opts: str, backing: str | None, seed: int
+) -> tuple[Path, bytearray]:
     oracle = bytearray(SIZE)
     args: list[str] = ["create", "-q", "-f", "qcow2", "-o", opts]
     rng = random.Random(seed)
@@ -61,7 +63,9 @@ def _make(qemu: Qemu, tmp: Path, opts: str, backing: str | None, seed: int) -> t
     return path, oracle
 
 
-async def _workload(img: qcow2aio.Image, oracle: bytearray, rng: random.Random, rounds: int) -> None:
+async def _workload(
+    img: qcow2aio.Image, oracle: bytearray, rng: random.Random, rounds: int
+) -> None:
     cs = img.cluster_size
     size = img.size
     for r in range(rounds):
@@ -197,8 +201,18 @@ def test_extended_l2_allocates_per_subcluster(qemu: Qemu, tmp_path: Path) -> Non
     base = tmp_path / "b.raw"
     base.write_bytes(b"\x99" * (1 << 20))
     qemu.img(
-        "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "b.raw", "-F", "raw",
-        str(path), "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
+        "b.raw",
+        "-F",
+        "raw",
+        str(path),
+        "1M",
     )
     with qcow2aio.open(path, "r+") as img:
         img.write_sync(4096, b"\x01" * 4096)
@@ -231,8 +245,18 @@ def test_v2_discard_with_backing_is_a_noop(qemu: Qemu, tmp_path: Path) -> None:
     (tmp_path / "b.raw").write_bytes(b"\x42" * (1 << 20))
     path = tmp_path / "v2.qcow2"
     qemu.img(
-        "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "b.raw", "-F", "raw",
-        str(path), "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "b.raw",
+        "-F",
+        "raw",
+        str(path),
+        "1M",
     )
 
     async def go() -> None:
@@ -260,9 +284,7 @@ def test_lazy_refcounts_dirty_bit_and_clean_close(qemu: Qemu, tmp_path: Path) ->
 def test_write_refused_on_read_only_and_out_of_range(qemu: Qemu, tmp_path: Path) -> None:
     path = tmp_path / "r.qcow2"
     qemu.img("create", "-q", "-f", "qcow2", str(path), "1M")
-    with qcow2aio.open(path) as img:
-        with pytest.raises(qcow2aio.Qcow2ReadOnlyError):
-            img.write_sync(0, b"x")
-    with qcow2aio.open(path, "r+") as img:
-        with pytest.raises(qcow2aio.Qcow2RangeError):
-            img.write_sync((1 << 20) - 1, b"xy")
+    with qcow2aio.open(path) as img, pytest.raises(qcow2aio.Qcow2ReadOnlyError):
+        img.write_sync(0, b"x")
+    with qcow2aio.open(path, "r+") as img, pytest.raises(qcow2aio.Qcow2RangeError):
+        img.write_sync((1 << 20) - 1, b"xy")
