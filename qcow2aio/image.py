@@ -14,6 +14,7 @@ awaits only in phase 2. Both use the same mapping code.
 from __future__ import annotations
 
 import asyncio
+import errno as _errno
 import os
 import struct
 from collections import Counter
@@ -95,6 +96,7 @@ class Image:
         self._active: Counter[int] = Counter()
         self._background: set[asyncio.Task[None]] = set()
         self._poisoned: str | None = None
+        self._poisoned_errno = _errno.EIO
         try:
             self.meta = Metadata(
                 self._file,
@@ -319,9 +321,10 @@ class Image:
             from .check import check_image
 
             result = check_image(meta, repair="all")
-            if result.corruptions - result.corruptions_fixed > 0:
+            if result.error is not None or result.corruptions:
                 raise Qcow2CorruptError(
-                    f"Could not repair dirty image: {result.corruptions} corruptions remain"
+                    f"Could not repair dirty image: {result.error or ''} "
+                    f"({result.corruptions} corruptions remain)"
                 )
             meta.reload_refcounts()
             hdr.incompatible_features &= ~C.INCOMPAT_DIRTY
@@ -349,11 +352,23 @@ class Image:
             raise Qcow2ReadOnlyError(f"image {self.path!r} is opened read-only")
         if self.meta.header.corrupt:
             raise Qcow2CorruptError(f"image {self.path!r} is marked corrupt; writes refused")
-        if self._poisoned is not None:
+        if self._is_poisoned():
             raise Qcow2IOError(
                 f"image {self.path!r} refuses writes after a failed flush ({self._poisoned}); "
-                "reopen it"
+                "reopen it",
+                self._poisoned_errno,
             )
+
+    def _is_poisoned(self) -> bool:
+        """True after a failed flush: of a flush request, or inside an eviction or a
+        refcount-table growth (``meta.flush_error``). Sticky until the image is reopened."""
+        if self._poisoned is None and self.meta.flush_error is not None:
+            self._poison(self.meta.flush_error)
+        return self._poisoned is not None
+
+    def _poison(self, exc: Qcow2Error) -> None:
+        self._poisoned = str(exc)
+        self._poisoned_errno = getattr(exc, "errno", None) or _errno.EIO
 
     # ------------------------------------------------- request bookkeeping
     def _enter(self) -> int:
@@ -529,8 +544,10 @@ class Image:
 
     def _flush_steps(self) -> Iterator[str]:
         assert self.meta.writeback is not None and self.meta.allocator is not None
-        if self._poisoned is not None:
-            raise Qcow2IOError(f"image {self.path!r} failed an earlier flush; reopen it")
+        if self._is_poisoned():
+            raise Qcow2IOError(
+                f"image {self.path!r} failed an earlier flush; reopen it", self._poisoned_errno
+            )
         yield from self.meta.writeback.flush_steps()
         self.meta.allocator.apply_frees(self._oldest_active())
 
@@ -541,7 +558,7 @@ class Image:
                     await self._data.aflush(event)
                 await self._file.aflush(event)
         except Qcow2Error as exc:
-            self._poisoned = str(exc)
+            self._poison(exc)
             raise
 
     def _drive_sync(self, steps: Iterator[str]) -> None:
@@ -549,7 +566,7 @@ class Image:
             for event in steps:
                 self.meta.flush_files(event)
         except Qcow2Error as exc:
-            self._poisoned = str(exc)
+            self._poison(exc)
             raise
 
     # -------------------------------------------------------- sync writes
@@ -661,7 +678,7 @@ class Image:
         if self._closed:
             return
         try:
-            if self.writable and self._poisoned is None and not self.meta.header.corrupt:
+            if self.writable and not self._is_poisoned() and not self.meta.header.corrupt:
                 self._take_sync()
                 try:
                     assert self.meta.writeback is not None
@@ -684,7 +701,7 @@ class Image:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         try:
-            if self.writable and self._poisoned is None and not self.meta.header.corrupt:
+            if self.writable and not self._is_poisoned() and not self.meta.header.corrupt:
                 await self.lock.acquire()
                 try:
                     await self._drive_async(self._close_steps())
