@@ -10,17 +10,18 @@ page cache, so doing it inline costs less than a thread hop would.
 
 from __future__ import annotations
 
+import errno
 import struct
 from array import array
 from typing import TYPE_CHECKING
 
 from . import constants as C
 from .cache import LRUCache
-from .errors import Qcow2CorruptError, Qcow2Error
+from .errors import Qcow2CorruptError, Qcow2Error, Qcow2IOError
 from .header import Header, parse_header
 from .io import FileBackend
 from .refcount import RefcountBlock
-from .snapshot import Snapshot, read_snapshot_table
+from .snapshot import Snapshot, read_snapshot_table, validate_snapshot_l1
 from .tables import Table, decode_be64
 
 if TYPE_CHECKING:
@@ -89,6 +90,11 @@ class Metadata:
         self.writeback: Writeback | None = None
         self.data_file: FileBackend | None = None
         self.meta_kind: dict[int, str] = {}
+        # The first failure after which cached metadata must never be written back
+        # (sticky until reopen): a failed fdatasync (the kernel may have dropped dirty
+        # pages) or a refcount-table growth that could not switch. The owning Image
+        # then refuses writes and flushes, and evictions refuse to write.
+        self.flush_error: Qcow2Error | None = None
 
     # ------------------------------------------------------------- snapshots
     def _read_snapshots(self) -> list[Snapshot]:
@@ -98,6 +104,12 @@ class Metadata:
         snaps, self.snapshot_table_end = read_snapshot_table(
             self.file, hdr.snapshots_offset, hdr.nb_snapshots
         )
+        if self.writable:
+            # The overlap map covers every snapshot's L1 table: a bogus size would make
+            # it huge. QEMU opens such an image read-write but then refuses every write
+            # (the inactive-L1 overlap check), so refusing the open loses nothing.
+            for i, snap in enumerate(snaps):
+                validate_snapshot_l1(snap, i, self.cluster_size)
         return snaps
 
     # -------------------------------------------------------------------- L2
@@ -161,7 +173,9 @@ class Metadata:
         """Re-read the refcount table after a repair rewrote refcount structures on disk."""
         hdr = self.header
         raw = self.file.pread(
-            hdr.refcount_table_offset, hdr.refcount_table_clusters * self.cluster_size, "reftable_load"
+            hdr.refcount_table_offset,
+            hdr.refcount_table_clusters * self.cluster_size,
+            "reftable_load",
         )
         self.reftable = Table(hdr.refcount_table_offset, decode_be64(raw))
         self.refblock_cache.clear()
@@ -182,10 +196,30 @@ class Metadata:
         self.writeback.evict_refblock(blk)
 
     def flush_files(self, event: str = "flush") -> None:
-        """Make the image file (and an external data file) durable, synchronously."""
-        if self.data_file is not None:
-            self.data_file.flush(event)
-        self.file.flush(event)
+        """Make the image file (and an external data file) durable, synchronously.
+
+        A failure is remembered in :attr:`flush_error` (the image is then poisoned).
+        """
+        try:
+            if self.data_file is not None:
+                self.data_file.flush(event)
+            self.file.flush(event)
+        except Qcow2Error as exc:
+            self.poison(exc)
+            raise
+
+    def poison(self, exc: Qcow2Error) -> None:
+        """Remember the first failure that forbids any further metadata writeback."""
+        if self.flush_error is None:
+            self.flush_error = exc
+
+    def refuse_if_poisoned(self) -> None:
+        if self.flush_error is not None:
+            raise Qcow2IOError(
+                f"metadata writeback refused after an earlier failure ({self.flush_error}); "
+                "reopen the image",
+                getattr(self.flush_error, "errno", None) or errno.EIO,
+            )
 
     def allocator_frees_durable(self) -> None:
         if self.allocator is not None:

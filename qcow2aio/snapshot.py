@@ -57,59 +57,54 @@ def validate_snapshot_l1(snap: Snapshot, index: int, cluster_size: int) -> None:
         )
 
 
-class _TableReader:
-    """Sequential reads of the table through a small window; past EOF reads as zeros."""
-
-    def __init__(self, pread: Callable[[int, int], bytes], pos: int) -> None:
-        self._pread = pread
-        self.pos = pos
-        self._base = pos
-        self._buf = b""
-
-    def read(self, n: int, index: int) -> bytes:
-        start = self.pos
-        end = start + n
-        if end > C.INT64_MAX:
-            raise Qcow2FormatError(
-                f"Snapshot table entry {index} runs past the largest file offset (at {start:#x})"
-            )
-        self.pos = end
-        if n > _WINDOW:
-            return self._pread(start, n)
-        if start < self._base or end > self._base + len(self._buf):
-            self._base = start
-            self._buf = self._pread(start, min(_WINDOW, C.INT64_MAX - start))
-        rel = start - self._base
-        return self._buf[rel : rel + n]
-
-
 def _name(raw: bytes) -> str:
     # QEMU keeps C strings: the ID and name end at the first NUL byte.
-    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace") if raw else ""
 
 
 def _read_table(
     pread: Callable[[int, int], bytes], offset: int, count: int
 ) -> tuple[list[Snapshot], int]:
+    """QEMU's ``qcow2_do_read_snapshots`` (no repair), reading through a window.
+
+    Up to 65536 entries: one unpack and a few slices each, so even a table of
+    empty entries past the end of the file is read in well under a second.
+    """
     snaps: list[Snapshot] = []
-    reader = _TableReader(pread, offset)
+    append = snaps.append
+    unpack_from = _SNAP.unpack_from
+    hsize = _SNAP.size
+    max_extra = C.QCOW_MAX_SNAPSHOT_EXTRA_DATA
+    window = b""
+    base = offset  # file offset of window[0]
+    pos = offset
     table_length = 0
     for i in range(count):
         table_length = (table_length + 7) & ~7
-        reader.pos = (reader.pos + 7) & ~7
-        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmstate, extra_len) = (
-            _SNAP.unpack(reader.read(_SNAP.size, i))
+        pos = (pos + 7) & ~7
+        rel = pos - base
+        if rel + hsize > len(window):
+            window, base, rel = _fill(pread, pos, hsize, i), pos, 0
+        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmstate, extra_len) = unpack_from(
+            window, rel
         )
-        if extra_len > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+        if extra_len > max_extra:
             raise Qcow2FormatError(
                 f"Too much extra metadata in snapshot table entry {i}: "
-                f"extra_data_size={extra_len} (at most {C.QCOW_MAX_SNAPSHOT_EXTRA_DATA})"
+                f"extra_data_size={extra_len} (at most {max_extra})"
             )
-        extra = reader.read(extra_len, i)
-        id_str = _name(reader.read(id_len, i))
-        name = _name(reader.read(name_len, i))
-        table_length += _SNAP.size + extra_len + id_len + name_len
-        if table_length > C.QCOW_MAX_SNAPSHOTS_SIZE or reader.pos - offset > _INT_MAX:
+        entry_len = hsize + extra_len + id_len + name_len
+        if rel + entry_len > len(window):
+            window, base, rel = _fill(pread, pos, entry_len, i), pos, 0
+        p = rel + hsize
+        extra = window[p : p + extra_len]
+        p += extra_len
+        id_str = _name(window[p : p + id_len])
+        p += id_len
+        name = _name(window[p : p + name_len])
+        pos += entry_len
+        table_length += entry_len
+        if table_length > C.QCOW_MAX_SNAPSHOTS_SIZE or pos - offset > _INT_MAX:
             raise Qcow2FormatError(
                 f"Snapshot table is too big: {table_length} bytes after entry {i} "
                 f"(nb_snapshots={count}, at most {C.QCOW_MAX_SNAPSHOTS_SIZE} bytes)"
@@ -119,12 +114,12 @@ def _read_table(
         icount: int | None = None
         if extra_len >= 8:
             vm_state = struct.unpack_from(">Q", extra, 0)[0]
-        if extra_len >= 16:
-            disk_size = struct.unpack_from(">Q", extra, 8)[0]
-        if extra_len >= 24:
-            raw_icount = struct.unpack_from(">Q", extra, 16)[0]
-            icount = None if raw_icount == 0xFFFFFFFFFFFFFFFF else raw_icount
-        snaps.append(
+            if extra_len >= 16:
+                disk_size = struct.unpack_from(">Q", extra, 8)[0]
+            if extra_len >= 24:
+                raw_icount = struct.unpack_from(">Q", extra, 16)[0]
+                icount = None if raw_icount == 0xFFFFFFFFFFFFFFFF else raw_icount
+        append(
             Snapshot(
                 l1_off,
                 l1_size,
@@ -136,10 +131,19 @@ def _read_table(
                 vm_state,
                 disk_size,
                 icount,
-                bytes(extra),
+                extra,
             )
         )
-    return snaps, reader.pos
+    return snaps, pos
+
+
+def _fill(pread: Callable[[int, int], bytes], pos: int, need: int, index: int) -> bytes:
+    """The window at ``pos``: at least ``need`` bytes (up to 64 KiB when the file allows)."""
+    if pos + need > C.INT64_MAX:
+        raise Qcow2FormatError(
+            f"Snapshot table entry {index} runs past the largest file offset (at {pos:#x})"
+        )
+    return pread(pos, max(need, min(_WINDOW, C.INT64_MAX - pos)))
 
 
 def read_snapshot_table(file: FileBackend, offset: int, count: int) -> tuple[list[Snapshot], int]:
