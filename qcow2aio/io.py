@@ -35,6 +35,18 @@ _afdatasync: Any = aiofiles.os.wrap(os.fdatasync)
 _aftruncate: Any = aiofiles.os.wrap(os.ftruncate)
 
 
+_ZEROS = bytes(1 << 16)
+
+
+def _zero_fill(view: memoryview) -> None:
+    """Zero ``view`` in bounded chunks (a huge table past EOF must not double its memory)."""
+    n = len(view)
+    step = len(_ZEROS)
+    for pos in range(0, n, step):
+        chunk = min(step, n - pos)
+        view[pos : pos + chunk] = _ZEROS[:chunk]
+
+
 def _ioerror(what: str, path: str, exc: OSError) -> Qcow2IOError:
     return Qcow2IOError(f"{what} on {path!r} failed: {exc.strerror or exc}", exc.errno)
 
@@ -87,7 +99,7 @@ class FileBackend:
             except OSError as exc:
                 raise _ioerror(f"read ({event})", self.path, exc) from exc
             if n == 0:
-                buf[done:] = bytes(total - done)
+                _zero_fill(buf[done:])
                 return
             done += n
 
@@ -155,7 +167,7 @@ class FileBackend:
             except OSError as exc:
                 raise _ioerror(f"read ({event})", self.path, exc) from exc
             if n == 0:
-                buf[done:] = bytes(total - done)
+                _zero_fill(buf[done:])
                 return
             done += n
 

@@ -107,6 +107,11 @@ def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> lis
                     f"Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_off:#x}, "
                     f"L2 index: {l2_index:#x})"
                 )
+            if allocated and data_file and host != pos - in_cluster:
+                raise Qcow2CorruptError(
+                    f"External data file host cluster offset {host:#x} does not match guest "
+                    f"cluster offset: {pos - in_cluster:#x}"
+                )
             if not ext:
                 if entry & C.QCOW_OFLAG_ZERO:
                     if version < 3:
@@ -143,3 +148,52 @@ def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> lis
                     _append(plan, unalloc, pos, sc_end - pos, 0)
                 pos = sc_end
     return plan
+
+
+# Entry bits that keep an L2 entry off the fast path: compressed, zero, reserved.
+_NOT_PLAIN = C.QCOW_OFLAG_COMPRESSED | C.QCOW_OFLAG_ZERO | C.L2E_STD_RESERVED_MASK
+
+
+def map_plain(meta: Metadata, offset: int, length: int) -> int:
+    """Host offset of guest ``[offset, offset+length)`` when it is one run of plain data.
+
+    The fast path of reads (and of in-place writes): the range must lie in one L2
+    table, every cluster it touches must be an allocated, uncompressed, non-zero
+    standard entry, and the clusters must be contiguous in the image file. Anything
+    else (extended L2, external data file, unallocated, compressed, zero, a corrupt
+    entry, a range that crosses L2 tables) returns -1, and the caller takes
+    :func:`map_read`, which plans it fully and reports corruption. No objects are
+    built, so a 4 KiB read costs a few table lookups.
+    """
+    if meta.extended_l2 or meta.has_data_file:
+        return -1
+    cluster_bits = meta.cluster_bits
+    shift = cluster_bits + meta.l2_bits
+    l1_index = offset >> shift
+    if (offset + length - 1) >> shift != l1_index or length <= 0:
+        return -1
+    l1 = meta.l1.entries
+    if l1_index >= len(l1):
+        return -1
+    l1_entry = l1[l1_index]
+    cmask = meta.cluster_size - 1
+    l2_off = l1_entry & C.L1E_OFFSET_MASK
+    if l1_entry & C.L1E_RESERVED_MASK or not l2_off or l2_off & cmask:
+        return -1
+    table = meta.l2_cache.get(l2_off)
+    entries = (table if table is not None else meta.l2_table(l2_off)).entries
+    idx = (offset >> cluster_bits) & (meta.l2_entries - 1)
+    entry = entries[idx]
+    host = entry & C.L2E_OFFSET_MASK
+    if entry & _NOT_PLAIN or not host or host & cmask:
+        return -1
+    in_cluster = offset & cmask
+    last = idx + ((in_cluster + length - 1) >> cluster_bits)
+    if last != idx:
+        nxt = host
+        for i in range(idx + 1, last + 1):
+            nxt += cmask + 1
+            entry = entries[i]
+            if entry & _NOT_PLAIN or (entry & C.L2E_OFFSET_MASK) != nxt:
+                return -1
+    return host + in_cluster

@@ -20,9 +20,10 @@ from .cache import LRUCache
 from .errors import Qcow2CorruptError, Qcow2Error, Qcow2IOError
 from .header import Header, parse_header
 from .io import FileBackend
+from .overlap import MetaMap
 from .refcount import RefcountBlock
 from .snapshot import Snapshot, read_snapshot_table, validate_snapshot_l1
-from .tables import Table, decode_be64
+from .tables import Table, decode_be64, read_table
 
 if TYPE_CHECKING:
     from .allocator import Allocator
@@ -59,8 +60,7 @@ class Metadata:
         self.subcluster_bits = hdr.cluster_bits - 5 if hdr.extended_l2 else hdr.cluster_bits
 
         # Active L1 table, sized by the validated l1_size (<= 32 MiB).
-        raw_l1 = file.pread(hdr.l1_table_offset, hdr.l1_size * 8, "l1_load") if hdr.l1_size else b""
-        self.l1 = Table(hdr.l1_table_offset, decode_be64(raw_l1))
+        self.l1 = Table(hdr.l1_table_offset, read_table(file, hdr.l1_table_offset, hdr.l1_size))
 
         l2_bytes = DEFAULT_L2_CACHE_BYTES if l2_cache_size is None else l2_cache_size
         # Tables needed to cover the whole disk: never cache more than that.
@@ -89,7 +89,7 @@ class Metadata:
         self.allocator: Allocator | None = None
         self.writeback: Writeback | None = None
         self.data_file: FileBackend | None = None
-        self.meta_kind: dict[int, str] = {}
+        self.meta_map = MetaMap(self.cluster_bits)
         # The first failure after which cached metadata must never be written back
         # (sticky until reopen): a failed fdatasync (the kernel may have dropped dirty
         # pages) or a refcount-table growth that could not switch. The owning Image
@@ -181,7 +181,7 @@ class Metadata:
         self.refblock_cache.clear()
         if self.allocator is not None:
             self.allocator.free_cluster_index = 0
-        if self.meta_kind:
+        if self.meta_map:
             self._build_meta_map()
 
     # ------------------------------------------------------------- writeback
@@ -239,9 +239,8 @@ class Metadata:
     def _build_meta_map(self) -> None:
         """Which host clusters hold metadata, for QEMU-style overlap checks ("cached" level)."""
         hdr = self.header
-        kinds = self.meta_kind
-        kinds.clear()
-        kinds[0] = "header"
+        self.meta_map.clear()
+        self.add_meta_range(0, self.cluster_size, "header")
         self.add_meta_range(hdr.l1_table_offset, hdr.l1_size * 8, "l1")
         self.add_meta_range(
             hdr.refcount_table_offset, hdr.refcount_table_clusters * self.cluster_size, "reftable"
@@ -257,52 +256,37 @@ class Metadata:
         if hdr.nb_snapshots:
             end = self.snapshot_table_end
             self.add_meta_range(hdr.snapshots_offset, end - hdr.snapshots_offset, "snapshot_table")
-            for snap in self.snapshots:
-                self.add_meta_range(snap.l1_table_offset, snap.l1_size * 8, "inactive_l1")
+            self.meta_map.add_many(
+                [(snap.l1_table_offset, snap.l1_size * 8, "inactive_l1") for snap in self.snapshots]
+            )
 
     def add_meta_cluster(self, offset: int, kind: str = "refblock") -> None:
-        self.meta_kind[offset >> self.cluster_bits] = kind
+        self.meta_map.add(offset, self.cluster_size, kind)
 
     def add_meta_range(self, offset: int, length: int, kind: str = "reftable") -> None:
-        if length <= 0:
-            return
-        for c in range(
-            offset >> self.cluster_bits, ((offset + length - 1) >> self.cluster_bits) + 1
-        ):
-            self.meta_kind[c] = kind
+        self.meta_map.add(offset, length, kind)
 
     def remove_meta_range(self, offset: int, length: int) -> None:
-        if length <= 0:
-            return
-        for c in range(
-            offset >> self.cluster_bits, ((offset + length - 1) >> self.cluster_bits) + 1
-        ):
-            self.meta_kind.pop(c, None)
+        self.meta_map.remove(offset, length)
 
     def check_data_write(self, host: int, length: int) -> None:
         """QEMU's pre-write overlap check for guest data going into the image file."""
-        kinds = self.meta_kind
-        if not kinds or length <= 0:
+        if not self.meta_map:
             return
-        for c in range(host >> self.cluster_bits, ((host + length - 1) >> self.cluster_bits) + 1):
-            kind = kinds.get(c)
-            if kind is not None:
-                self.mark_corrupt(
-                    f"Preventing invalid write on metadata (overlaps with {kind}): "
-                    f"data write at {host:#x}+{length:#x}"
-                )
+        for kind in self.meta_map.kinds_in(host, length):
+            self.mark_corrupt(
+                f"Preventing invalid write on metadata (overlaps with {kind}): "
+                f"data write at {host:#x}+{length:#x}"
+            )
 
     def check_meta_write(self, offset: int, length: int, kind: str) -> None:
         """A metadata write must stay inside clusters known to hold that kind of table."""
-        for c in range(
-            offset >> self.cluster_bits, ((offset + length - 1) >> self.cluster_bits) + 1
-        ):
-            have = self.meta_kind.get(c)
-            if have != kind:
-                self.mark_corrupt(
-                    f"Preventing invalid write on metadata (overlaps with {have or 'data'}): "
-                    f"{kind} write at {offset:#x}+{length:#x}"
-                )
+        culprit = self.meta_map.only(offset, length, kind)
+        if culprit is not None:
+            self.mark_corrupt(
+                f"Preventing invalid write on metadata (overlaps with {culprit}): "
+                f"{kind} write at {offset:#x}+{length:#x}"
+            )
 
     def mark_corrupt(self, reason: str) -> None:
         """Set the corrupt bit (one small header write) and refuse the operation."""

@@ -11,8 +11,13 @@ import sys
 from array import array
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from . import constants as C
 from .errors import Qcow2CorruptError
+
+if TYPE_CHECKING:
+    from .io import FileBackend
 
 _SWAP = sys.byteorder == "little"
 
@@ -30,6 +35,16 @@ def decode_be64(data: bytes | bytearray | memoryview) -> array[int]:
     arr.frombytes(data)
     if _SWAP:
         arr.byteswap()
+    return arr
+
+
+def read_table(file: FileBackend, offset: int, count: int, event: str = "l1_load") -> array[int]:
+    """Read ``count`` big-endian u64 entries straight into one native array (no extra copy)."""
+    arr = array("Q", bytes(8)) * count if count else array("Q")
+    if count:
+        file.readinto(memoryview(arr).cast("B"), offset, event)
+        if _SWAP:
+            arr.byteswap()
     return arr
 
 

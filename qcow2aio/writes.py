@@ -168,6 +168,11 @@ def prepare_write(img: Image, offset: int, length: int) -> WriteStep | L2Meta:
     host = _host_of(img, entry)
     copied = bool(entry & C.QCOW_OFLAG_COPIED)
     cstart = offset & ~(cs - 1)
+    if host is not None and meta.has_data_file and host != cstart:
+        meta.mark_corrupt(
+            f"External data file host cluster offset {host:#x} does not match guest "
+            f"cluster offset: {cstart:#x}"
+        )
     end = offset + length
 
     # In place: allocated, COPIED, not compressed, not a zero cluster.

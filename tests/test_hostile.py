@@ -600,15 +600,7 @@ CASES: list[Case] = [
     ok("size-unaligned", poke("data", u64(SIZE_FIELD, 1000000))),
     refuse("l1_size-u32-max", poke("data", u32(L1_SIZE, 0xFFFFFFFF)), F, "l1_size=4294967295"),
     refuse("l1_size-4194305", poke("data", u32(L1_SIZE, 4194305)), F, "l1_size=4194305"),
-    ok(
-        "l1_size-4194304-past-eof",
-        poke("data", u32(L1_SIZE, 4194304)),
-        xfail=(
-            "metadata.py loads the 32 MiB L1 table with three copies (pread's bytearray, "
-            "its bytes() copy, the decoded array): peak about 96 MiB; reading straight "
-            "into an array('Q') would keep it at 32 MiB"
-        ),
-    ),
+    ok("l1_size-4194304-past-eof", poke("data", u32(L1_SIZE, 4194304))),
     refuse("l1_size-0-too-small", poke("data", u32(L1_SIZE, 0)), F, "l1_size=0"),
     refuse(
         "l1_table_offset-unaligned",
@@ -972,11 +964,6 @@ CASES: list[Case] = [
         poke("datafile", u64(L2, C.QCOW_OFLAG_COPIED | 0x10000)),
         X,
         "does not match",
-        xfail=(
-            "mapping.py does not check that an external data file cluster sits at its "
-            "guest offset (QEMU 7.2: 'External data file host cluster offset ... does not "
-            "match guest cluster offset'); it reads guest 0 from data-file offset 0x10000"
-        ),
     ),
     read_error(
         "compressed-garbage",
@@ -1260,15 +1247,6 @@ def test_snapshot_table_65536_entries_past_eof(bases: Bases, tmp_path: Path) -> 
     assert bounded(check, trace=False) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "metadata._build_meta_map (run by every read-write open) marks each cluster of "
-        "each snapshot's L1 table in a dict: 65536 valid snapshots with 32 MiB L1 tables "
-        "on 512-byte clusters mean 2^32 steps. QEMU checks inactive L1 overlaps per "
-        "snapshot range instead (and opens this image at once)"
-    ),
-)
 def test_rw_open_many_snapshots_with_large_l1_tables(bases: Bases, tmp_path: Path) -> None:
     img = Img(bases.snap512)
     table = 0x100000
