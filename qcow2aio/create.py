@@ -29,16 +29,16 @@ even the allocated-block footprint (``actual-size``) matches.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import constants as C
 from .backing import RAW_FORMATS, resolve_name
 from .errors import Qcow2Error, Qcow2FormatError, Qcow2IOError, Qcow2UnsupportedError
 from .header import Header, size_to_l1
 from .io import FileBackend
-from .refcount import RefcountBlock
 
 __all__ = ["PREALLOCATION_MODES", "create", "normalize_compat"]
 
@@ -206,7 +206,38 @@ class _SimResult:
     header: Header
     image: _FileModel
     data: _FileModel | None
-    l2_tables: dict[int, list[int]] = field(default_factory=dict)
+
+
+class _Refblock:
+    """A refcount block in the simulated cache (entries of 1 to 64 bits, as in qcow2.txt)."""
+
+    __slots__ = ("data", "dirty", "offset", "order")
+
+    def __init__(self, offset: int, data: bytearray, order: int, dirty: bool = False) -> None:
+        self.offset = offset
+        self.data = data
+        self.order = order
+        self.dirty = dirty
+
+    def get(self, index: int) -> int:
+        order = self.order
+        if order >= 3:
+            width = 1 << (order - 3)
+            return int.from_bytes(self.data[index * width : (index + 1) * width], "big")
+        bitpos = index << order
+        return (self.data[bitpos >> 3] >> (bitpos & 7)) & ((1 << (1 << order)) - 1)
+
+    def set(self, index: int, value: int) -> None:
+        order = self.order
+        if order >= 3:
+            width = 1 << (order - 3)
+            self.data[index * width : (index + 1) * width] = value.to_bytes(width, "big")
+        else:
+            bitpos = index << order
+            mask = ((1 << (1 << order)) - 1) << (bitpos & 7)
+            old = self.data[bitpos >> 3]
+            self.data[bitpos >> 3] = (old & ~mask) | ((value << (bitpos & 7)) & mask)
+        self.dirty = True
 
 
 class _Qcow2Sim:
@@ -252,7 +283,7 @@ class _Qcow2Sim:
         self.free_cluster_index = 0
         self.l1_table: list[int] = []
         self.l1_table_offset = 0
-        self.refblocks: dict[int, RefcountBlock] = {}
+        self.refblocks: dict[int, _Refblock] = {}
         self.l2_tables: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------ helpers
@@ -272,21 +303,19 @@ class _Qcow2Sim:
         return (offset >> self.cluster_bits) & (self.l2_slice_size - 1)
 
     # ------------------------------------------------------ refcount cache
-    def load_refcount_block(self, offset: int) -> RefcountBlock:
+    def load_refcount_block(self, offset: int) -> _Refblock:
         blk = self.refblocks.get(offset)
         if blk is None:
-            blk = RefcountBlock(
-                offset, bytearray(self.file.read(offset, self.cs)), self.refcount_order
-            )
+            blk = _Refblock(offset, bytearray(self.file.read(offset, self.cs)), self.refcount_order)
             self.refblocks[offset] = blk
         return blk
 
-    def get_empty_refcount_block(self, offset: int) -> RefcountBlock:
-        blk = RefcountBlock(offset, bytearray(self.cs), self.refcount_order, dirty=True)
+    def get_empty_refcount_block(self, offset: int) -> _Refblock:
+        blk = _Refblock(offset, bytearray(self.cs), self.refcount_order, dirty=True)
         self.refblocks[offset] = blk
         return blk
 
-    def flush_refblock(self, blk: RefcountBlock) -> None:
+    def flush_refblock(self, blk: _Refblock) -> None:
         self.file.write(blk.offset, blk.data)
         blk.dirty = False
 
@@ -311,7 +340,7 @@ class _Qcow2Sim:
         return (a >> shift) == (b >> shift)
 
     # ------------------------------------------------------- qcow2-refcount.c
-    def alloc_refcount_block(self, cluster_index: int) -> RefcountBlock:
+    def alloc_refcount_block(self, cluster_index: int) -> _Refblock:
         """alloc_refcount_block: load or create the block covering ``cluster_index``.
 
         Raises :class:`_EAgain` whenever it had to allocate, like QEMU, so the
@@ -359,7 +388,7 @@ class _Qcow2Sim:
         new_refblock_index: int,
         new_refblock_offset: int,
     ) -> int:
-        """qcow2_refcount_area: new self-describing refcount table and blocks at ``start_offset``."""
+        """qcow2_refcount_area: a new self-describing refcount table and blocks."""
         cs = self.cs
         rbs = self.refcount_block_size
         _, total_refblock_count = refcount_metadata_size(
@@ -442,7 +471,7 @@ class _Qcow2Sim:
         start = self.start_of_cluster(offset)
         last = self.start_of_cluster(offset + length - 1)
         old_table_index = -1
-        blk: RefcountBlock | None = None
+        blk: _Refblock | None = None
         cluster_offset = start
         try:
             while cluster_offset <= last:
@@ -478,13 +507,11 @@ class _Qcow2Sim:
                 blk.set(block_index, refcount)
                 cluster_offset += self.cs
         except (_EAgain, _EFBig, ValueError):
-            try:
+            with contextlib.suppress(_EAgain, _EFBig, ValueError):
                 self.update_refcount(offset, cluster_offset - offset, addend, decrease=not decrease)
-            except (_EAgain, _EFBig, ValueError):
-                pass
             raise
 
-    def _set_free_run(self, blk: RefcountBlock, first: int, last: int) -> int:
+    def _set_free_run(self, blk: _Refblock, first: int, last: int) -> int:
         """Set refcount 1 on clusters ``first..`` (same block, up to ``last``) whose refcount is 0.
 
         Equivalent to the per-cluster loop of update_refcount for byte-wide
@@ -507,21 +534,55 @@ class _Qcow2Sim:
         return n
 
     def alloc_clusters_noref(self, size: int, max_offset: int) -> int:
-        """alloc_clusters_noref: first fit from free_cluster_index, refcounts untouched."""
+        """alloc_clusters_noref: first fit from free_cluster_index, refcounts untouched.
+
+        QEMU probes one cluster at a time and restarts its count after a used
+        one; that amounts to "the first run of ``nb`` free clusters at or after
+        free_cluster_index", which :meth:`_next_used` finds a block at a time.
+        """
         nb_clusters = self.size_to_clusters(size)
-        i = 0
-        while i < nb_clusters:
-            idx = self.free_cluster_index
-            self.free_cluster_index += 1
-            if self.get_refcount(idx) != 0:
-                i = 0
-                continue
-            i += 1
+        idx = self.free_cluster_index
+        while nb_clusters:
+            used = self._next_used(idx, idx + nb_clusters)
+            if used == idx + nb_clusters:
+                break
+            idx = used + 1
+        self.free_cluster_index = idx + nb_clusters
         if self.free_cluster_index > 0 and self.free_cluster_index - 1 > (
             max_offset >> self.cluster_bits
         ):
             raise _EFBig
-        return (self.free_cluster_index - nb_clusters) << self.cluster_bits
+        return idx << self.cluster_bits
+
+    def _next_used(self, first: int, end: int) -> int:
+        """The first cluster in ``[first, end)`` with a nonzero refcount, else ``end``."""
+        rbb = self.refcount_block_bits
+        rbs = self.refcount_block_size
+        order = self.refcount_order
+        idx = first
+        while idx < end:
+            rt_index = idx >> rbb
+            block_end = min(end, (rt_index + 1) << rbb)
+            off = 0
+            if rt_index < self.refcount_table_size:
+                off = self.refcount_table[rt_index] & _REFT_OFFSET_MASK
+            if off:
+                blk = self.load_refcount_block(off)
+                lo = idx & (rbs - 1)
+                hi = lo + (block_end - idx)
+                start_byte = (lo << order) >> 3
+                end_byte = ((hi << order) + 7) >> 3
+                seg = blk.data[start_byte:end_byte]
+                nonzero = len(seg) - len(seg.lstrip(b"\x00"))
+                if nonzero < len(seg):
+                    # Entries before this byte are free; check entry by entry from it.
+                    k = max(lo, ((start_byte + nonzero) << 3) >> order)
+                    while k < hi:
+                        if blk.get(k):
+                            return idx - lo + k
+                        k += 1
+            idx = block_end
+        return end
 
     def alloc_clusters(self, size: int) -> int:
         """qcow2_alloc_clusters."""
@@ -553,10 +614,8 @@ class _Qcow2Sim:
 
     def free_clusters(self, offset: int, size: int) -> None:
         """qcow2_free_clusters (errors are only reported by QEMU, never raised)."""
-        try:
+        with contextlib.suppress(_EAgain, _EFBig, ValueError):
             self.update_refcount(offset, size, 1, decrease=True)
-        except (_EAgain, _EFBig, ValueError):
-            pass
 
     def get_last_cluster(self, size: int) -> int:
         for i in range(self.size_to_clusters(size) - 1, -1, -1):
@@ -621,7 +680,7 @@ class _Qcow2Sim:
     def set_l2_entry(self, table: list[int], index: int, value: int) -> None:
         table[index * (self.l2e_size // 8)] = value
 
-    def handle_copied(self, guest_offset: int, nb_bytes: int) -> None:
+    def handle_copied(self, guest_offset: int) -> None:
         """handle_copied on a fresh image: nothing to keep, but it loads (allocates) the L2."""
         table, l2_index = self.get_cluster_table(guest_offset)
         if self.get_l2_entry(table, l2_index) & _COPIED:
@@ -637,10 +696,13 @@ class _Qcow2Sim:
         nb_clusters = min(nb_clusters, self.l2_slice_size - l2_index)
         nb_clusters = min(nb_clusters, _REQUEST_MAX_BYTES >> cb)
         table, l2_index = self.get_cluster_table(guest_offset)
-        count = 0
-        while count < nb_clusters and not (self.get_l2_entry(table, l2_index + count) & _COPIED):
-            count += 1
-        nb_clusters = count
+        step = self.l2e_size // 8
+        entries = table[l2_index * step : (l2_index + nb_clusters) * step : step]
+        if any(entries):  # count_single_write_clusters; a fresh table is all zeros
+            count = 0
+            while count < nb_clusters and not entries[count] & _COPIED:
+                count += 1
+            nb_clusters = count
         assert nb_clusters > 0
 
         alloc = _INV_OFFSET if host_offset == _INV_OFFSET else self.start_of_cluster(host_offset)
@@ -701,7 +763,7 @@ class _Qcow2Sim:
             if remaining == 0:
                 break
             cur_bytes = remaining
-            self.handle_copied(start, cur_bytes)
+            self.handle_copied(start)
             ok, cluster_offset, cur_bytes = self.handle_alloc(
                 start, cluster_offset, cur_bytes, metas
             )
@@ -723,11 +785,15 @@ class _Qcow2Sim:
         table, l2_index = self.get_cluster_table(m.offset)
         assert l2_index + m.nb_clusters <= self.l2_slice_size
         step = self.l2e_size // 8
-        for i in range(m.nb_clusters):
-            host = m.alloc_offset + (i << self.cluster_bits)
-            table[(l2_index + i) * step] = host | _COPIED
-            if self.extended_l2 and not m.prealloc:
-                raise AssertionError("subcluster bitmaps are only written by guest writes")
+        if self.extended_l2 and not m.prealloc:
+            raise AssertionError("subcluster bitmaps are only written by guest writes")
+        if any(table[l2_index * step : (l2_index + m.nb_clusters) * step : step]):
+            raise AssertionError("linking over allocated clusters never happens at creation")
+        # host | QCOW_OFLAG_COPIED for each cluster (bit 63 is never part of an offset).
+        first = m.alloc_offset + _COPIED
+        table[l2_index * step : (l2_index + m.nb_clusters) * step : step] = range(
+            first, first + (m.nb_clusters << self.cluster_bits), self.cs
+        )
 
     def preallocate_co(self, offset: int, new_length: int, mode: str) -> None:
         """preallocate_co: allocate and map every cluster; data clusters stay unwritten."""
@@ -1033,9 +1099,7 @@ def _simulate(opts: _Options, size: int) -> _SimResult:
             f"Could not write the header (no space left in cluster 0): {exc}"
         ) from None
     sim.file.write(0, cluster0)
-    return _SimResult(
-        hdr, sim.file, sim.data_file if opts.data_file is not None else None, sim.l2_tables
-    )
+    return _SimResult(hdr, sim.file, sim.data_file if opts.data_file is not None else None)
 
 
 # --------------------------------------------------------------------------
@@ -1118,8 +1182,9 @@ def create(
     ``backing_fmt`` is required with a backing file (QEMU 7.2 refuses to
     probe), and the backing file must open. ``data_file`` is created (or
     truncated) at the given path, which, as in QEMU, is relative to the
-    current directory, and stored as given in the header; QEMU resolves it
-    relative to the image when opening. ``data_file_raw`` implies at least
+    current directory, and is stored as given in the header (QEMU 7.2 also
+    opens a relative data-file name from the current directory, not from the
+    image's folder). ``data_file_raw`` implies at least
     ``preallocation="metadata"``.
 
     ``preallocation``: "off"; "metadata" (L2 tables written and every data
@@ -1133,6 +1198,14 @@ def create(
     :class:`~qcow2aio.Qcow2IOError` for file errors.
     """
     path = os.fspath(path)
+    for name, flag in (
+        ("lazy_refcounts", lazy_refcounts),
+        ("extended_l2", extended_l2),
+        ("data_file_raw", data_file_raw),
+    ):
+        if not isinstance(flag, bool):
+            # bool("off") is True: refuse anything but a real bool.
+            raise Qcow2FormatError(f"{name} must be True or False, not {flag!r}")
     bf = os.fspath(backing_file) if backing_file is not None else None
     df = os.fspath(data_file) if data_file is not None else None
 
@@ -1140,13 +1213,13 @@ def create(
         compat=compat,
         cluster_size=cluster_size,
         refcount_bits=refcount_bits,
-        lazy_refcounts=bool(lazy_refcounts),
+        lazy_refcounts=lazy_refcounts,
         compression_type=compression_type,
-        extended_l2=bool(extended_l2),
+        extended_l2=extended_l2,
         backing_file=bf,
         backing_fmt=backing_fmt,
         data_file=df,
-        data_file_raw=bool(data_file_raw),
+        data_file_raw=data_file_raw,
         preallocation=preallocation,
     )
     if bf is not None:
@@ -1185,9 +1258,6 @@ def create(
             _materialize(df, result.data)
         except Qcow2Error:
             # QEMU deletes what it created when creation fails.
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
             raise
-
