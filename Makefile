@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed.stamp
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS='-k refcount'`.
 PYTEST_ARGS ?=
 
-.PHONY: all venv qemu test lint demo clean
+.PHONY: all venv qemu test lint demo stress bench clean
 
 all: test
 
@@ -50,7 +50,14 @@ qemu:
 
 # Two workers: the machines have 2 cores and the suite must stay well under 10 minutes.
 test: venv qemu
-	QCOW2AIO_REQUIRE_QEMU=1 $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	QCOW2AIO_REQUIRE_QEMU=1 $(PY) -m pytest -q -n 2 --timeout=600 -p tests.sim_report $(PYTEST_ARGS)
+
+# The full race, fault and power-cut sets (issue 4): >= 10,000 seeds per scenario, every
+# fault point x error kind, >= 20,000 crash states. Takes a long while; prints the counts.
+stress: venv qemu
+	QCOW2AIO_REQUIRE_QEMU=1 QCOW2AIO_STRESS=1 $(PY) -m pytest -q -s -n 2 -p no:cacheprovider \
+		-p tests.sim_report \
+		tests/test_interleavings.py tests/test_faults.py tests/test_powercut.py
 
 lint: venv
 	$(VENV)/bin/ruff check qcow2aio tests
@@ -59,6 +66,13 @@ lint: venv
 
 demo: venv qemu
 	$(PY) -m qcow2aio.demo
+
+# qcow2aio against QEMU (qemu-img bench / convert), workload by workload; a few minutes.
+# Table on stdout, JSON in benchmarks/results/latest.json. Extra arguments go in
+# BENCH_ARGS, e.g. `make bench BENCH_ARGS='--quick -k randread'`.
+BENCH_ARGS ?=
+bench: venv qemu
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

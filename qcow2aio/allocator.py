@@ -144,6 +144,12 @@ class Allocator:
             self.grow_reftable(rt_index)
         mask = (1 << self.rb_bits) - 1
         while True:
+            # Growing the table allocates it, and creating another block allocates that
+            # block: either may have created this very block (self-describing) already.
+            # Making a second one would orphan the first, whose clusters then look free.
+            blk = meta.refblock(rt_index)
+            if blk is not None:
+                return blk
             saved = self.free_cluster_index
             cluster = self._find_free(1)
             owner = cluster >> self.rb_bits
@@ -166,10 +172,13 @@ class Allocator:
             )
             blk.dirty = blk.fresh = True
             break
-        meta.refblock_cache.insert(blk)
+        # Link the block before caching it: the insertion may write back (evict) another
+        # block and fail, and the new one must not stay cached yet unreachable (its
+        # cluster would look free, be reused, and then be overwritten by it at a flush).
         meta.reftable.entries[rt_index] = blk.offset
         meta.reftable.dirty = True
         meta.add_meta_cluster(blk.offset)
+        meta.refblock_cache.insert(blk)
         return blk
 
     # ------------------------------------------------------ table growth
@@ -202,18 +211,23 @@ class Allocator:
         meta.reftable = new
         try:
             offset = self.alloc_clusters(clusters)
-        except BaseException:
-            meta.reftable = old
+            new.offset = offset
+            meta.add_meta_range(offset, clusters * self.cluster_size)
+            # Make the refcount blocks and the new table durable, then switch.
+            assert meta.writeback is not None
+            meta.writeback.write_refblocks()
+            meta.file.pwrite(new.to_bytes(), offset, "reftable_grow")
+            meta.flush_files("reftable_grow")
+            meta.file.pwrite(struct.pack(">QI", offset, clusters), 48, "reftable_switch")
+            meta.flush_files("reftable_switch")
+        except Qcow2Error as exc:
+            # The file still holds the old table (plus leaks), but in memory refcount
+            # blocks may already hang off the new one only: writing anything back now
+            # would publish them under the old table. Refuse all writeback until reopen.
+            if new.offset == 0:
+                meta.reftable = old
+            meta.poison(exc)
             raise
-        new.offset = offset
-        meta.add_meta_range(offset, clusters * self.cluster_size)
-        # Make the refcount blocks and the new table durable, then switch.
-        assert meta.writeback is not None
-        meta.writeback.write_refblocks()
-        meta.file.pwrite(new.to_bytes(), offset, "reftable_grow")
-        meta.file.flush("reftable_grow")
-        meta.file.pwrite(struct.pack(">QI", offset, clusters), 48, "reftable_switch")
-        meta.file.flush("reftable_switch")
         new.dirty = False
         meta.header.refcount_table_offset = offset
         meta.header.refcount_table_clusters = clusters

@@ -17,6 +17,7 @@ import asyncio
 import errno as _errno
 import os
 import struct
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from types import TracebackType
@@ -36,19 +37,39 @@ from .errors import (
     Qcow2UnsupportedError,
 )
 from .inflight import InflightList, L2Meta, NoInflightList
-from .io import BackendFactory, Buffer, FileBackend
+from .io import BUFFERS, BackendFactory, Buffer, FileBackend, parallel_map, to_thread
 from .lock import MetaLock, NoLock
-from .mapping import BACKING, COMPRESSED, DATA, ZERO, Extent, map_read
+from .mapping import (
+    BACKING,
+    COMPRESSED,
+    DATA,
+    UNALLOCATED,
+    ZERO,
+    Extent,
+    map_plain,
+    map_read,
+    plan_is_zero,
+)
 from .metadata import Metadata
 from .writes import WriteStep, abort_step, commit_step, prepare_write, zero_clusters
 
 Backing = "Image | RawImage"
+# I/O threads that help the caller inflate the clusters of one synchronous read.
+# Zero: the synchronous path inflates on the calling thread only. With helper threads a
+# signal (Ctrl-C, an alarm) could end read_sync while a helper still runs, i.e. work that
+# outlives the call; under tracemalloc that crashed CPython 3.11 in the hostile tests.
+_INFLATE_HELPERS = 0
 _ZEROS = bytes(1 << 16)
 
 
 def _write_event(step: WriteStep) -> str:
     """blkdebug-style name of a step's data write: COW included, or the guest data alone."""
     return "cow_write" if step.head_len or step.tail_len else "data_write"
+
+
+def _zeros(n: int) -> Buffer:
+    """``n`` zero bytes to write, without allocating when they fit in ``_ZEROS``."""
+    return memoryview(_ZEROS)[:n] if n <= len(_ZEROS) else bytes(n)
 
 
 def _zero(view: memoryview) -> None:
@@ -117,6 +138,10 @@ class Image:
                 )
             if hdr.data_file is not None:
                 self.data_file_path = resolve_name(hdr.data_file, self.path)
+                if not os.path.isabs(hdr.data_file) and not os.path.exists(self.data_file_path):
+                    # QEMU 7.2 opens a relative data-file name from the current directory
+                    # (and `qemu-img create` puts it there); the image's folder comes first.
+                    self.data_file_path = os.path.abspath(hdr.data_file)
                 self._data = self._io_backend(self.data_file_path, self.writable)
             if open_backing and hdr.backing_file is not None:
                 self.backing = self._open_backing(hdr.backing_file, hdr.backing_format)
@@ -146,8 +171,9 @@ class Image:
 
     @property
     def size(self) -> int:
-        """Virtual size in bytes."""
-        return self.meta.header.size
+        """Virtual size in bytes: the header's, rounded down to whole 512-byte sectors as
+        QEMU does (it counts the disk in sectors)."""
+        return self.meta.header.size & ~511
 
     @property
     def cluster_size(self) -> int:
@@ -161,11 +187,17 @@ class Image:
     def _check_range(self, offset: int, length: int) -> None:
         if self._closed:
             raise Qcow2Error(f"image {self.path!r} is closed")
-        if offset < 0 or length < 0 or offset + length > self.meta.header.size:
+        size = self.meta.header.size & ~511
+        if offset < 0 or length < 0 or offset + length > size:
             raise Qcow2RangeError(
                 f"request of {length} bytes at offset {offset} is outside the virtual disk "
-                f"(size {self.meta.header.size})"
+                f"(size {size})"
             )
+
+    def _check_still_open(self) -> None:
+        """After waiting for the lock: the image may have been closed meanwhile."""
+        if self._closed:
+            raise Qcow2Error(f"image {self.path!r} was closed while the request was in flight")
 
     def map(self, offset: int, length: int) -> list[Extent]:
         """The read plan for a guest range (for tools and tests; no data moved)."""
@@ -178,30 +210,67 @@ class Image:
         self._check_range(offset, length)
         if self.lock.blocks_readers():
             raise ImageBusyError("metadata is being rewritten by a suspended request")
-        plan = map_read(self.meta, offset, length, self.backing is not None)
-        if len(plan) == 1 and plan[0].kind == DATA:
-            # Fast path: one contiguous host range, one pread, no extra copy.
+        data_file = self._data
+        # Fast paths: no plan built. Plain data contiguous on the host is one pread
+        # straight into the bytes returned; an unallocated range is the backing file's.
+        host = map_plain(self.meta, offset, length)
+        if host >= 0 and data_file.plain_reads:
             try:
-                data = os.pread(self._data.fd, length, plan[0].host)
+                data = os.pread(data_file.fd, length, host)
             except OSError:
                 data = b""  # let the general path report the error properly
             if len(data) == length:
                 return data
-        buf = bytearray(length)
-        self._run_plan_sync(plan, memoryview(buf), offset)
-        return bytes(buf)
+        elif host == UNALLOCATED:
+            backing = self.backing
+            if backing is None:
+                return bytes(length)
+            if isinstance(backing, Image) and offset + length <= backing.size:
+                return backing.read_sync(offset, length)
+        plan = map_read(self.meta, offset, length, self.backing is not None)
+        if len(plan) == 1 and plan[0].kind == DATA and data_file.plain_reads:
+            try:
+                data = os.pread(data_file.fd, length, plan[0].host)
+            except OSError:
+                data = b""
+            if len(data) == length:
+                return data
+        buf = BUFFERS.borrow(length)
+        try:
+            view = memoryview(buf)[:length]
+            self._run_plan_sync(plan, view, offset)
+            return bytes(view)
+        finally:
+            BUFFERS.give_back(buf)
 
     def readinto_sync(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from guest ``offset`` without awaiting."""
         self._check_range(offset, len(buf))
         if self.lock.blocks_readers():
             raise ImageBusyError("metadata is being rewritten by a suspended request")
+        data_file = self._data
+        host = map_plain(self.meta, offset, len(buf))
+        if host >= 0 and data_file.plain_reads:
+            try:
+                if os.preadv(data_file.fd, [buf], host) == len(buf):
+                    return
+            except OSError:
+                pass  # the general path reports it
+        elif host == UNALLOCATED:
+            backing = self.backing
+            if backing is None:
+                _zero(buf)
+                return
+            if offset + len(buf) <= backing.size:
+                backing.readinto_sync(buf, offset)
+                return
         plan = map_read(self.meta, offset, len(buf), self.backing is not None)
         self._run_plan_sync(plan, buf, offset)
 
     def _run_plan_sync(
         self, plan: list[Extent], dest: memoryview, base: int, event: str = "data_read"
     ) -> None:
+        clusters = self._inflate_plan_sync(plan) if len(plan) > 1 else None
         for ext in plan:
             view = dest[ext.guest - base : ext.guest - base + ext.length]
             kind = ext.kind
@@ -212,8 +281,83 @@ class Image:
             elif kind == BACKING:
                 self._backing_read_sync(view, ext.guest)
             elif kind == COMPRESSED:
-                cluster = self._compressed_sync(ext)
-                view[:] = cluster[ext.skip : ext.skip + ext.length]
+                cluster = clusters[ext.host] if clusters else self._compressed_sync(ext)
+                view[:] = memoryview(cluster)[ext.skip : ext.skip + ext.length]
+
+    def _compressed_todo(self, plan: list[Extent]) -> tuple[dict[int, bytes], list[Extent]]:
+        """The clusters a plan's COMPRESSED extents need: (already inflated, to inflate)."""
+        todo = {ext.host: ext for ext in plan if ext.kind == COMPRESSED}
+        done: dict[int, bytes] = {}
+        cached = self._compressed_cache
+        if cached is not None and cached[0] in todo:
+            done[cached[0]] = cached[1]
+            del todo[cached[0]]
+        return done, sorted(todo.values(), key=lambda e: e.host)
+
+    def _compressed_span(self, todo: list[Extent]) -> tuple[int, int] | None:
+        """One host range covering every cluster of ``todo`` when that is cheaper to read
+        than one read each (clusters written in order sit back to back); plain files only."""
+        if len(todo) < 2 or not self._file.plain_reads:
+            return None
+        lo = todo[0].host
+        hi = max(e.host + e.csize for e in todo)
+        return (lo, hi) if hi - lo <= 2 * sum(e.csize for e in todo) else None
+
+    def _inflate_plan_sync(self, plan: list[Extent]) -> dict[int, bytes] | None:
+        """Inflate every compressed cluster of a plan, several at once on several cores
+        (zlib and zstd release the GIL). None when the plan has fewer than two."""
+        done, todo = self._compressed_todo(plan)
+        if len(todo) < 2:
+            return None
+        span = self._compressed_span(todo)
+        raws: list[bytes]
+        if span is not None:
+            blob = self._file.pread(span[0], span[1] - span[0], "read_compressed")
+            raws = [blob[e.host - span[0] : e.host - span[0] + e.csize] for e in todo]
+        else:
+            raws = [self._file.pread(e.host, e.csize, "read_compressed") for e in todo]
+        cs = self.meta.cluster_size
+        ctype = self.meta.header.compression_type
+
+        def inflate(item: tuple[Extent, bytes]) -> bytes:
+            return decompress_cluster(item[1], cs, ctype, f"at host offset {item[0].host:#x}")
+
+        clusters = parallel_map(inflate, list(zip(todo, raws, strict=True)), _INFLATE_HELPERS)
+        done.update((e.host, c) for e, c in zip(todo, clusters, strict=True))
+        self._compressed_cache = (todo[-1].host, clusters[-1])
+        return done
+
+    async def _inflate_plan(self, plan: list[Extent]) -> dict[int, bytes]:
+        """The async twin: raw reads first, then every inflate in the I/O threads at once
+        when that can overlap with something (several clusters, or other requests)."""
+        done, todo = self._compressed_todo(plan)
+        if not todo:
+            return done
+        span = self._compressed_span(todo)
+        raws: list[bytes] = []
+        if span is not None:
+            blob = await self._file.apread(span[0], span[1] - span[0], "read_compressed")
+            raws = [blob[e.host - span[0] : e.host - span[0] + e.csize] for e in todo]
+        else:
+            for e in todo:
+                raw = bytearray(e.csize)
+                await self._file.areadinto(memoryview(raw), e.host, "read_compressed")
+                raws.append(bytes(raw))
+        cs = self.meta.cluster_size
+        ctype = self.meta.header.compression_type
+        wheres = [f"at host offset {e.host:#x}" for e in todo]
+        if len(todo) > 1 or sum(self._active.values()) > 1:
+            clusters = await asyncio.gather(
+                *(
+                    to_thread(decompress_cluster, raw, cs, ctype, where)
+                    for raw, where in zip(raws, wheres, strict=True)
+                )
+            )
+        else:
+            clusters = [decompress_cluster(raws[0], cs, ctype, wheres[0])]
+        done.update((e.host, c) for e, c in zip(todo, clusters, strict=True))
+        self._compressed_cache = (todo[-1].host, clusters[-1])
+        return done
 
     def _backing_read_sync(self, view: memoryview, guest: int) -> None:
         assert self.backing is not None
@@ -241,9 +385,40 @@ class Image:
     # ---------------------------------------------------------- async reads
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at guest ``offset``."""
-        buf = bytearray(length)
-        await self.readinto(memoryview(buf), offset)
-        return bytes(buf)
+        self._check_range(offset, length)
+        data_file = self._data
+        plain = data_file.plain_reads
+        if not self.lock.blocks_readers():
+            # Fast paths: plain data in the page cache is read inline (RWF_NOWAIT), with
+            # no plan, no thread hop and nothing registered (there is no await between
+            # the lookup and the read, so no cluster can be freed in between); an
+            # unallocated range is the backing file's (this image's clusters are not used).
+            host = map_plain(self.meta, offset, length)
+            if host >= 0 and plain:
+                data = data_file.pread_nowait(host, length)
+                if data is not None:
+                    return data
+            elif host == UNALLOCATED:
+                backing = self.backing
+                if backing is None:
+                    return bytes(length)
+                if isinstance(backing, Image) and offset + length <= backing.size:
+                    return await backing.read(offset, length)
+        ep = self._enter()
+        try:
+            plan = await self._map_for_read(offset, length)
+            if plain and len(plan) == 1 and plan[0].kind == DATA:
+                # One host range: os.pread in a thread straight into the bytes returned.
+                return await data_file.apread(plan[0].host, length, "data_read")
+            buf = BUFFERS.borrow(length)
+            try:
+                view = memoryview(buf)[:length]
+                await self._run_plan(plan, view, offset)
+                return bytes(view)
+            finally:
+                BUFFERS.give_back(buf)
+        finally:
+            self._leave(ep)
 
     async def readv(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> int:
         """Scatter the guest bytes at ``offset`` into writable ``buffers``; returns the count."""
@@ -252,6 +427,13 @@ class Image:
         self._check_range(offset, total)
         if len(views) == 1:
             await self.readinto(views[0], offset)
+            return total
+        if total >= 4096 * len(views):
+            # Buffers of a page or more: read into each in turn (no bounce buffer, no copy).
+            pos = offset
+            for v in views:
+                await self.readinto(v, pos)
+                pos += len(v)
             return total
         tmp = bytearray(total)
         await self.readinto(memoryview(tmp), offset)
@@ -264,6 +446,22 @@ class Image:
     async def readinto(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from guest ``offset``."""
         self._check_range(offset, len(buf))
+        data_file = self._data
+        if not self.lock.blocks_readers():
+            # Fast paths, as in read(): inline when it is plain data in the page cache,
+            # straight to the backing file when it is unallocated here.
+            host = map_plain(self.meta, offset, len(buf))
+            if host >= 0 and data_file.plain_reads:
+                if data_file.readinto_nowait(buf, host):
+                    return
+            elif host == UNALLOCATED:
+                backing = self.backing
+                if backing is None:
+                    _zero(buf)
+                    return
+                if offset + len(buf) <= backing.size:
+                    await backing.readinto(buf, offset)
+                    return
         # Registered from mapping to the end of the data phase: clusters this plan
         # names are not reused until we are done (see docs/concurrency.md).
         ep = self._enter()
@@ -279,6 +477,7 @@ class Image:
         if self.lock.blocks_readers():
             await self.lock.acquire()
             try:
+                self._check_still_open()
                 return map_read(self.meta, offset, length, self.backing is not None)
             finally:
                 self.lock.release()
@@ -287,6 +486,7 @@ class Image:
     async def _run_plan(
         self, plan: list[Extent], dest: memoryview, base: int, event: str = "data_read"
     ) -> None:
+        clusters: dict[int, bytes] | None = None
         for ext in plan:
             view = dest[ext.guest - base : ext.guest - base + ext.length]
             kind = ext.kind
@@ -295,21 +495,18 @@ class Image:
             elif kind == ZERO:
                 _zero(view)
             elif kind == BACKING:
-                assert self.backing is not None
+                if self.backing is None:  # closed (and the backing file with it) meanwhile
+                    self._check_still_open()
+                    raise Qcow2Error(f"image {self.path!r} has no backing file open")
                 have = max(0, min(len(view), self.backing.size - ext.guest))
                 if have:
                     await self.backing.readinto(view[:have], ext.guest)
                 if have < len(view):
                     _zero(view[have:])
             elif kind == COMPRESSED:
-                cached = self._compressed_cache
-                if cached is not None and cached[0] == ext.host:
-                    cluster = cached[1]
-                else:
-                    raw = bytearray(ext.csize)
-                    await self._file.areadinto(memoryview(raw), ext.host, "read_compressed")
-                    cluster = self._inflate(ext, bytes(raw))
-                view[:] = cluster[ext.skip : ext.skip + ext.length]
+                if clusters is None:
+                    clusters = await self._inflate_plan(plan)
+                view[:] = memoryview(clusters[ext.host])[ext.skip : ext.skip + ext.length]
 
     # ------------------------------------------------------- write set-up
     def _open_for_writing(self) -> None:
@@ -398,22 +595,55 @@ class Image:
         self._check_writable(offset, n)
         ep = self._enter()
         try:
+            data_file = self._data
+            if (
+                data_file.plain_writes
+                and not self.lock.locked()
+                and data_file.inline_write_ok(n)
+                and self.inflight.overlapping(offset, n) is None
+            ):
+                # Fast path, as in write_sync: COPIED clusters contiguous on the host
+                # (nothing to link), small enough to write inline (see io.py).
+                host = map_plain(self.meta, offset, n, copied=True)
+                if host >= 0:
+                    self._check_data_write(host, n)
+                    t0 = time.monotonic()
+                    data_file.pwritev([view], host, "data_write")
+                    data_file.note_inline_write(time.monotonic() - t0)
+                    return n
             pos = 0
             while pos < n:
                 await self.lock.acquire()
                 try:
+                    self._check_still_open()
                     step = prepare_write(self, offset + pos, n - pos)
                 finally:
                     self.lock.release()
                 if isinstance(step, L2Meta):
                     await step.wait()
                     continue
-                # The data phase and the link run to completion even if we are cancelled:
-                # an allocation must be either linked or freed, never left in flight.
-                task = asyncio.ensure_future(self._finish_step(step, view[pos : pos + step.length]))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-                await asyncio.shield(task)
+                chunk = view[pos : pos + step.length]
+                if (
+                    data_file.plain_writes
+                    and not self.lock.locked()
+                    and data_file.inline_write_ok(step.head_len + step.length + step.tail_len)
+                    and plan_is_zero(step.head)
+                    and plan_is_zero(step.tail)
+                ):
+                    # Nothing to wait for (COW from zeros, a small write done inline, the
+                    # lock free for the link): finished synchronously, there is no point
+                    # where a cancellation could leave the allocation in flight.
+                    t0 = time.monotonic()
+                    self._finish_step_sync(step, chunk)
+                    data_file.note_inline_write(time.monotonic() - t0)
+                else:
+                    # The data phase and the link run to completion even if we are
+                    # cancelled: an allocation must be either linked or freed, never left
+                    # in flight.
+                    task = asyncio.ensure_future(self._finish_step(step, chunk))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+                    await asyncio.shield(task)
                 pos += step.length
         finally:
             self._leave(ep)
@@ -427,23 +657,31 @@ class Image:
 
     async def _finish_step(self, step: WriteStep, chunk: memoryview) -> None:
         try:
+            head_len, tail_len = self._cow_lengths(step)
             bufs: list[Buffer] = []
-            if step.head_len:
-                head = bytearray(step.head_len)
-                await self._run_plan(
-                    step.head, memoryview(head), step.guest - step.head_len, "cow_read"
-                )
-                bufs.append(head)
+            if head_len:
+                if plan_is_zero(step.head):
+                    bufs.append(_zeros(head_len))
+                else:
+                    head = bytearray(head_len)
+                    await self._run_plan(
+                        step.head, memoryview(head), step.guest - head_len, "cow_read"
+                    )
+                    bufs.append(head)
             bufs.append(chunk)
-            if step.tail_len:
-                tail = bytearray(step.tail_len)
-                await self._run_plan(
-                    step.tail, memoryview(tail), step.guest + step.length, "cow_read"
-                )
-                bufs.append(tail)
-            start = step.host - step.head_len
-            self._check_data_write(start, step.head_len + step.length + step.tail_len)
-            await self._data.apwritev(bufs, start, _write_event(step))
+            if tail_len:
+                if plan_is_zero(step.tail):
+                    bufs.append(_zeros(tail_len))
+                else:
+                    tail = bytearray(tail_len)
+                    await self._run_plan(
+                        step.tail, memoryview(tail), step.guest + step.length, "cow_read"
+                    )
+                    bufs.append(tail)
+            self._check_data_write(
+                step.host - step.head_len, step.head_len + step.length + step.tail_len
+            )
+            await self._data.apwritev(bufs, step.host - head_len, _write_event(step))
         except BaseException:
             await self.lock.acquire()
             try:
@@ -453,9 +691,29 @@ class Image:
             raise
         await self.lock.acquire()
         try:
+            if self._closed:
+                abort_step(self, step)  # too late to link: fail instead of losing it silently
+                self._check_still_open()
             commit_step(self, step)
         finally:
             self.lock.release()
+
+    def _cow_lengths(self, step: WriteStep) -> tuple[int, int]:
+        """The COW head and tail lengths a step's data write must carry.
+
+        COW from zeros into clusters that start at or past the end of the file (a
+        growing image) is left out: the file system reads those bytes as zeros, so
+        the guest data is written alone (QEMU zeroes them with fallocate instead).
+        Only for plain backends: recording and fault-injecting ones see every byte.
+        """
+        head_len, tail_len = step.head_len, step.tail_len
+        if not (head_len or tail_len) or not self._data.plain_writes:
+            return head_len, tail_len
+        head_zero = head_len and plan_is_zero(step.head)
+        tail_zero = tail_len and plan_is_zero(step.tail)
+        if (head_zero or tail_zero) and step.host - head_len >= self._data.size():
+            return (0 if head_zero else head_len), (0 if tail_zero else tail_len)
+        return head_len, tail_len
 
     def _check_data_write(self, host: int, length: int) -> None:
         if self._data is self._file:
@@ -519,6 +777,7 @@ class Image:
             while True:
                 await self.lock.acquire()
                 try:
+                    self._check_still_open()
                     blocker = self.inflight.overlapping(offset, length)
                     if blocker is None:
                         return zero_clusters(
@@ -538,6 +797,7 @@ class Image:
             return
         await self.lock.acquire(readers_ok=True)
         try:
+            self._check_still_open()
             await self._drive_async(self._flush_steps())
         finally:
             self.lock.release()
@@ -587,6 +847,16 @@ class Image:
                 raise ImageBusyError(
                     f"an in-flight allocation overlaps the write at {offset} (+{n})"
                 )
+            data_file = self._data
+            if data_file.plain_writes:
+                # Fast path: the range is COPIED clusters contiguous on the host, which
+                # prepare_write would turn into one in-place step with nothing to link
+                # (no metadata change): write it straight away.
+                host = map_plain(self.meta, offset, n, copied=True)
+                if host >= 0:
+                    self._check_data_write(host, n)
+                    data_file.pwritev([view], host, "data_write")
+                    return n
             pos = 0
             while pos < n:
                 step = prepare_write(self, offset + pos, n - pos)
@@ -605,23 +875,31 @@ class Image:
 
     def _finish_step_sync(self, step: WriteStep, chunk: memoryview) -> None:
         try:
+            head_len, tail_len = self._cow_lengths(step)
             bufs: list[Buffer] = []
-            if step.head_len:
-                head = bytearray(step.head_len)
-                self._run_plan_sync(
-                    step.head, memoryview(head), step.guest - step.head_len, "cow_read"
-                )
-                bufs.append(head)
+            if head_len:
+                if plan_is_zero(step.head):
+                    bufs.append(_zeros(head_len))
+                else:
+                    head = bytearray(head_len)
+                    self._run_plan_sync(
+                        step.head, memoryview(head), step.guest - head_len, "cow_read"
+                    )
+                    bufs.append(head)
             bufs.append(chunk)
-            if step.tail_len:
-                tail = bytearray(step.tail_len)
-                self._run_plan_sync(
-                    step.tail, memoryview(tail), step.guest + step.length, "cow_read"
-                )
-                bufs.append(tail)
-            start = step.host - step.head_len
-            self._check_data_write(start, step.head_len + step.length + step.tail_len)
-            self._data.pwritev(bufs, start, _write_event(step))
+            if tail_len:
+                if plan_is_zero(step.tail):
+                    bufs.append(_zeros(tail_len))
+                else:
+                    tail = bytearray(tail_len)
+                    self._run_plan_sync(
+                        step.tail, memoryview(tail), step.guest + step.length, "cow_read"
+                    )
+                    bufs.append(tail)
+            self._check_data_write(
+                step.host - step.head_len, step.head_len + step.length + step.tail_len
+            )
+            self._data.pwritev(bufs, step.host - head_len, _write_event(step))
         except BaseException:
             abort_step(self, step)
             raise
@@ -698,17 +976,25 @@ class Image:
         """Wait for requests still finishing, then close like :meth:`close`."""
         if self._closed:
             return
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        # Hold the lock with no write step in flight: none can start meanwhile (preparing
+        # one takes the lock), and whoever gets the lock after us finds the image closed
+        # instead of changing cached metadata nobody will write back.
+        while True:
+            while self._background:
+                await asyncio.gather(*list(self._background), return_exceptions=True)
+            await self.lock.acquire()
+            if not self._background:
+                break
+            self.lock.release()
+        if self._closed:  # another aclose() finished while we waited for the lock
+            self.lock.release()
+            return
         try:
             if self.writable and not self._is_poisoned() and not self.meta.header.corrupt:
-                await self.lock.acquire()
-                try:
-                    await self._drive_async(self._close_steps())
-                finally:
-                    self.lock.release()
+                await self._drive_async(self._close_steps())
         finally:
             self._closed = True
+            self.lock.release()
             self._close_files()
 
     def __enter__(self) -> Image:

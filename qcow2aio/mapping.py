@@ -152,9 +152,16 @@ def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> lis
 
 # Entry bits that keep an L2 entry off the fast path: compressed, zero, reserved.
 _NOT_PLAIN = C.QCOW_OFLAG_COMPRESSED | C.QCOW_OFLAG_ZERO | C.L2E_STD_RESERVED_MASK
+# map_plain's answer when the whole range is unallocated (reads from the backing file,
+# or as zeros without one); -1 means "take the general path".
+UNALLOCATED = -2
+_COPIED = C.QCOW_OFLAG_COPIED
+_L1_OFFSET = C.L1E_OFFSET_MASK
+_L1_RESERVED = C.L1E_RESERVED_MASK
+_L2_OFFSET = C.L2E_OFFSET_MASK
 
 
-def map_plain(meta: Metadata, offset: int, length: int) -> int:
+def map_plain(meta: Metadata, offset: int, length: int, copied: bool = False) -> int:
     """Host offset of guest ``[offset, offset+length)`` when it is one run of plain data.
 
     The fast path of reads (and of in-place writes): the range must lie in one L2
@@ -162,38 +169,56 @@ def map_plain(meta: Metadata, offset: int, length: int) -> int:
     standard entry, and the clusters must be contiguous in the image file. Anything
     else (extended L2, external data file, unallocated, compressed, zero, a corrupt
     entry, a range that crosses L2 tables) returns -1, and the caller takes
-    :func:`map_read`, which plans it fully and reports corruption. No objects are
-    built, so a 4 KiB read costs a few table lookups.
+    :func:`map_read` (or :func:`qcow2aio.writes.prepare_write`), which plans it fully
+    and reports corruption. No objects are built, so a 4 KiB read costs a few table
+    lookups. With ``copied`` the L1 entry and every L2 entry must also have the
+    COPIED flag (refcount 1): exactly the clusters a write may overwrite in place.
+
+    Returns :data:`UNALLOCATED` instead when every entry the range touches is
+    zero (or its L2 table does not exist), so a read can go straight to the
+    backing file (or return zeros) without building a plan either.
     """
-    if meta.extended_l2 or meta.has_data_file:
+    if meta.extended_l2 or meta.has_data_file or length <= 0:
         return -1
     cluster_bits = meta.cluster_bits
     shift = cluster_bits + meta.l2_bits
     l1_index = offset >> shift
-    if (offset + length - 1) >> shift != l1_index or length <= 0:
+    if (offset + length - 1) >> shift != l1_index:
         return -1
     l1 = meta.l1.entries
     if l1_index >= len(l1):
-        return -1
+        return UNALLOCATED
     l1_entry = l1[l1_index]
+    if not l1_entry:
+        return UNALLOCATED
     cmask = meta.cluster_size - 1
-    l2_off = l1_entry & C.L1E_OFFSET_MASK
-    if l1_entry & C.L1E_RESERVED_MASK or not l2_off or l2_off & cmask:
+    l2_off = l1_entry & _L1_OFFSET
+    want = _COPIED if copied else 0
+    if l1_entry & _L1_RESERVED or not l2_off or l2_off & cmask or (l1_entry & want) != want:
         return -1
     table = meta.l2_cache.get(l2_off)
     entries = (table if table is not None else meta.l2_table(l2_off)).entries
     idx = (offset >> cluster_bits) & (meta.l2_entries - 1)
     entry = entries[idx]
-    host = entry & C.L2E_OFFSET_MASK
-    if entry & _NOT_PLAIN or not host or host & cmask:
+    last = idx + (((offset & cmask) + length - 1) >> cluster_bits)
+    if not entry:
+        if last == idx or not any(entries[idx + 1 : last + 1]):
+            return UNALLOCATED
         return -1
-    in_cluster = offset & cmask
-    last = idx + ((in_cluster + length - 1) >> cluster_bits)
+    bad = _NOT_PLAIN | want
+    host = entry & _L2_OFFSET
+    if (entry & bad) != want or not host or host & cmask:
+        return -1
     if last != idx:
         nxt = host
         for i in range(idx + 1, last + 1):
             nxt += cmask + 1
             entry = entries[i]
-            if entry & _NOT_PLAIN or (entry & C.L2E_OFFSET_MASK) != nxt:
+            if (entry & bad) != want or (entry & _L2_OFFSET) != nxt:
                 return -1
-    return host + in_cluster
+    return host + (offset & cmask)
+
+
+def plan_is_zero(plan: list[Extent]) -> bool:
+    """True when every extent of ``plan`` reads as zeros (no backing, no data)."""
+    return all(ext.kind == ZERO for ext in plan)

@@ -47,12 +47,18 @@ class Writeback:
 
     # ---------------------------------------------------------- pieces
     def write_refblocks(self) -> None:
-        """Write every dirty refcount block and the refcount table if it changed."""
+        """Write every dirty refcount block and the refcount table if it changed.
+
+        New refcount blocks are made durable before the table entries that point at
+        them (QEMU flushes there too): else a crash can leave an entry pointing past
+        the end of the file or at stale bytes, i.e. refcounts below the references.
+        """
         meta = self.meta
         for blk in meta.refblock_cache.dirty():
             self._write_refblock(blk)
         rt = meta.reftable
         if rt.dirty and rt.offset:
+            meta.flush_files("reftable_update")
             meta.check_meta_write(rt.offset, len(rt.entries) * 8, "reftable")
             meta.file.pwrite(rt.to_bytes(), rt.offset, "reftable_update")
             rt.dirty = False
@@ -83,6 +89,7 @@ class Writeback:
     def evict_l2(self, table: Table) -> None:
         """Called by the L2 cache before dropping a dirty table (synchronous)."""
         meta = self.meta
+        meta.refuse_if_poisoned()
         if self.lazy:
             self._mark_dirty_bit()
         else:
@@ -91,7 +98,9 @@ class Writeback:
         self._write_l2(table)
 
     def evict_refblock(self, blk: RefcountBlock) -> None:
-        # Decreases are applied only once safe, so a refcount block may always go out.
+        # Decreases are applied only once safe, so a refcount block may always go out
+        # (unless a failure poisoned the image: then nothing may).
+        self.meta.refuse_if_poisoned()
         self._write_refblock(blk)
 
     # ---------------------------------------------------------- flush
@@ -100,7 +109,10 @@ class Writeback:
         meta = self.meta
         dirty_l2 = meta.l2_cache.dirty()
         if self.lazy:
-            if dirty_l2 and self._mark_dirty_bit():
+            if dirty_l2:
+                # Rule 2 holds in lazy mode too: data and COW must be durable before an
+                # L2 entry points at them. The same fsync makes a new dirty bit durable.
+                self._mark_dirty_bit()
                 yield "dirty_bit"
         else:
             self.write_refblocks()

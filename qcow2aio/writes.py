@@ -110,7 +110,6 @@ def l2_for_write(img: Image, l1_index: int) -> Table:
     new = alloc.alloc_clusters(1)
     meta.add_meta_range(new, meta.cluster_size, "l2")
     table = Table(new, entries, dirty=True, fresh=True)
-    meta.l2_cache.insert(table)
     meta.l1.entries[l1_index] = new | C.QCOW_OFLAG_COPIED
     meta.l1.dirty = True
     if old:
@@ -118,6 +117,8 @@ def l2_for_write(img: Image, l1_index: int) -> Table:
         # once the L1 switch is durable.
         meta.remove_meta_range(old, meta.cluster_size)
         alloc.free_later(old, meta.cluster_size, img.retire_epoch())
+    # Cache it once linked: the insertion may write back (evict) another table and fail.
+    meta.l2_cache.insert(table)
     return meta.l2_table(new)
 
 

@@ -49,6 +49,8 @@ class Gate:
 
         backend.apwritev = apwritev  # type: ignore[method-assign]
         backend.aflush = aflush  # type: ignore[method-assign]
+        # A gated device is a slow one: no inline (synchronous) fast path for writes.
+        backend.plain_writes = False
 
 
 def _overlay(qemu: Qemu, tmp: Path, size: int = 4 << 20) -> tuple[Path, bytes]:

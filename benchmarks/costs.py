@@ -1,0 +1,276 @@
+"""Python-level cost per request: qcow2aio's calls next to the bare system calls they need.
+
+``python -m benchmarks.costs [--quick]`` times each operation in-process on
+images made by ``qemu-img`` (page cache warm) and prints microseconds per
+request: wall clock, and CPU time split into user and system. The ``os.*`` rows
+are the floor (the system calls alone, no qcow2 work); the difference between a
+qcow2aio row and its floor is what the Python layer costs. CPU time is the
+steadier figure on a shared machine: it does not count time spent waiting for
+a CPU or for another thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import qcow2aio
+
+from . import qemu
+from .stream import RANDOM_STEP_4K, KiB, MiB, Stream
+
+
+@dataclass
+class Cost:
+    name: str
+    wall_us: float
+    user_us: float
+    sys_us: float
+
+    def line(self) -> str:
+        cpu = self.user_us + self.sys_us
+        return (
+            f"{self.name:52} {self.wall_us:9.2f} {cpu:9.2f} {self.user_us:9.2f} {self.sys_us:9.2f}"
+        )
+
+
+def _measure(name: str, n: int, run: Callable[[], None]) -> Cost:
+    gc.collect()
+    t0 = os.times()
+    w0 = time.perf_counter()
+    run()
+    w1 = time.perf_counter()
+    t1 = os.times()
+    return Cost(
+        name,
+        (w1 - w0) / n * 1e6,
+        (t1.user - t0.user) / n * 1e6,
+        (t1.system - t0.system) / n * 1e6,
+    )
+
+
+def _best(name: str, n: int, make: Callable[[], Callable[[], None]], reps: int) -> Cost:
+    """The repetition with the least CPU time (the least disturbed one)."""
+    runs = [_measure(name, n, make()) for _ in range(reps)]
+    return min(runs, key=lambda c: c.user_us + c.sys_us)
+
+
+def _async(coro_fn: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+    return run
+
+
+def costs(workdir: str, quick: bool) -> Iterator[Cost]:
+    size = 256 * MiB
+    reps = 3
+    n4k = 16384 if quick else 65536
+    alloc = os.path.join(workdir, "alloc.qcow2")
+    qemu.create(alloc, size)
+    qemu.bench(alloc, Stream(MiB, size // MiB, size, write=True), aio="threads", depth=16)
+    offs4k = Stream(4 * KiB, n4k, size, step=RANDOM_STEP_4K).offset_list()
+    offs1m = Stream(MiB, size // MiB, size).offset_list()
+    data4k = b"\xa5" * (4 * KiB)
+    data1m = b"\xa5" * MiB
+    fd = os.open(alloc, os.O_RDWR)
+    buf4k = bytearray(4 * KiB)
+    buf1m = bytearray(MiB)
+    host4k = [o + 5 * MiB for o in offs4k]  # roughly where the data lives in the file
+
+    # ---------------------------------------------------------------- floors
+    def pread4k() -> None:
+        for o in host4k:
+            os.pread(fd, 4096, o)
+
+    yield _best("os.pread 4K (new bytes)", n4k, lambda: pread4k, reps)
+
+    nowait = getattr(os, "RWF_NOWAIT", 0)
+
+    def preadv_nowait4k() -> None:
+        v = [buf4k]
+        for o in host4k:
+            os.preadv(fd, v, o, nowait)
+
+    yield _best("os.preadv RWF_NOWAIT 4K (into buffer)", n4k, lambda: preadv_nowait4k, reps)
+
+    def pread1m() -> None:
+        for o in offs1m:
+            os.pread(fd, MiB, o + 5 * MiB)
+
+    yield _best("os.pread 1M", len(offs1m), lambda: pread1m, reps)
+
+    def pwrite4k() -> None:
+        for o in host4k:
+            os.pwrite(fd, data4k, o)
+
+    yield _best("os.pwrite 4K (cached overwrite)", n4k, lambda: pwrite4k, reps)
+
+    # -------------------------------------------------------------- qcow2aio
+    img = qcow2aio.open(alloc)
+    r = img.read_sync
+
+    def read_sync4k() -> None:
+        for o in offs4k:
+            r(o, 4096)
+
+    yield _best("read_sync 4K", n4k, lambda: read_sync4k, reps)
+    view4k = memoryview(buf4k)
+    ri = img.readinto_sync
+
+    def readinto_sync4k() -> None:
+        for o in offs4k:
+            ri(view4k, o)
+
+    yield _best("readinto_sync 4K", n4k, lambda: readinto_sync4k, reps)
+
+    def read_sync1m() -> None:
+        for o in offs1m:
+            r(o, MiB)
+
+    yield _best("read_sync 1M", len(offs1m), lambda: read_sync1m, reps)
+
+    async def aread4k() -> None:
+        rd = img.read
+        for o in offs4k:
+            await rd(o, 4096)
+
+    yield _best("await read 4K (depth 1)", n4k, lambda: _async(aread4k), reps)
+
+    async def areadinto4k() -> None:
+        rd = img.readinto
+        for o in offs4k:
+            await rd(view4k, o)
+
+    yield _best("await readinto 4K (depth 1)", n4k, lambda: _async(areadinto4k), reps)
+
+    async def aread1m() -> None:
+        rd = img.read
+        for o in offs1m:
+            await rd(o, MiB)
+
+    yield _best("await read 1M (depth 1)", len(offs1m), lambda: _async(aread1m), reps)
+    view1m = memoryview(buf1m)
+
+    async def areadinto1m() -> None:
+        rd = img.readinto
+        for o in offs1m:
+            await rd(view1m, o)
+
+    yield _best("await readinto 1M (depth 1)", len(offs1m), lambda: _async(areadinto1m), reps)
+    img.close()
+
+    img = qcow2aio.open(alloc, "r+")
+    w = img.write_sync
+
+    def write_sync4k() -> None:
+        for o in offs4k:
+            w(o, data4k)
+
+    yield _best("write_sync 4K in place", n4k, lambda: write_sync4k, reps)
+
+    async def awrite4k() -> None:
+        wr = img.write
+        for o in offs4k[: n4k // 4]:
+            await wr(o, data4k)
+
+    yield _best("await write 4K in place (depth 1)", n4k // 4, lambda: _async(awrite4k), reps)
+    img.close()
+
+    # Allocating writes: a fresh image per repetition.
+    fresh = os.path.join(workdir, "fresh.qcow2")
+    nfresh = 2048  # 256 MiB / 64 KiB / 2: every write allocates a cluster
+
+    def fresh_image() -> str:
+        if os.path.exists(fresh):
+            os.unlink(fresh)
+        return qemu.create(fresh, size)
+
+    def pwrite64k_new() -> Callable[[], None]:
+        path = os.path.join(workdir, "raw.bin")
+        f = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        data = b"\xa5" * (64 * KiB)
+
+        def run() -> None:
+            for k in range(nfresh):
+                os.pwrite(f, data, (k + 1) * 64 * KiB)
+            os.close(f)
+            os.unlink(path)
+
+        return run
+
+    yield _best("os.pwrite 64K appending (floor of a 4K alloc)", nfresh, pwrite64k_new, reps)
+    offs_fresh = Stream(4 * KiB, nfresh, size, step=RANDOM_STEP_4K).offset_list()
+
+    def write_sync_fresh() -> Callable[[], None]:
+        fresh_image()
+        im = qcow2aio.open(fresh, "r+")
+
+        def run() -> None:
+            ws = im.write_sync
+            for o in offs_fresh:
+                ws(o, data4k)
+
+        def run_close() -> None:
+            run()
+            im.close()  # outside the timing would be better; the close is one flush
+
+        return run_close
+
+    yield _best("write_sync 4K allocating (+1 close per run)", nfresh, write_sync_fresh, reps)
+
+    def write_async_fresh() -> Callable[[], None]:
+        fresh_image()
+
+        async def go() -> None:
+            im = qcow2aio.open(fresh, "r+")
+            wr = im.write
+            for o in offs_fresh:
+                await wr(o, data4k)
+            await im.aclose()
+
+        return _async(go)
+
+    yield _best("await write 4K allocating (depth 1, +close)", nfresh, write_async_fresh, reps)
+
+    def write_sync_fresh1m() -> Callable[[], None]:
+        fresh_image()
+        im = qcow2aio.open(fresh, "r+")
+
+        def run() -> None:
+            ws = im.write_sync
+            for o in offs1m:
+                ws(o, data1m)
+            im.close()
+
+        return run
+
+    yield _best("write_sync 1M allocating (+close)", len(offs1m), write_sync_fresh1m, reps)
+    os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.costs")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(results, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="costs-", dir=results)
+    try:
+        print(f"{'operation (us per request)':52} {'wall':>9} {'cpu':>9} {'user':>9} {'sys':>9}")
+        for c in costs(workdir, args.quick):
+            print(c.line(), flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

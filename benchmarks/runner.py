@@ -1,0 +1,565 @@
+"""The workloads, the repetitions and the command line.
+
+Every workload runs QEMU and qcow2aio in the same process run, alternating
+within each repetition, on the same image layout (all images are made by
+``qemu-img``; fresh images are re-created before every run). QEMU's figure is
+the better of ``-i threads`` and ``-i io_uring`` at the same queue depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ours, qemu
+from .convert import convert_raw_to_qcow2
+from .machine import describe
+from .memory import measure as measure_rss
+from .report import Row, render, write_json
+from .stream import RANDOM_STEP_4K, GiB, KiB, MiB, Stream, TiB
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Memory workload: 4 TiB image with an L2 table at every odd L1 index, read along
+# 1 GiB - 4 KiB (262143 x 4 KiB, odd): request k lands at L1 index 2k - 1 while
+# k * 4 KiB < 512 MiB (k < 131072), so every read looks up one of those L2 tables.
+MEM_IMAGE_SIZE = 4 * TiB
+MEM_STEP = GiB - 4 * KiB
+MEM_LIMIT_MIB = 64.0
+
+
+@dataclass(frozen=True)
+class Config:
+    image_size: int
+    rand_reads: int
+    rand_writes_fresh: int
+    rand_writes_alloc: int
+    compressed_size: int
+    convert_size: int
+    mem_reads: int
+    reps: int
+
+    @staticmethod
+    def full() -> Config:
+        return Config(
+            image_size=1 * GiB,
+            rand_reads=65536,
+            rand_writes_fresh=8192,  # every write allocates a new cluster (1 GiB, stride)
+            rand_writes_alloc=16384,
+            compressed_size=256 * MiB,
+            convert_size=1 * GiB,
+            mem_reads=100_000,
+            reps=3,
+        )
+
+    @staticmethod
+    def quick() -> Config:
+        return Config(
+            image_size=256 * MiB,
+            rand_reads=16384,
+            rand_writes_fresh=2048,
+            rand_writes_alloc=4096,
+            compressed_size=64 * MiB,
+            convert_size=256 * MiB,
+            mem_reads=20_000,
+            reps=2,
+        )
+
+
+@dataclass
+class Context:
+    cfg: Config
+    workdir: str
+    engines: tuple[str, ...]
+    log: Callable[[str], None]
+    _fixtures: dict[str, str] = field(default_factory=dict)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def fixture(self, name: str, make: Callable[[str], None]) -> str:
+        """A file made once per run (``make(path)``), shared by the workloads that need it."""
+        if name not in self._fixtures:
+            path = self.path(name)
+            t0 = time.perf_counter()
+            make(path)
+            self.log(f"  (set-up: {name} in {time.perf_counter() - t0:.1f} s)")
+            self._fixtures[name] = path
+        return self._fixtures[name]
+
+    # ---------------------------------------------------------------- fixtures
+    def allocated_image(self) -> str:
+        """A fully allocated image of ``image_size``: 1 MiB writes by qemu-img bench."""
+
+        def make(path: str) -> None:
+            size = self.cfg.image_size
+            qemu.create(path, size)
+            stream = Stream(MiB, size // MiB, size, write=True)
+            qemu.bench(path, stream, aio=self.engines[-1], depth=16)
+
+        return self.fixture("allocated.qcow2", make)
+
+
+def warm(path: str) -> None:
+    """Read a whole file once, so the page cache is warm."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(8 * MiB)
+        view = memoryview(buf)
+        pos = 0
+        while True:
+            n = os.preadv(fd, [view], pos)
+            if n <= 0:
+                break
+            pos += n
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def fresh_image(ctx: Context, size: int) -> Iterator[str]:
+    path = ctx.path("fresh.qcow2")
+    qemu.create(path, size)
+    try:
+        yield path
+    finally:
+        os.unlink(path)
+
+
+# ------------------------------------------------------------------ request streams
+def _rate(stream: Stream, seconds: float, unit: str) -> float:
+    if unit == "IOPS":
+        return stream.count / seconds
+    return stream.total_bytes / MiB / seconds
+
+
+def stream_workload(
+    ctx: Context,
+    name: str,
+    stream: Stream,
+    *,
+    unit: str,
+    image: Callable[[], str] | None,
+    sync_target: float | None,
+    async_targets: tuple[float | None, float | None],
+    note: str = "",
+    warm_files: Callable[[], list[str]] | None = None,
+) -> list[Row]:
+    """Depth 1 and 16 through QEMU (each engine), read_sync/write_sync, and await read/write.
+
+    ``image`` gives the persistent image to use; ``None`` means a fresh image per run.
+    """
+    rows = {
+        "sync": Row(name, "sync", unit, target=sync_target, note=note),
+        "async d1": Row(name, "async d1", unit, target=async_targets[0], note=note),
+        "async d16": Row(name, "async d16", unit, target=async_targets[1], note=note),
+    }
+    persistent = image() if image is not None else None
+    if warm_files is not None:
+        for f in warm_files():
+            warm(f)
+
+    @contextlib.contextmanager
+    def target() -> Iterator[str]:
+        if persistent is not None:
+            yield persistent
+        else:
+            with fresh_image(ctx, stream.image_size) as p:
+                yield p
+
+    for rep in range(ctx.cfg.reps):
+        for depth, async_mode in ((1, "async d1"), (16, "async d16")):
+            qrow = rows["sync"] if depth == 1 else rows[async_mode]
+            for engine in ctx.engines:
+                with target() as p:
+                    secs = qemu.bench(p, stream, aio=engine, depth=depth)
+                value = _rate(stream, secs, unit)
+                qrow.qemu.setdefault(engine, []).append(value)
+                if depth == 1:
+                    rows["async d1"].qemu.setdefault(engine, []).append(value)
+                ctx.log(f"  rep {rep + 1} qemu {engine:8} d{depth:<2}  {value:12.1f} {unit}")
+            if depth == 1:
+                with target() as p:
+                    value = _rate(stream, ours.run_sync(p, stream), unit)
+                rows["sync"].ours.append(value)
+                ctx.log(f"  rep {rep + 1} ours sync         {value:12.1f} {unit}")
+            with target() as p:
+                value = _rate(stream, ours.run_async(p, stream, depth), unit)
+            rows[async_mode].ours.append(value)
+            ctx.log(f"  rep {rep + 1} ours async     d{depth:<2}  {value:12.1f} {unit}")
+    return list(rows.values())
+
+
+# ------------------------------------------------------------------ the workloads
+def w_seqwrite_fresh(ctx: Context) -> list[Row]:
+    size = ctx.cfg.image_size
+    stream = Stream(MiB, size // MiB, size, write=True)
+    return stream_workload(
+        ctx,
+        "seqwrite_fresh_1M",
+        stream,
+        unit="MiB/s",
+        image=None,
+        sync_target=1.0,
+        async_targets=(0.8, 0.8),
+        note="1 MiB writes filling a fresh image (allocation); no flush inside the window",
+    )
+
+
+def w_seqread(ctx: Context) -> list[Row]:
+    size = ctx.cfg.image_size
+    # Four passes (offsets wrap): long enough for qemu-img bench's millisecond timer.
+    stream = Stream(MiB, 4 * size // MiB, size)
+    return stream_workload(
+        ctx,
+        "seqread_1M",
+        stream,
+        unit="MiB/s",
+        image=ctx.allocated_image,
+        sync_target=1.0,
+        async_targets=(0.8, 0.8),
+        warm_files=lambda: [ctx.allocated_image()],
+    )
+
+
+def w_randread(ctx: Context) -> list[Row]:
+    size = ctx.cfg.image_size
+    stream = Stream(4 * KiB, ctx.cfg.rand_reads, size, step=RANDOM_STEP_4K)
+    return stream_workload(
+        ctx,
+        "randread_4K",
+        stream,
+        unit="IOPS",
+        image=ctx.allocated_image,
+        sync_target=1.5,
+        async_targets=(1.0, 0.5),
+        note="fully allocated image, stride 40009 x 4 KiB",
+        warm_files=lambda: [ctx.allocated_image()],
+    )
+
+
+def w_randwrite_fresh(ctx: Context) -> list[Row]:
+    size = ctx.cfg.image_size
+    stream = Stream(4 * KiB, ctx.cfg.rand_writes_fresh, size, step=RANDOM_STEP_4K, write=True)
+    return stream_workload(
+        ctx,
+        "randwrite_fresh_4K",
+        stream,
+        unit="IOPS",
+        image=None,
+        sync_target=1.0,
+        async_targets=(0.5, 0.5),
+        note="every write allocates a cluster (COW of the rest from zeros)",
+    )
+
+
+def w_randwrite_alloc(ctx: Context) -> list[Row]:
+    size = ctx.cfg.image_size
+    stream = Stream(4 * KiB, ctx.cfg.rand_writes_alloc, size, step=RANDOM_STEP_4K, write=True)
+    return stream_workload(
+        ctx,
+        "randwrite_alloc_4K",
+        stream,
+        unit="IOPS",
+        image=ctx.allocated_image,
+        sync_target=None,
+        async_targets=(None, None),
+        note="in-place overwrites of an allocated image (no target set)",
+        warm_files=lambda: [ctx.allocated_image()],
+    )
+
+
+def _chain(ctx: Context) -> str:
+    """base (fully allocated) <- mid (every 8th cluster) <- top (every 8th, other ones)."""
+
+    def make(path: str) -> None:
+        size = ctx.cfg.image_size
+        base = ctx.allocated_image()
+        mid = ctx.path("chain_mid.qcow2")
+        qemu.create(mid, size, backing=base)
+        fill = Stream(64 * KiB, size // (512 * KiB), size, step=512 * KiB, write=True)
+        qemu.bench(mid, fill, aio=ctx.engines[-1], depth=16)
+        qemu.create(path, size, backing=mid)
+        fill = Stream(
+            64 * KiB, size // (512 * KiB), size, step=512 * KiB, offset=256 * KiB, write=True
+        )
+        qemu.bench(path, fill, aio=ctx.engines[-1], depth=16)
+
+    return ctx.fixture("chain_top.qcow2", make)
+
+
+def w_chain_randread(ctx: Context) -> list[Row]:
+    size = ctx.cfg.image_size
+    stream = Stream(4 * KiB, ctx.cfg.rand_reads, size, step=RANDOM_STEP_4K)
+    return stream_workload(
+        ctx,
+        "chain3_randread_4K",
+        stream,
+        unit="IOPS",
+        image=lambda: _chain(ctx),
+        sync_target=1.0,
+        async_targets=(0.5, 0.5),
+        note="top <- mid <- base; 1/8 of clusters in top, 1/8 in mid, 3/4 read from base",
+        warm_files=lambda: [_chain(ctx), ctx.path("chain_mid.qcow2"), ctx.allocated_image()],
+    )
+
+
+def _compressible(path: str, size: int) -> None:
+    """Text-like clusters (deflate ~3x with QEMU's 4 KiB window), 1 in 8 random (stored)."""
+    rng = random.Random(20261125)
+    words = [
+        bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+        for _ in range(4096)
+    ]
+    corpus = b" ".join(rng.choices(words, k=(8 * MiB) // 5))[: 8 * MiB]
+    cs = 64 * KiB
+    with open(path, "wb") as f:
+        for _ in range(size // cs):
+            if rng.random() < 0.125:
+                f.write(rng.randbytes(cs))
+            else:
+                start = rng.randrange(0, len(corpus) - cs)
+                f.write(corpus[start : start + cs])
+
+
+def _compressed_image(ctx: Context) -> str:
+    def make(path: str) -> None:
+        raw = ctx.path("compressible.raw")
+        _compressible(raw, ctx.cfg.compressed_size)
+        qemu.convert(raw, path, compress=True)
+        os.unlink(raw)
+
+    return ctx.fixture("compressed.qcow2", make)
+
+
+def w_compressed(ctx: Context) -> list[Row]:
+    size = ctx.cfg.compressed_size
+    stream = Stream(MiB, size // MiB, size)
+    return stream_workload(
+        ctx,
+        "compressed_seqread_1M",
+        stream,
+        unit="MiB/s",
+        image=lambda: _compressed_image(ctx),
+        sync_target=1.0,
+        async_targets=(0.8, 0.8),
+        note="qemu-img convert -c (zlib); 7/8 of clusters compressed ~3x, 1/8 stored",
+        warm_files=lambda: [_compressed_image(ctx)],
+    )
+
+
+def _half_zero_raw(ctx: Context) -> str:
+    def make(path: str) -> None:
+        rng = random.Random(7)
+        cs = 64 * KiB
+        size = ctx.cfg.convert_size
+        zeros = bytes(32 * cs)
+        with open(path, "wb") as f:
+            pos = 0
+            data = True
+            while pos < size:
+                n = min(size - pos, rng.randint(1, 32) * cs)
+                f.write(rng.randbytes(n) if data else zeros[:n])
+                pos += n
+                data = not data
+
+    return ctx.fixture("half_zero.raw", make)
+
+
+def w_convert(ctx: Context) -> list[Row]:
+    src = _half_zero_raw(ctx)
+    warm(src)
+    size = ctx.cfg.convert_size
+    row = Row(
+        "convert_raw2qcow2",
+        "sync",
+        "MiB/s",
+        target=1.0,
+        note="half written zeros; both sides fdatasync at close (QEMU -t writeback)",
+    )
+    dst = ctx.path("converted.qcow2")
+    for rep in range(ctx.cfg.reps):
+        secs = qemu.convert(src, dst, cache="writeback")
+        os.unlink(dst)
+        row.qemu.setdefault("writeback", []).append(size / MiB / secs)
+        ctx.log(f"  rep {rep + 1} qemu convert -t writeback {size / MiB / secs:10.1f} MiB/s")
+        t0 = time.perf_counter()
+        convert_raw_to_qcow2(src, dst)
+        secs = time.perf_counter() - t0
+        os.unlink(dst)
+        row.ours.append(size / MiB / secs)
+        ctx.log(f"  rep {rep + 1} ours convert              {size / MiB / secs:10.1f} MiB/s")
+    return [row]
+
+
+def w_memory(ctx: Context) -> list[Row]:
+    def make(path: str) -> None:
+        qemu.create(path, MEM_IMAGE_SIZE)
+        # One 4 KiB write in every other 512 MiB (odd L1 indices): 4096 L2 tables, 256 MiB
+        # of them, 8x the 32 MiB L2 cache both sides default to. -t unsafe: no flush per
+        # L2 allocation (set-up only).
+        fill = Stream(4 * KiB, MEM_IMAGE_SIZE // GiB, MEM_IMAGE_SIZE, GiB, True, 512 * MiB)
+        qemu.bench(path, fill, aio=ctx.engines[-1], depth=16, cache="unsafe")
+
+    path = ctx.fixture("sparse_4T.qcow2", make)
+    warm(path)
+    count = ctx.cfg.mem_reads
+    stream = Stream(4 * KiB, count, MEM_IMAGE_SIZE, step=MEM_STEP)
+    tiny = ctx.path("tiny.qcow2")
+    qemu.create(tiny, MiB)
+    engine = ctx.engines[-1]
+    _, q_base = qemu.bench_rusage(tiny, Stream(4 * KiB, 1, MiB), aio=engine, depth=1)
+    os.unlink(tiny)
+    rows = [
+        Row(
+            "memory_4T_randread",
+            mode,
+            "MiB",
+            limit=MEM_LIMIT_MIB,
+            note=f"{count} reads of 4 KiB over 4 TiB, 4096 L2 tables; peak RSS above baseline",
+        )
+        for mode in ("sync", "async d1")
+    ]
+    _, q_peak = qemu.bench_rusage(path, stream, aio=engine, depth=1)
+    q_delta = (q_peak - q_base) / KiB
+    ctx.log(f"  qemu {engine}: peak {q_peak / KiB:.1f} MiB, baseline {q_base / KiB:.1f} MiB")
+    for row, mode in zip(rows, ("sync", "async"), strict=True):
+        row.qemu[engine] = [q_delta]
+        r = measure_rss(path, count, MEM_STEP, mode)
+        delta = (r["peak_kib"] - r["baseline_kib"]) / KiB
+        row.ours.append(delta)
+        ctx.log(
+            f"  ours {mode}: peak {r['peak_kib'] / KiB:.1f} MiB, "
+            f"baseline {r['baseline_kib'] / KiB:.1f} MiB, delta {delta:.1f} MiB"
+        )
+    return rows
+
+
+WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
+    "seqwrite_fresh_1M": w_seqwrite_fresh,
+    "seqread_1M": w_seqread,
+    "randread_4K": w_randread,
+    "randwrite_fresh_4K": w_randwrite_fresh,
+    "randwrite_alloc_4K": w_randwrite_alloc,
+    "chain3_randread_4K": w_chain_randread,
+    "compressed_seqread_1M": w_compressed,
+    "convert_raw2qcow2": w_convert,
+    "memory_4T_randread": w_memory,
+}
+
+
+# ------------------------------------------------------------------ command line
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="qcow2aio against QEMU (qemu-img bench / convert), workload by workload.",
+    )
+    p.add_argument(
+        "-k",
+        dest="patterns",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="run only workloads whose name contains PATTERN (repeatable)",
+    )
+    p.add_argument("--quick", action="store_true", help="smaller images and counts, 2 reps")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=RESULTS / "latest.json",
+        help="where to write the JSON table (default: benchmarks/results/latest.json)",
+    )
+    p.add_argument("--workdir", default=None, help="folder for the images (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the images afterwards")
+    p.add_argument("--list", action="store_true", help="list the workloads and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-run progress lines")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print("\n".join(WORKLOADS))
+        return 0
+    selected = [
+        name for name in WORKLOADS if not args.patterns or any(pat in name for pat in args.patterns)
+    ]
+    if not selected:
+        print(f"no workload matches {args.patterns}", file=sys.stderr)
+        return 2
+    cfg = Config.quick() if args.quick else Config.full()
+    if args.reps is not None:
+        cfg = Config(**{**cfg.__dict__, "reps": max(1, args.reps)})
+    if shutil.which("qemu-img") is None:
+        print("qemu-img not found: run `make qemu` first", file=sys.stderr)
+        return 2
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="work-", dir=RESULTS)
+    os.makedirs(workdir, exist_ok=True)
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        engines = ("threads", "io_uring") if qemu.io_uring_works(workdir) else ("threads",)
+        machine = describe(workdir, "io_uring" in engines)
+        print("machine:")
+        for k, v in machine.items():
+            print(f"  {k:17} {v}")
+        print(
+            f"config: {'quick' if args.quick else 'full'}, {cfg.reps} reps, "
+            f"image {cfg.image_size // MiB} MiB, workloads: {', '.join(selected)}",
+            flush=True,
+        )
+        ctx = Context(cfg, workdir, engines, log)
+        rows: list[Row] = []
+        loads: dict[str, float] = {}
+        t_start = time.perf_counter()
+        for name in selected:
+            log(f"{name}:")
+            t0 = time.perf_counter()
+            loads[name] = round(os.getloadavg()[0], 2)
+            rows += WORKLOADS[name](ctx)
+            log(f"  ({name}: {time.perf_counter() - t0:.1f} s)")
+        elapsed = time.perf_counter() - t_start
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print()
+    print(render(rows))
+    print()
+    print(
+        "Throughput: medians [min-max] over the repetitions; ratio = ours / QEMU (higher is "
+        "better). QEMU = better of -i threads / -i io_uring at the same depth; sync and async "
+        "d1 compare with QEMU at depth 1. Timed window = first request to last completion, no "
+        "flush (qemu-img bench -t writeback); convert includes create, open and the closing "
+        "fdatasync on both sides."
+    )
+    meta = {
+        "command": " ".join(
+            ["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "config": {"mode": "quick" if args.quick else "full", **cfg.__dict__},
+        "engines": list(engines),
+        "elapsed_seconds": round(elapsed, 1),
+        "loadavg_1min_at_workload_start": loads,
+    }
+    write_json(args.json, machine, meta, rows)
+    print(
+        "1-minute load average at the start of each workload (2 CPUs are contended above ~1): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in loads.items())
+    )
+    print(f"\nJSON: {args.json}  ({elapsed:.0f} s)")
+    return 0

@@ -1,0 +1,710 @@
+"""Fault injection for qcow2aio, in the style of QEMU's blkdebug, plus what the tests drive it with.
+
+:class:`FaultBackend` is a :class:`qcow2aio.io.FileBackend` that fails a chosen
+operation. A :class:`Fault` names *where* (a blkdebug-style event name carried
+by every I/O call, ``"flush"`` for any fdatasync, or ``"*"`` for any I/O
+operation, which with ``skip`` gives "fail the Nth operation"), *how* (EIO,
+ENOSPC, or a short write: part of the data is written, then ENOSPC) and *how
+long* (once, or from then on). One :class:`FaultState` is shared by every file
+a factory opens (the image, its data file, its backing files).
+
+The rest is the harness of ``test_faults.py``: seeded workloads (:class:`Workload`,
+:func:`make_ops`), QEMU-made template images, the two drivers (sync, async), and
+:class:`Oracle`, which keeps per cluster the contents a reader may legitimately
+see after failures (the failed request's range may hold old or new data, per
+cluster; acknowledged data is exact once a flush or close succeeded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import qcow2aio
+from qcow2aio.io import BackendFactory, Buffer, FileBackend
+
+if TYPE_CHECKING:
+    from conftest import Qemu
+
+# The fault points of the issue, under the event names qcow2aio's I/O calls carry.
+FAULT_POINTS: tuple[str, ...] = (
+    "l1_update",
+    "l2_load",
+    "l2_update",
+    "l2_alloc",
+    "refblock_load",
+    "refblock_update",
+    "refblock_alloc",
+    "reftable_grow",
+    "cluster_alloc",
+    "cluster_free",
+    "cow_read",
+    "cow_write",
+    "data_write",
+    "flush",
+)
+KINDS: tuple[str, ...] = ("eio", "enospc", "short")
+ANY_IO = "*"
+IO_OPS = ("read", "write", "flush", "truncate")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Fail the operations matching ``point`` after letting ``skip`` of them through."""
+
+    point: str  # event name; "flush" = any fdatasync; "*" = any I/O operation
+    kind: str = "eio"  # "eio" | "enospc" | "short"
+    persistent: bool = False  # once (transient) or every matching operation from then on
+    skip: int = 0
+
+    def __str__(self) -> str:
+        when = "persistent" if self.persistent else "once"
+        at = f"op#{self.skip + 1}" if self.point == ANY_IO else f"{self.point}+{self.skip}"
+        return f"{at}:{self.kind}:{when}"
+
+
+@dataclass(frozen=True)
+class Injection:
+    op: str
+    event: str
+    path: str
+    op_number: int
+
+
+class FaultState:
+    """Decides, for every operation of every file of one image, whether it fails."""
+
+    def __init__(self, fault: Fault | None = None) -> None:
+        self.fault = fault
+        self.enabled = True
+        self.matched = 0
+        self.ops = 0  # I/O operations seen (reads, writes, flushes, truncates)
+        self.injections: list[Injection] = []
+        self.flush_failed = False  # some fdatasync was failed
+        self.events: dict[str, int] = {}  # event name -> operations seen
+
+    @property
+    def fired(self) -> int:
+        return len(self.injections)
+
+    def factory(self) -> BackendFactory:
+        def make(path: str, writable: bool) -> FileBackend:
+            return FaultBackend(path, writable, self)
+
+        return make
+
+    def decide(self, op: str, event: str, path: str) -> str | None:
+        """The kind of fault to inject into this operation, or None to let it run."""
+        if op != "event":
+            self.ops += 1
+        key = "flush" if op == "flush" else event
+        self.events[key] = self.events.get(key, 0) + 1
+        f = self.fault
+        if f is None or not self.enabled:
+            return None
+        if f.point == ANY_IO:
+            match = op != "event"
+        elif f.point == "flush":
+            match = op == "flush"
+        else:
+            match = event == f.point
+        if not match:
+            return None
+        self.matched += 1
+        if self.matched <= f.skip:
+            return None
+        if self.injections and not f.persistent:
+            return None
+        self.injections.append(Injection(op, event, path, self.ops))
+        if op == "flush":
+            self.flush_failed = True
+        return f.kind
+
+
+def _error(kind: str, op: str, event: str, path: str) -> qcow2aio.Qcow2IOError:
+    code = errno.EIO
+    if kind == "enospc" or (kind == "short" and op == "write"):
+        code = errno.ENOSPC
+    return qcow2aio.Qcow2IOError(
+        f"{op} ({event}) on {path!r} failed: injected {errno.errorcode[code]}", code
+    )
+
+
+def short_part(buffers: Sequence[Buffer]) -> bytes:
+    """What a short write gets onto the file: the first half, cut at 512 B (8 B when small)."""
+    data = b"".join(buffers)
+    n = len(data)
+    cut = (n // 2) & ~511 if n >= 1024 else (n // 2) & ~7
+    return data[:cut]
+
+
+class FaultBackend(FileBackend):
+    """A FileBackend whose operations fail when its :class:`FaultState` says so."""
+
+    def __init__(self, path: str, writable: bool, state: FaultState) -> None:
+        super().__init__(path, writable)
+        self.state = state
+
+    def _decide(self, op: str, event: str) -> str | None:
+        return self.state.decide(op, event, self.path)
+
+    def event(self, name: str) -> None:
+        kind = self._decide("event", name)
+        if kind is not None:
+            raise _error(kind, "event", name, self.path)
+
+    def readinto(self, buf: memoryview, offset: int, event: str = "read") -> None:
+        kind = self._decide("read", event)
+        if kind is None:
+            super().readinto(buf, offset, event)
+            return
+        if kind == "short":
+            super().readinto(buf[: len(buf) // 2], offset, event)
+        raise _error(kind, "read", event, self.path)
+
+    async def areadinto(self, buf: memoryview, offset: int, event: str = "read") -> None:
+        kind = self._decide("read", event)
+        if kind is None:
+            await super().areadinto(buf, offset, event)
+            return
+        if kind == "short":
+            await super().areadinto(buf[: len(buf) // 2], offset, event)
+        raise _error(kind, "read", event, self.path)
+
+    def pwritev(self, buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
+        kind = self._decide("write", event)
+        if kind is None:
+            super().pwritev(buffers, offset, event)
+            return
+        if kind == "short":
+            part = short_part(buffers)
+            if part:
+                super().pwritev([part], offset, event)
+        raise _error(kind, "write", event, self.path)
+
+    async def apwritev(self, buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
+        kind = self._decide("write", event)
+        if kind is None:
+            await super().apwritev(buffers, offset, event)
+            return
+        if kind == "short":
+            part = short_part(buffers)
+            if part:
+                await super().apwritev([part], offset, event)
+        raise _error(kind, "write", event, self.path)
+
+    def flush(self, event: str = "flush") -> None:
+        kind = self._decide("flush", event)
+        if kind is not None:
+            raise _error(kind, "flush", event, self.path)
+        super().flush(event)
+
+    async def aflush(self, event: str = "flush") -> None:
+        kind = self._decide("flush", event)
+        if kind is not None:
+            raise _error(kind, "flush", event, self.path)
+        await super().aflush(event)
+
+    def truncate(self, size: int, event: str = "truncate") -> None:
+        kind = self._decide("truncate", event)
+        if kind is not None:
+            raise _error(kind, "truncate", event, self.path)
+        super().truncate(size, event)
+
+    async def atruncate(self, size: int, event: str = "truncate") -> None:
+        kind = self._decide("truncate", event)
+        if kind is not None:
+            raise _error(kind, "truncate", event, self.path)
+        await super().atruncate(size, event)
+
+
+# ---------------------------------------------------------------- workloads
+@dataclass(frozen=True)
+class Workload:
+    """An image recipe (made by qemu-img/qemu-io) and the shape of the requests run on it."""
+
+    name: str
+    size: int
+    cluster_size: int
+    refcount_bits: int = 16
+    compat: str = "1.1"
+    lazy: bool = False
+    extended_l2: bool = False
+    backing: bool = False  # a raw backing file full of seeded random bytes
+    prefill: bool = False  # data written by qemu-io before the test
+    snapshot: bool = False  # an internal snapshot over the prefilled data
+    small_caches: bool = True  # one L2 table and one refcount block cached
+    nops: int = 30
+    big_writes: int = 0  # sequential 256 KiB writes first (file growth, reftable growth)
+    discards: bool = True
+
+    @property
+    def unit(self) -> int:
+        """The allocation unit: a request is atomic (old or new) per cluster, or per
+        subcluster with extended L2 entries (in-place subcluster allocation)."""
+        return self.cluster_size // 32 if self.extended_l2 else self.cluster_size
+
+    def open(
+        self, path: Path, mode: str = "r+", backend: BackendFactory | None = None
+    ) -> qcow2aio.Image:
+        """Open an image of this workload (small caches when asked for)."""
+        cache = self.cluster_size if self.small_caches else None
+        return qcow2aio.open(
+            path, mode, io_backend=backend, l2_cache_size=cache, refcount_cache_size=cache
+        )
+
+
+KiB = 1024
+MiB = 1024 * KiB
+
+WORKLOADS: dict[str, Workload] = {
+    # 512 B clusters, 64-bit refcounts: a refcount block covers 32 KiB of file and the
+    # first reftable cluster 2 MiB, so refblock_alloc and reftable_grow come quickly.
+    "grow": Workload("grow", 8 * MiB, 512, refcount_bits=64, nops=24, big_writes=10),
+    # Backing file + internal snapshot over prefilled data: COW from the backing file
+    # (cow_write) and from our own shared clusters (cow_read), shared L2 tables copied
+    # (l2_alloc), refcount 2 -> 1 decreases (cluster_free).
+    "snap": Workload("snap", 1 * MiB, 4096, backing=True, prefill=True, snapshot=True, nops=30),
+    # 512 B clusters over a backing file, discards, zero writes and flushes.
+    "mixed": Workload("mixed", 2 * MiB, 512, backing=True, prefill=True, nops=36),
+}
+# Stress mode adds these.
+EXTRA_WORKLOADS: dict[str, Workload] = {
+    "v2": Workload("v2", 2 * MiB, 1024, compat="0.10", prefill=True, nops=30),
+    "ext_l2": Workload(
+        "ext_l2", 2 * MiB, 16384, extended_l2=True, backing=True, prefill=True, nops=30
+    ),
+    "rc1": Workload("rc1", 2 * MiB, 512, refcount_bits=1, prefill=True, snapshot=False, nops=30),
+    "big": Workload("big", 8 * MiB, 65536, prefill=True, snapshot=True, nops=30, big_writes=3),
+}
+
+# Which workload exercises each fault point in the quick grid.
+POINT_WORKLOAD: dict[str, str] = {
+    "l1_update": "mixed",
+    "l2_load": "mixed",
+    "l2_update": "mixed",
+    "l2_alloc": "mixed",
+    "refblock_load": "grow",
+    "refblock_update": "mixed",
+    "refblock_alloc": "grow",
+    "reftable_grow": "grow",
+    "cluster_alloc": "mixed",
+    "cluster_free": "mixed",
+    "cow_read": "snap",
+    "cow_write": "snap",
+    "data_write": "mixed",
+    "flush": "mixed",
+}
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str  # "write" | "discard" | "zero" | "read" | "flush"
+    offset: int = 0
+    length: int = 0
+    data: bytes = b""
+
+    def __str__(self) -> str:
+        if self.kind == "flush":
+            return "flush"
+        return f"{self.kind} {self.offset:#x}+{self.length:#x}"
+
+
+def make_ops(wl: Workload, seed: int, hot: Sequence[tuple[int, int]] = ()) -> list[Op]:
+    """A seeded request sequence: writes of every shape, discards, zero writes, reads, flushes.
+
+    ``hot`` ranges (the template's own data) get a share of the partial writes: with
+    a snapshot, those need COW from the image's own clusters.
+    """
+    rng = random.Random(seed)
+    cs = wl.cluster_size
+    ops: list[Op] = []
+    pos = 0
+    for _ in range(wl.big_writes):
+        n = 256 * KiB
+        if pos + n > wl.size:
+            break
+        ops.append(Op("write", pos, n, rng.randbytes(n)))
+        pos += n
+        if rng.random() < 0.3:
+            ops.append(Op("flush"))
+    lengths = [512, 700, cs // 2 or 256, cs, cs + 512, 3 * cs + 100, 5000]
+    for _ in range(wl.nops):
+        r = rng.random()
+        if r < 0.5:
+            n = min(rng.choice(lengths), wl.size)
+            off = rng.randrange(0, wl.size - n + 1)
+            if hot and rng.random() < 0.4:
+                h_off, h_len = rng.choice(hot)
+                off = min(wl.size - n, h_off + rng.randrange(0, h_len))
+            if rng.random() < 0.3:
+                off &= ~511
+            ops.append(Op("write", off, n, rng.randbytes(n)))
+        elif r < 0.68 and wl.discards:
+            # Mostly over data written earlier, so that clusters really get freed.
+            k = rng.randrange(1, 4)
+            off = rng.randrange(0, wl.size // cs - k + 1) * cs
+            written = [op for op in ops if op.kind == "write"]
+            if written and rng.random() < 0.75:
+                w = rng.choice(written)
+                off = min(w.offset // cs * cs, wl.size - k * cs)
+            ops.append(Op("discard" if r < 0.6 else "zero", off, k * cs))
+        elif r < 0.82:
+            n = min(rng.choice([512, cs, 4 * cs]), wl.size)
+            off = rng.randrange(0, wl.size - n + 1)
+            ops.append(Op("read", off, n))
+        else:
+            ops.append(Op("flush"))
+    ops.append(Op("flush"))
+    return ops
+
+
+def batches(ops: list[Op], cluster_size: int, width: int = 4) -> list[list[Op]]:
+    """Group requests for the async driver: cluster-disjoint batches, flushes alone."""
+    out: list[list[Op]] = []
+    cur: list[Op] = []
+    used: set[int] = set()
+
+    def clusters(op: Op) -> set[int]:
+        return set(
+            range(op.offset // cluster_size, (op.offset + op.length - 1) // cluster_size + 1)
+        )
+
+    for op in ops:
+        if op.kind == "flush":
+            if cur:
+                out.append(cur)
+            out.append([op])
+            cur, used = [], set()
+            continue
+        cl = clusters(op)
+        if len(cur) >= width or cl & used:
+            out.append(cur)
+            cur, used = [], set()
+        cur.append(op)
+        used |= cl
+    if cur:
+        out.append(cur)
+    return out
+
+
+# ---------------------------------------------------------------- templates
+@dataclass
+class Template:
+    path: Path
+    content: bytes  # guest-visible content (qemu-img convert)
+    workload: Workload
+    hot: list[tuple[int, int]]  # guest ranges allocated in the image itself (qemu-img map)
+
+
+def build_template(qemu: Qemu, folder: Path, wl: Workload) -> Template:
+    """The workload's starting image, made by QEMU's tools; the backing path is absolute."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{wl.name}.qcow2"
+    opts = [
+        f"cluster_size={wl.cluster_size}",
+        f"refcount_bits={wl.refcount_bits}",
+        f"compat={wl.compat}",
+    ]
+    if wl.compat != "0.10":
+        opts.append(f"lazy_refcounts={'on' if wl.lazy else 'off'}")
+        opts.append(f"extended_l2={'on' if wl.extended_l2 else 'off'}")
+    args: list[str] = ["create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
+    if wl.backing:
+        base = folder / f"{wl.name}-base.raw"
+        base.write_bytes(random.Random(wl.name).randbytes(wl.size))
+        args += ["-b", str(base), "-F", "raw"]
+    qemu.img(*args, str(path), str(wl.size))
+    if wl.prefill:
+        rng = random.Random(f"prefill-{wl.name}")
+        cmds = []
+        for _ in range(8):
+            n = rng.choice([wl.cluster_size, 3 * wl.cluster_size, 20000])
+            off = rng.randrange(0, wl.size - n) & ~511
+            cmds.append(f"write -P {rng.randrange(1, 256):#04x} {off} {n}")
+        qemu.io(path, *cmds)
+    if wl.snapshot:
+        qemu.img("snapshot", "-c", "s1", str(path))
+    content = qemu.convert_raw(path)
+    mapping = json.loads(qemu.img("map", "--output=json", str(path)).stdout)
+    hot = [(m["start"], m["length"]) for m in mapping if m.get("data") and m.get("depth") == 0]
+    return Template(path, content, wl, hot)
+
+
+def copy_image(template: Template, dest: Path) -> Path:
+    shutil.copyfile(template.path, dest)
+    return dest
+
+
+# ------------------------------------------------------------------- oracle
+def _dedupe(items: list[bytes], cap: int = 24) -> list[bytes]:
+    out: list[bytes] = []
+    for b in items:
+        if b not in out:
+            out.append(b)
+    return out[-cap:]
+
+
+@dataclass
+class Oracle:
+    """Per cluster (allocation unit): what the image may read now, and what the disk may hold.
+
+    ``now[c]``: the contents cluster ``c`` may have for the open handle (several
+    after a failed request). ``disk[c]``: the contents it may have after the handle
+    is gone: everything possible since the last successful flush (or close).
+    """
+
+    base: bytes
+    cluster_size: int
+    now: dict[int, list[bytes]] = field(default_factory=dict)
+    disk: dict[int, list[bytes]] = field(default_factory=dict)
+
+    def _initial(self, c: int) -> bytes:
+        cs = self.cluster_size
+        return self.base[c * cs : (c + 1) * cs]
+
+    def current(self, c: int) -> list[bytes]:
+        return self.now.get(c) or [self._initial(c)]
+
+    def apply(self, offset: int, data: bytes, ok: bool) -> None:
+        cs = self.cluster_size
+        end = offset + len(data)
+        for c in range(offset // cs, (end - 1) // cs + 1 if data else offset // cs):
+            lo = max(offset, c * cs)
+            hi = min(end, (c + 1) * cs)
+            cur = self.current(c)
+            piece = data[lo - offset : hi - offset]
+            new = [p[: lo - c * cs] + piece + p[hi - c * cs :] for p in cur]
+            self.disk[c] = _dedupe(self.disk.get(c, list(cur)) + new)
+            self.now[c] = _dedupe(new if ok else cur + new)
+
+    def settle(self, offset: int, seen: bytes, *, mix: bool) -> list[str]:
+        """After a failed request, the handle showed ``seen`` at ``offset``: per unit it
+        must be one of the candidates, which collapse to it (so they never multiply)."""
+        cs = self.cluster_size
+        out: list[str] = []
+        end = offset + len(seen)
+        for c in range(offset // cs, (end - 1) // cs + 1 if seen else offset // cs):
+            if not (offset <= c * cs and (c + 1) * cs <= end):
+                continue  # only whole units are compared
+            piece = seen[c * cs - offset : (c + 1) * cs - offset]
+            cur = self.current(c)
+            if piece in cur:
+                self.now[c] = [piece]
+            elif mix and _is_mix(piece, cur):
+                self.now[c] = [piece]
+                self.disk[c] = _dedupe([*self.disk.get(c, list(cur)), piece])
+            else:
+                out.append(f"unit {c} (guest {c * cs:#x}): the handle shows neither old nor new")
+        return out
+
+    def flushed(self) -> None:
+        """A flush succeeded: the disk holds what the handle holds."""
+        self.disk = {c: list(v) for c, v in self.now.items()}
+
+    def problems(
+        self, offset: int, data: bytes, *, disk: bool, mix: bool, limit: int = 5
+    ) -> list[str]:
+        """Clusters of ``data`` (read at ``offset``) that hold no allowed content."""
+        cs = self.cluster_size
+        out: list[str] = []
+        end = offset + len(data)
+        for c in range(offset // cs, (end - 1) // cs + 1 if data else offset // cs):
+            lo = max(offset, c * cs)
+            hi = min(end, (c + 1) * cs)
+            got = data[lo - offset : hi - offset]
+            table = self.disk if disk else self.now
+            cands = [
+                p[lo - c * cs : hi - c * cs]
+                for p in (table.get(c) or self.now.get(c) or [self._initial(c)])
+            ]
+            if got in cands or (mix and _is_mix(got, cands)):
+                continue
+            first = next(
+                (i for i in range(len(got)) if all(got[i] != p[i] for p in cands)), len(got)
+            )
+            out.append(
+                f"cluster {c} (guest {c * cs:#x}): content is none of {len(cands)} allowed "
+                f"versions (first odd byte at +{lo - c * cs + first:#x})"
+            )
+            if len(out) >= limit:
+                break
+        return out
+
+
+def _is_mix(got: bytes, cands: list[bytes]) -> bool:
+    """Every byte of ``got`` comes from some allowed version (short writes tear anywhere,
+    and several of them may tear one cluster at different points)."""
+    n = len(got)
+    return all(any(got[i] == p[i] for p in cands) for i in range(n))
+
+
+# -------------------------------------------------------------------- drivers
+@dataclass
+class RunResult:
+    """What happened to each request of a workload run under a fault."""
+
+    errors: list[tuple[str, BaseException]] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    closed_ok: bool = False
+    opened: bool = False
+    flush_request_failed: bool = False
+
+
+def _check_error(res: RunResult, what: str, exc: BaseException) -> None:
+    res.errors.append((what, exc))
+    if not isinstance(exc, qcow2aio.Qcow2Error):
+        res.violations.append(f"{what}: {type(exc).__name__} is not a Qcow2Error: {exc}")
+    elif isinstance(exc, qcow2aio.Qcow2IOError) and exc.errno not in (errno.EIO, errno.ENOSPC):
+        res.violations.append(f"{what}: Qcow2IOError without the injected errno: {exc.errno}")
+
+
+def _after_result(
+    res: RunResult,
+    state: FaultState,
+    oracle: Oracle,
+    op: Op,
+    exc: BaseException | None,
+    poisoned: bool,
+    got: bytes | None,
+    mix: bool,
+    peek: Callable[[int, int], bytes | None] | None = None,
+) -> None:
+    """Book one finished request: oracle update, poison rule, read-back of successful reads.
+
+    After a failed write/discard/zero, ``peek`` reads the range through the handle (faults
+    off): it must show old or new data per unit, and the oracle settles on what it shows.
+    """
+    if exc is not None:
+        _check_error(res, str(op), exc)
+        if op.kind == "flush":
+            res.flush_request_failed = True
+    elif poisoned and op.kind != "read":
+        res.violations.append(f"{op}: acknowledged after a failed flush (handle not poisoned)")
+    if op.kind == "write":
+        oracle.apply(op.offset, op.data, exc is None)
+    elif op.kind in ("discard", "zero"):
+        oracle.apply(op.offset, bytes(op.length), exc is None)
+    elif op.kind == "flush" and exc is None:
+        oracle.flushed()
+    elif op.kind == "read" and got is not None:
+        for p in oracle.problems(op.offset, got, disk=False, mix=mix):
+            res.violations.append(f"{op}: read returned wrong data: {p}")
+    if exc is not None and op.kind in ("write", "discard", "zero") and peek is not None:
+        seen = peek(op.offset, op.length)
+        if seen is not None:
+            for p in oracle.settle(op.offset, seen, mix=mix):
+                res.violations.append(f"{op} failed: {p}")
+
+
+def run_sync(
+    path: Path, wl: Workload, ops: list[Op], state: FaultState, oracle: Oracle
+) -> RunResult:
+    res = RunResult()
+    mix = state.fault is not None and state.fault.kind == "short"
+    try:
+        img = wl.open(path, "r+", state.factory())
+    except BaseException as exc:
+        _check_error(res, "open", exc)
+        return res
+    res.opened = True
+    for op in ops:
+        poisoned = state.flush_failed or res.flush_request_failed
+        fired = state.fired
+        got: bytes | None = None
+        err: BaseException | None = None
+        try:
+            if op.kind == "write":
+                img.write_sync(op.offset, op.data)
+            elif op.kind == "read":
+                got = img.read_sync(op.offset, op.length)
+            elif op.kind == "flush":
+                img.flush_sync()
+            else:
+                # No sync API for these: a private loop runs the async call to the end.
+                asyncio.run(_zero_or_discard(img, op))
+        except Exception as exc:
+            err = exc
+        if err is None and state.fired > fired:
+            res.violations.append(f"{op}: a fault fired inside it, yet it succeeded")
+        _after_result(res, state, oracle, op, err, poisoned, got, mix, _peeker(img, state))
+    poisoned = state.flush_failed or res.flush_request_failed
+    try:
+        img.close()
+    except Exception as exc:
+        _check_error(res, "close", exc)
+    else:
+        res.closed_ok = not poisoned
+        if not poisoned:
+            oracle.flushed()
+    return res
+
+
+def _peeker(img: qcow2aio.Image, state: FaultState) -> Callable[[int, int], bytes | None]:
+    def peek(offset: int, length: int) -> bytes | None:
+        state.enabled = False
+        try:
+            return img.read_sync(offset, length)
+        except qcow2aio.Qcow2Error:
+            return None
+        finally:
+            state.enabled = True
+
+    return peek
+
+
+async def _zero_or_discard(img: qcow2aio.Image, op: Op) -> None:
+    if op.kind == "discard":
+        await img.discard(op.offset, op.length)
+    else:
+        await img.write_zeroes(op.offset, op.length, unmap=op.offset % 3 == 0)
+
+
+async def run_async(
+    path: Path, wl: Workload, ops: list[Op], state: FaultState, oracle: Oracle
+) -> RunResult:
+    res = RunResult()
+    mix = state.fault is not None and state.fault.kind == "short"
+    try:
+        img = wl.open(path, "r+", state.factory())
+    except BaseException as exc:
+        _check_error(res, "open", exc)
+        return res
+    res.opened = True
+
+    async def one(op: Op) -> bytes | None:
+        if op.kind == "write":
+            await img.write(op.offset, op.data)
+        elif op.kind == "read":
+            return await img.read(op.offset, op.length)
+        elif op.kind == "flush":
+            await img.flush()
+        else:
+            await _zero_or_discard(img, op)
+        return None
+
+    for batch in batches(ops, wl.cluster_size):
+        poisoned = state.flush_failed or res.flush_request_failed
+        results = await asyncio.gather(*(one(op) for op in batch), return_exceptions=True)
+        for op, r in zip(batch, results, strict=True):
+            if isinstance(r, BaseException):
+                _after_result(res, state, oracle, op, r, poisoned, None, mix, _peeker(img, state))
+            else:
+                _after_result(res, state, oracle, op, None, poisoned, r, mix)
+    poisoned = state.flush_failed or res.flush_request_failed
+    try:
+        await img.aclose()
+    except Exception as exc:
+        _check_error(res, "close", exc)
+    else:
+        res.closed_ok = not poisoned
+        if not poisoned:
+            oracle.flushed()
+    return res

@@ -1,0 +1,1001 @@
+"""Seeded interleaving exploration for qcow2aio (issue 4): loop, I/O jitter, oracle, harness.
+
+Three pieces, each deterministic for a given seed:
+
+* :class:`SeededEventLoop` — an ``asyncio.SelectorEventLoop`` whose ``_call_soon``
+  puts every newly ready callback (task steps, future callbacks, ``sleep(0)``
+  wake-ups) at a position of the ready queue drawn from a seeded RNG, instead
+  of at the end. It also turns a would-block ``select()`` with nothing ready and
+  no timers into :class:`SimDeadlock` (the simulation does no real async I/O,
+  so nothing could ever wake the loop up), and bounds the number of turns.
+* :class:`JitterBackend` — a :class:`qcow2aio.io.FileBackend` whose async
+  methods do the I/O inline (no threads) at a seeded point: they yield to the
+  loop ``k`` times before and ``k'`` times after the synchronous call (mostly
+  0-3, sometimes up to 8, and 3% "stragglers" up to 40, so that whole requests
+  can overtake one I/O). No wall-clock delays, so runs are fast and
+  reproducible. Sync methods are not changed. :func:`jitter_factory` gives the
+  ``io_backend=`` factory. The driver's own I/O threads (``qcow2aio.io.to_thread``,
+  used for decompression) are made inline too while a simulation runs
+  (:func:`inline_io_threads`).
+* :class:`History` — the oracle. Every request is recorded with the logical
+  times it was invoked and answered. A byte observed by a read (or in the final
+  image) may hold the value of any write covering it that is not *superseded*:
+  a write ``v`` is superseded when an acknowledged write ``d`` covering the
+  byte was invoked after ``v`` completed and completed before the observation
+  started. Writes that were cancelled are never superseded (their shielded data
+  phase may land at any later time); failed writes end when they failed.
+
+:func:`cancel_at_suspension` cancels a task exactly at its k-th suspension.
+
+:func:`run_seed` runs one scenario body for one seed and one driver, closes
+the image, reopens it read-only with plain I/O and checks the oracle, our own
+``check()``, and (on sampled seeds) ``qemu-img check`` and ``qemu-img compare``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import tempfile
+import traceback
+import types
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import qcow2aio
+import qcow2aio.io
+from qcow2aio import testing
+from qcow2aio.io import BackendFactory, Buffer, FileBackend
+
+T = TypeVar("T")
+
+DRIVERS = ("async", "sync", "unserialized")
+NEVER = 1 << 62  # "end" of a request whose effect may still land (cancelled, pending)
+WRITE_KINDS = frozenset({"write", "zero", "discard"})
+
+
+# ---------------------------------------------------------------- seeds, env
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else None
+
+
+def stress() -> bool:
+    """``QCOW2AIO_STRESS=1``: the long run (``make stress``)."""
+    return os.environ.get("QCOW2AIO_STRESS", "").strip() not in ("", "0")
+
+
+def replay_seed() -> int | None:
+    """``QCOW2AIO_SEED=N``: replay one seed (every selected scenario and driver)."""
+    return _env_int("QCOW2AIO_SEED")
+
+
+def seed_list(default_count: int) -> list[int]:
+    """Seeds for one scenario: the replayed one, or ``QCOW2AIO_SEEDS`` (default: 10,000
+    with ``QCOW2AIO_STRESS=1``, else ``default_count``) from ``QCOW2AIO_SEED_START``."""
+    one = replay_seed()
+    if one is not None:
+        return [one]
+    count = _env_int("QCOW2AIO_SEEDS")
+    if count is None:
+        count = 10_000 if stress() else default_count
+    start = _env_int("QCOW2AIO_SEED_START") or 0
+    return list(range(start, start + count))
+
+
+def qemu_sampled(seed: int) -> bool:
+    """Whether this seed also gets ``qemu-img check``/``compare`` (failing seeds always do)."""
+    if replay_seed() is not None:
+        return True
+    every = _env_int("QCOW2AIO_QEMU_EVERY") or (50 if stress() else 10)
+    return seed % every == 0
+
+
+def replay_command(nodeid: str, seed: int) -> str:
+    """One line that replays ``seed`` of the test ``nodeid``."""
+    return (
+        f"QCOW2AIO_SEED={seed} .venv/bin/python -m pytest -p no:cacheprovider {shlex.quote(nodeid)}"
+    )
+
+
+# ----------------------------------------------------------- seeded loop
+class SimDeadlock(RuntimeError):
+    """Every task waits and nothing can wake any of them."""
+
+
+class SimLivelock(RuntimeError):
+    """The run took more loop turns than any scenario needs."""
+
+
+class SeededEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that runs ready callbacks in a seeded random order.
+
+    asyncio runs ready callbacks FIFO; here each one is inserted into the ready
+    queue at a position drawn from ``random.Random(f"loop:{seed}")``. Atomicity
+    between awaits is unchanged (a callback still runs to its next await), only
+    which ready step runs next is explored. Same seed and same program, same
+    schedule.
+    """
+
+    def __init__(self, seed: int, *, max_turns: int = 2_000_000) -> None:
+        super().__init__()
+        self.seed = seed
+        self.turns = 0
+        self.max_turns = max_turns
+        self._sim_rng = random.Random(f"loop:{seed}")
+
+    def _call_soon(self, callback: Any, args: Any, context: Any) -> Any:
+        handle = super()._call_soon(callback, args, context)  # type: ignore[misc]
+        ready: deque[Any] = self._ready  # type: ignore[attr-defined]
+        n = len(ready)
+        if n > 1:
+            pos = self._sim_rng.randrange(n)
+            if pos != n - 1:
+                ready.pop()
+                ready.insert(pos, handle)
+        return handle
+
+    def waiting(self) -> str:
+        """Where every unfinished task is suspended (innermost frames)."""
+        lines = []
+        for task in asyncio.all_tasks(self):
+            chain: list[str] = []
+            obj: Any = task.get_coro()
+            while obj is not None and len(chain) < 12:
+                frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+                if frame is None:
+                    chain.append(type(obj).__name__)
+                    break
+                chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+                obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+            lines.append(f"  {task.get_name()}: {' -> '.join(chain)}")
+        return "\n".join(sorted(lines))
+
+    def _run_once(self) -> None:
+        self.turns += 1
+        if self.turns > self.max_turns:
+            raise SimLivelock(f"more than {self.max_turns} loop turns (seed {self.seed})")
+        if not self._ready and not self._scheduled:  # type: ignore[attr-defined]
+            raise SimDeadlock(
+                f"no ready callback and no timer: deadlock (seed {self.seed}); waiting:\n"
+                + self.waiting()
+            )
+        super()._run_once()  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def inline_io_threads() -> Iterator[None]:
+    """Run the driver's I/O-thread jobs (``qcow2aio.io.to_thread``: decompression, and
+    plain FileBackend I/O) inline, completing their futures after a seeded number of
+    loop hops: a worker thread would decide timing outside the seeded loop, and its
+    ``call_soon_threadsafe`` wake-up is invisible to the deadlock check."""
+    threads = getattr(qcow2aio.io, "_THREADS", None)
+    if threads is None:
+        # No private pool any more: fine if nothing can hop to a thread either.
+        assert not hasattr(qcow2aio.io, "to_thread"), "update sim.inline_io_threads"
+        yield
+        return
+
+    def submit(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:
+            result, error = None, exc
+        rng: random.Random = getattr(loop, "_sim_rng", random.Random(0))
+        hops = rng.choice((0, 0, 1, 2, 3))
+
+        def finish(k: int) -> None:
+            if k:
+                loop.call_soon(finish, k - 1)
+            elif not fut.cancelled():
+                if error is None:
+                    fut.set_result(result)
+                else:
+                    fut.set_exception(error)
+
+        loop.call_soon(finish, hops)
+        return fut
+
+    threads.submit = submit
+    try:
+        yield
+    finally:
+        del threads.submit  # back to the class's method
+
+
+def run_sim(seed: int, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main()`` to completion on a fresh :class:`SeededEventLoop`; tidy up after."""
+    loop = SeededEventLoop(seed)
+    try:
+        with inline_io_threads():
+            return loop.run_until_complete(main())
+    finally:
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                with contextlib.suppress(SimDeadlock, SimLivelock):
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        finally:
+            loop.close()
+
+
+@types.coroutine
+def cancel_at_suspension(
+    coro: Coroutine[Any, Any, T], k: int, log: list[int]
+) -> Generator[Any, Any, T]:
+    """Run ``coro`` and cancel the task running it at its ``k``-th suspension (0-based).
+
+    Every await that really suspends the task (a future, a ``sleep(0)``, a lock
+    wait, I/O jitter) counts, however deeply nested in the driver. The cancel is
+    requested just before the task suspends, so ``CancelledError`` is raised at
+    exactly that await. ``log`` receives the number of suspensions seen.
+    """
+    gen = coro.__await__()
+    n = 0
+    value: Any = None
+    error: BaseException | None = None
+    try:
+        while True:
+            try:
+                if error is not None:
+                    err, error = error, None
+                    yielded = gen.throw(err)
+                else:
+                    yielded = gen.send(value)
+            except StopIteration as stop:
+                result: T = stop.value
+                return result
+            if n == k:
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
+            n += 1
+            try:
+                value = yield yielded
+            except GeneratorExit:
+                gen.close()
+                raise
+            except BaseException as exc:  # delivered into the wrapped coroutine
+                error, value = exc, None
+    finally:
+        log.append(n)
+
+
+async def cancelled_at(coro: Coroutine[Any, Any, T], k: int, log: list[int]) -> T:
+    """``await`` form of :func:`cancel_at_suspension`, usable as a task's coroutine."""
+    return await cancel_at_suspension(coro, k, log)
+
+
+async def turns(k: int) -> None:
+    """Yield to the loop ``k`` times (no wall-clock time)."""
+    for _ in range(k):
+        await asyncio.sleep(0)
+
+
+# ------------------------------------------------------------ I/O jitter
+class JitterBackend(FileBackend):
+    """A file whose async I/O completes after a seeded number of loop turns.
+
+    The synchronous I/O is done inline, between ``before`` and ``after`` yields,
+    so the moment its effect becomes visible is part of the explored schedule.
+    Each side yields 0 times (35%), 1-3 times (50%), 4-``max_turns`` times (12%)
+    or, for a straggler, up to ``straggler_turns`` times (3%).
+    No thread pool is used, so nothing outside the seeded loop decides timing.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        writable: bool = False,
+        *,
+        rng: random.Random,
+        max_turns: int = 8,
+        straggler_turns: int = 40,
+        trace: list[tuple[str, str, int, int]] | None = None,
+    ) -> None:
+        super().__init__(path, writable)
+        self.rng = rng
+        self.max_turns = max_turns
+        self.straggler_turns = straggler_turns
+        self.trace = trace
+        self.name = os.path.basename(path)
+
+    def _turns(self) -> int:
+        r = self.rng.random()
+        if r < 0.35:
+            return 0
+        if r < 0.85:
+            return self.rng.randint(1, 3)
+        if r < 0.97:
+            return self.rng.randint(4, self.max_turns)
+        # A straggler (an I/O stuck behind others): whole requests may overtake it.
+        return self.rng.randint(self.max_turns + 1, self.straggler_turns)
+
+    async def _jitter(self) -> None:
+        for _ in range(self._turns()):
+            await asyncio.sleep(0)
+
+    def _log(self, op: str, event: str, offset: int, length: int) -> None:
+        if self.trace is not None:
+            self.trace.append((f"{self.name}:{op}", event, offset, length))
+
+    async def apread(self, offset: int, length: int, event: str = "read") -> bytes:
+        await self._jitter()
+        data = self.pread(offset, length, event)
+        self._log("read", event, offset, length)
+        await self._jitter()
+        return data
+
+    async def areadinto(self, buf: memoryview, offset: int, event: str = "read") -> None:
+        await self._jitter()
+        self.readinto(buf, offset, event)
+        self._log("read", event, offset, len(buf))
+        await self._jitter()
+
+    async def apwritev(self, buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
+        await self._jitter()
+        self.pwritev(buffers, offset, event)
+        self._log("write", event, offset, sum(len(b) for b in buffers))
+        await self._jitter()
+
+    async def aflush(self, event: str = "flush") -> None:
+        await self._jitter()
+        self.flush(event)
+        self._log("flush", event, 0, 0)
+        await self._jitter()
+
+    async def atruncate(self, size: int, event: str = "truncate") -> None:
+        await self._jitter()
+        self.truncate(size, event)
+        self._log("truncate", event, size, 0)
+        await self._jitter()
+
+
+def jitter_factory(
+    seed: int, *, max_turns: int = 8, trace: list[tuple[str, str, int, int]] | None = None
+) -> BackendFactory:
+    """``io_backend=`` factory: each opened file gets an RNG keyed by seed, name, and count."""
+    opened: Counter[str] = Counter()
+
+    def factory(path: str, writable: bool) -> FileBackend:
+        name = os.path.basename(path)
+        n = opened[name]
+        opened[name] += 1
+        rng = random.Random(f"jitter:{seed}:{name}:{n}")
+        return JitterBackend(path, writable, rng=rng, max_turns=max_turns, trace=trace)
+
+    return factory
+
+
+# ---------------------------------------------------------------- oracle
+@dataclass(eq=False)
+class Op:
+    """One request as the oracle sees it."""
+
+    kind: str  # write | zero | discard | read | flush | close
+    off: int = 0
+    length: int = 0
+    data: bytes = b""
+    sync: bool = False
+    start: int = -1
+    end: int = NEVER
+    status: str = "pending"  # ok | error | cancelled | pending
+    result: bytes | None = None
+    error: str = ""
+    tag: str = ""
+
+    def label(self) -> str:
+        via = "sync " if self.sync else ""
+        return (
+            f"{via}{self.kind}{'/' + self.tag if self.tag else ''} [{self.off}, "
+            f"{self.off + self.length}) t={self.start}..{self.end if self.end < NEVER else '?'} "
+            f"{self.status}"
+        )
+
+    def bytes_at(self, a: int, b: int) -> bytes:
+        if self.kind == "write":
+            return self.data[a - self.off : b - self.off]
+        return bytes(b - a)
+
+
+class History:
+    """Requests with logical invocation/response times, and the old-or-new oracle."""
+
+    def __init__(self, initial: bytes) -> None:
+        self.initial = initial
+        self.clock = 0
+        self.ops: list[Op] = []
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def begin(self, op: Op) -> Op:
+        op.start = self.tick()
+        self.ops.append(op)
+        return op
+
+    def done(self, op: Op, result: bytes | None = None) -> None:
+        op.end = self.tick()
+        op.status = "ok"
+        op.result = result
+
+    def failed(self, op: Op, exc: BaseException) -> None:
+        op.end = self.tick()
+        op.status = "error"
+        op.error = f"{type(exc).__name__}: {exc}"
+
+    def cancelled(self, op: Op) -> None:
+        op.end = NEVER
+        op.status = "cancelled"
+
+    def writes(self) -> list[Op]:
+        return [o for o in self.ops if o.kind in WRITE_KINDS]
+
+    def check(self, actual: bytes, lo: int, *, start: int = NEVER, end: int = NEVER) -> str | None:
+        """Check bytes observed at guest ``[lo, lo+len)`` during ``[start, end]``.
+
+        ``start=end=NEVER`` checks a final state (everything finished). Returns
+        None, or a description of the first byte no allowed write explains.
+        """
+        hi = lo + len(actual)
+        writes = [w for w in self.writes() if w.off < hi and lo < w.off + w.length and w.length]
+        cuts = {lo, hi}
+        for w in writes:
+            cuts.add(max(lo, w.off))
+            cuts.add(min(hi, w.off + w.length))
+        points = sorted(cuts)
+        for a, b in itertools.pairwise(points):
+            cover = [w for w in writes if w.off <= a and b <= w.off + w.length]
+            got = actual[a - lo : b - lo]
+            if not cover:
+                if got != self.initial[a:b]:
+                    return self._mismatch(got, a, [("initial", self.initial[a:b])])
+                continue
+            dom = [d for d in cover if d.status == "ok" and d.end < start]
+            cands: list[tuple[str, bytes]] = []
+            if not dom:
+                cands.append(("initial", self.initial[a:b]))
+            for w in cover:
+                if w.start >= end:
+                    continue
+                if any(d.start > w.end for d in dom):
+                    continue
+                cands.append((w.label(), w.bytes_at(a, b)))
+            if any(got == c for _, c in cands):
+                continue
+            for i in range(b - a):
+                if not any(c[i] == got[i] for _, c in cands):
+                    return self._mismatch(got[i:], a + i, [(n, c[i:]) for n, c in cands])
+        return None
+
+    @staticmethod
+    def _mismatch(got: bytes, at: int, cands: list[tuple[str, bytes]]) -> str:
+        lines = [f"guest byte {at}: got {got[:8].hex()}"]
+        if not cands:
+            lines.append("  no write may show here")
+        for name, c in cands:
+            lines.append(f"  allowed {c[:8].hex()} from {name}")
+        return "\n".join(lines)
+
+    def apply_acked(self) -> bytearray:
+        """The initial contents with every acknowledged write applied in completion order
+        (exact when acknowledged writes do not overlap)."""
+        out = bytearray(self.initial)
+        for w in sorted((w for w in self.writes() if w.status == "ok"), key=lambda o: o.end):
+            out[w.off : w.off + w.length] = w.bytes_at(w.off, w.off + w.length)
+        return out
+
+
+# ------------------------------------------------------- sync-path guard
+def fingerprint(img: qcow2aio.Image) -> tuple[Any, ...]:
+    """Everything a busy (refused) synchronous call must leave unchanged, file included."""
+    m = img.meta
+    alloc = m.allocator
+    with open(img.path, "rb") as f:
+        file_bytes = f.read()
+    return (
+        file_bytes,
+        m.l1.entries.tobytes(),
+        m.l1.dirty,
+        sorted((t.offset, t.entries.tobytes(), t.dirty) for t in m.l2_cache.values()),
+        sorted((b.offset, bytes(b.data), b.dirty) for b in m.refblock_cache.values()),
+        m.reftable.offset,
+        m.reftable.entries.tobytes(),
+        m.reftable.dirty,
+        None
+        if alloc is None
+        else tuple((p.offset, p.length, p.epoch, p.durable) for p in alloc.pending),
+        len(img.inflight),
+        img.lock.locked(),
+        img._epoch,
+        tuple(sorted(img._active.items())),
+        m.header.incompatible_features,
+        img._poisoned,
+    )
+
+
+# --------------------------------------------------------------- harness
+@dataclass
+class Failure:
+    kind: str  # exception | read | final | check | qemu | busy | extra | deadlock | flushcopy
+    detail: str
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    driver: str
+    seed: int
+    failures: list[Failure] = field(default_factory=list)
+    stats: Counter[str] = field(default_factory=Counter)
+    leaks: int = 0
+    qemu_checked: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.scenario}/{self.driver} seed {self.seed}: ok"
+        first = self.failures[0]
+        return (
+            f"{self.scenario}/{self.driver} seed {self.seed}: {len(self.failures)} failure(s), "
+            f"first [{first.kind}] {first.detail}"
+        )
+
+
+@dataclass
+class ImageSetup:
+    """What a scenario's seed starts from."""
+
+    path: Path  # the qcow2 image the seed works on (a fresh copy of a template)
+    initial: bytes  # guest contents at the start
+    open_kwargs: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # scenario-specific facts
+
+
+class Ctx:
+    """What a scenario body uses: the image, the oracle, seeded RNGs, request helpers."""
+
+    def __init__(
+        self,
+        *,
+        img: qcow2aio.Image,
+        hist: History,
+        setup: ImageSetup,
+        driver: str,
+        seed: int,
+        scenario: str,
+        outcome: Outcome,
+    ) -> None:
+        self.img = img
+        self.hist = hist
+        self.setup = setup
+        self.path = setup.path
+        self.driver = driver
+        self.seed = seed
+        self.cs = img.cluster_size
+        self.size = img.size
+        self.outcome = outcome
+        # Workload RNG: the same requests for every driver of one seed.
+        self.wrng = random.Random(f"{scenario}:{seed}:workload")
+        # Which requests take the synchronous path (sync driver only).
+        self.srng = random.Random(f"{scenario}:{seed}:sync")
+        self.expect_errors = False  # Qcow2Error from requests is a normal outcome (close)
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.flush_copies: list[tuple[Path, int, int]] = []  # (copy, flush start, copy time)
+        self.copy_after_flush = False
+        self.notes: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ plumbing
+    def fit(self, off: int, n: int) -> int:
+        """``n`` shortened so that ``[off, off+n)`` stays inside the virtual disk."""
+        return min(n, self.size - off)
+
+    def fail(self, kind: str, detail: str) -> None:
+        self.outcome.failures.append(Failure(kind, detail))
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.ensure_future(coro)
+        self.tasks.append(task)
+        return task
+
+    async def join(self) -> None:
+        """Wait for every spawned request (cancelled ones included)."""
+        while True:
+            pending = [t for t in self.tasks if not t.done()]
+            if not pending:
+                return
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def use_sync(self, p: float) -> bool:
+        """Whether the next eligible request goes through the synchronous fast path."""
+        if self.driver != "sync":
+            self.srng.random()  # keep the stream aligned across drivers
+            return False
+        return self.srng.random() < p
+
+    def _unexpected(self, op: Op, exc: BaseException) -> None:
+        self.hist.failed(op, exc)
+        if isinstance(exc, qcow2aio.Qcow2Error) and self.expect_errors:
+            self.outcome.stats["request errors (expected)"] += 1
+            return
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-4))
+        self.fail("exception", f"{op.label()} raised {op.error}\n{tb}")
+
+    async def _sync(self, op: Op, call: Callable[[], T]) -> T:
+        """Call the synchronous fast path, retrying while busy; a busy call must change
+        nothing (file bytes and in-memory metadata are compared)."""
+        for _ in range(100_000):
+            before = fingerprint(self.img)
+            try:
+                self.hist.begin(op)
+                return call()
+            except qcow2aio.ImageBusyError:
+                self.hist.ops.remove(op)
+                self.outcome.stats["sync busy"] += 1
+                if fingerprint(self.img) != before:
+                    self.fail("busy", f"{op.label()} raised ImageBusyError after changing state")
+            await asyncio.sleep(0)
+        raise AssertionError(f"{op.label()}: busy forever")
+
+    # ------------------------------------------------------------ requests
+    async def write(
+        self,
+        off: int,
+        data: bytes,
+        *,
+        delay: int = 0,
+        sync_p: float = 0.5,
+        sync: bool | None = None,
+        tag: str = "",
+    ) -> Op:
+        await turns(delay)
+        op = Op("write", off, len(data), data, tag=tag)
+        op.sync = self.use_sync(sync_p) if sync is None else sync
+        try:
+            if op.sync:
+                await self._sync(op, lambda: self.img.write_sync(off, data))
+            else:
+                self.hist.begin(op)
+                await self.img.write(off, data)
+        except asyncio.CancelledError:
+            self.hist.cancelled(op)
+            raise
+        except Exception as exc:
+            self._unexpected(op, exc)
+        else:
+            self.hist.done(op)
+        return op
+
+    async def read(
+        self, off: int, n: int, *, delay: int = 0, sync_p: float = 0.5, sync: bool | None = None
+    ) -> Op:
+        await turns(delay)
+        op = Op("read", off, n)
+        op.sync = self.use_sync(sync_p) if sync is None else sync
+        try:
+            if op.sync:
+                data = await self._sync(op, lambda: self.img.read_sync(off, n))
+            else:
+                self.hist.begin(op)
+                data = await self.img.read(off, n)
+        except asyncio.CancelledError:
+            self.hist.cancelled(op)
+            raise
+        except Exception as exc:
+            self._unexpected(op, exc)
+        else:
+            self.hist.done(op, data)
+        return op
+
+    async def zeroes(
+        self, off: int, n: int, *, unmap: bool = True, delay: int = 0, tag: str = ""
+    ) -> Op:
+        await turns(delay)
+        op = self.hist.begin(Op("zero", off, n, tag=tag or ("unmap" if unmap else "keep")))
+        try:
+            await self.img.write_zeroes(off, n, unmap=unmap)
+        except asyncio.CancelledError:
+            self.hist.cancelled(op)
+            raise
+        except Exception as exc:
+            self._unexpected(op, exc)
+        else:
+            self.hist.done(op)
+        return op
+
+    async def discard(self, off: int, n: int, *, delay: int = 0, tag: str = "") -> Op:
+        """Discard whole clusters (callers pass a cluster-aligned range: v3 reads zeros)."""
+        assert off % self.cs == 0 and (n % self.cs == 0 or off + n == self.size)
+        await turns(delay)
+        op = self.hist.begin(Op("discard", off, n, tag=tag))
+        try:
+            await self.img.discard(off, n)
+        except asyncio.CancelledError:
+            self.hist.cancelled(op)
+            raise
+        except Exception as exc:
+            self._unexpected(op, exc)
+        else:
+            self.hist.done(op)
+        return op
+
+    async def flush(
+        self, *, delay: int = 0, sync_p: float = 0.5, sync: bool | None = None, tag: str = ""
+    ) -> Op:
+        await turns(delay)
+        op = Op("flush", tag=tag)
+        op.sync = self.use_sync(sync_p) if sync is None else sync
+        try:
+            if op.sync:
+                await self._sync(op, self.img.flush_sync)
+            else:
+                self.hist.begin(op)
+                await self.img.flush()
+        except asyncio.CancelledError:
+            self.hist.cancelled(op)
+            raise
+        except Exception as exc:
+            self._unexpected(op, exc)
+            return op
+        self.hist.done(op)
+        if self.copy_after_flush:
+            # Right after the flush returned, before any other task runs.
+            copy = self.path.with_name(f"flushcopy-{len(self.flush_copies)}.qcow2")
+            shutil.copyfile(self.path, copy)
+            self.flush_copies.append((copy, op.start, self.hist.tick()))
+        return op
+
+    async def close(self, *, delay: int = 0) -> Op:
+        await turns(delay)
+        op = self.hist.begin(Op("close"))
+        try:
+            await self.img.aclose()
+        except asyncio.CancelledError:
+            self.hist.cancelled(op)
+            raise
+        except Exception as exc:
+            self._unexpected(op, exc)
+        else:
+            self.hist.done(op)
+        return op
+
+
+@dataclass
+class Scenario:
+    """One race scenario: how to make its image, its body, and its extra checks."""
+
+    name: str
+    setup: Callable[[SimEnv, int], ImageSetup]
+    body: Callable[[Ctx], Awaitable[None]]
+    verify: Callable[[Ctx, qcow2aio.Image, bytes, dict[str, Any]], None] | None = None
+    allow_leaks: bool = False
+    unserialized_catchable: bool = True
+    default_seeds: int = 30
+    note: str = ""
+
+
+class SimEnv:
+    """Per-test working state: a scratch folder (tmpfs when there is one), templates,
+    and the QEMU helper for sampled checks."""
+
+    def __init__(self, tmp_path: Path, qemu: Any) -> None:
+        self.qemu = qemu
+        shm = Path("/dev/shm")
+        base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
+        # fdatasync on tmpfs is free; on a disk it would dominate every seed.
+        self.dir = Path(tempfile.mkdtemp(prefix="qcow2aio-sim-", dir=base))
+        self.templates: dict[str, tuple[Path, bytes]] = {}
+        self.templates_info: dict[str, dict[str, Any]] = {}
+        # Files a template's image refers to by name (an external data file): restored
+        # from a pristine copy for every seed.
+        self.restore: dict[str, list[Path]] = {}
+
+    def keep_pristine(self, key: str, live: Path) -> None:
+        """Restore ``live`` to its present contents whenever template ``key`` is used."""
+        shutil.copyfile(live, live.with_name(live.name + ".pristine"))
+        self.restore.setdefault(key, []).append(live)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def backing(self, name: str, size: int) -> bytes:
+        """A raw backing file of seeded random bytes in the scratch folder."""
+        path = self.dir / name
+        if not path.exists():
+            path.write_bytes(random.Random(f"backing:{name}").randbytes(size))
+        return path.read_bytes()
+
+    def template(self, key: str, build: Callable[[Path], bytes]) -> tuple[Path, bytes]:
+        """A template image built once by ``build(path) -> initial guest contents``."""
+        if key not in self.templates:
+            path = self.dir / f"template-{key}.qcow2"
+            initial = build(path)
+            self.templates[key] = (path, initial)
+        return self.templates[key]
+
+    def fresh(self, key: str, build: Callable[[Path], bytes]) -> tuple[Path, bytes]:
+        """A fresh working copy of a template image."""
+        tpl, initial = self.template(key, build)
+        path = self.dir / "img.qcow2"
+        shutil.copyfile(tpl, path)
+        for live in self.restore.get(key, ()):
+            shutil.copyfile(live.with_name(live.name + ".pristine"), live)
+        for old in self.dir.glob("flushcopy-*.qcow2"):
+            old.unlink()
+        return path, initial
+
+
+def _open(path: Path, driver: str, factory: BackendFactory, kwargs: dict[str, Any]) -> Any:
+    if driver == "unserialized":
+        with testing.unserialized():
+            return qcow2aio.open(path, "r+", io_backend=factory, **kwargs)
+    return qcow2aio.open(path, "r+", io_backend=factory, **kwargs)
+
+
+def run_seed(scn: Scenario, driver: str, seed: int, env: SimEnv) -> Outcome:
+    """Run ``scn`` once: seeded schedule, seeded jitter, then every check."""
+    out = Outcome(scn.name, driver, seed)
+    setup = scn.setup(env, seed)
+    hist = History(setup.initial)
+    img = _open(setup.path, driver, jitter_factory(seed), setup.open_kwargs)
+    ctx = Ctx(
+        img=img, hist=hist, setup=setup, driver=driver, seed=seed, scenario=scn.name, outcome=out
+    )
+
+    async def main() -> None:
+        try:
+            await scn.body(ctx)
+            await ctx.join()
+        finally:
+            await img.aclose()
+
+    try:
+        run_sim(seed, main)
+    except (SimDeadlock, SimLivelock) as exc:
+        ctx.fail("deadlock", str(exc))
+    except Exception as exc:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-6))
+        ctx.fail("exception", f"scenario body raised {type(exc).__name__}: {exc}\n{tb}")
+    finally:
+        try:
+            img.close()
+        except Exception as exc:
+            ctx.fail("exception", f"close() after the run raised {type(exc).__name__}: {exc}")
+    _verify(scn, ctx, out, env)
+    if replay_seed() is not None:
+        print(f"--- {scn.name}/{driver} seed {seed}: requests (t = logical invoke..answer)")
+        for op in hist.ops:
+            print(f"    {op.label()} {op.error}")
+    return out
+
+
+def _verify(scn: Scenario, ctx: Ctx, out: Outcome, env: SimEnv) -> None:
+    hist = ctx.hist
+    # Reads answered during the run.
+    for op in hist.ops:
+        if op.kind == "read" and op.status == "ok" and op.result is not None:
+            bad = hist.check(op.result, op.off, start=op.start, end=op.end)
+            if bad is not None:
+                out.failures.append(Failure("read", f"{op.label()} saw\n{bad}"))
+    report: dict[str, Any] = {}
+    final = b""
+    try:
+        with qcow2aio.open(ctx.path, "r") as img:
+            final = img.read_sync(0, img.size)
+            report = img.check()
+            bad = hist.check(final, 0)
+            if bad is not None:
+                out.failures.append(Failure("final", bad))
+            if scn.verify is not None:
+                scn.verify(ctx, img, final, report)
+    except Exception as exc:
+        out.failures.append(
+            Failure("final", f"reopen/read/check raised {type(exc).__name__}: {exc}")
+        )
+    if report:
+        out.leaks = int(report.get("leaks", 0))
+        if report.get("corruptions", 0) or report.get("check-errors", 0):
+            out.failures.append(Failure("check", f"check() found {report}"))
+        elif out.leaks and not scn.allow_leaks:
+            out.failures.append(Failure("check", f"check() found {out.leaks} leaked clusters"))
+    if out.leaks:
+        out.stats["seeds with leaks"] += 1
+    for copy, start, at in ctx.flush_copies:
+        _verify_flush_copy(ctx, out, copy, start, at, env)
+    if final and _wants_qemu(ctx, out):
+        out.qemu_checked = True
+        _qemu_checks(scn, ctx, out, env, final)
+
+
+def _wants_qemu(ctx: Ctx, out: Outcome) -> bool:
+    """Sampled seeds, and failing ones (except with the unserialized driver, where
+    failing is the expected outcome and QEMU would only add run time)."""
+    return qemu_sampled(ctx.seed) or (not out.ok and ctx.driver != "unserialized")
+
+
+def _verify_flush_copy(
+    ctx: Ctx, out: Outcome, copy: Path, start: int, at: int, env: SimEnv
+) -> None:
+    """A copy of the file taken right after a flush returned: consistent (leaks at most),
+    and every write acknowledged before that flush started is in it."""
+    try:
+        with qcow2aio.open(copy, "r") as img:
+            rep = img.check()
+            data = img.read_sync(0, img.size)
+    except Exception as exc:
+        out.failures.append(Failure("flushcopy", f"{copy.name}: {type(exc).__name__}: {exc}"))
+        return
+    if rep.get("corruptions", 0) or rep.get("check-errors", 0):
+        out.failures.append(Failure("flushcopy", f"{copy.name} (flush t={start}): {rep}"))
+    bad = ctx.hist.check(data, 0, start=start, end=at)
+    if bad is not None:
+        out.failures.append(Failure("flushcopy", f"{copy.name} (flush t={start}):\n{bad}"))
+    if env.qemu is not None and _wants_qemu(ctx, out):
+        proc = env.qemu.img("check", "--output=json", str(copy), check=False)
+        if proc.returncode not in (0, 3):
+            out.failures.append(
+                Failure(
+                    "qemu", f"qemu-img check {copy.name}: exit {proc.returncode}\n{proc.stdout}"
+                )
+            )
+
+
+def _qemu_checks(scn: Scenario, ctx: Ctx, out: Outcome, env: SimEnv, final: bytes) -> None:
+    if env.qemu is None:
+        return
+    proc = env.qemu.img("check", "--output=json", str(ctx.path), check=False)
+    allowed = (0, 3) if scn.allow_leaks else (0,)
+    if proc.returncode not in allowed:
+        out.failures.append(
+            Failure("qemu", f"qemu-img check: exit {proc.returncode}\n{proc.stdout}{proc.stderr}")
+        )
+    raw = ctx.path.with_name("oracle.raw")
+    raw.write_bytes(final)
+    try:
+        cmp = subprocess.run(
+            [
+                env.qemu.qemu_img,
+                "compare",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                str(ctx.path),
+                str(raw),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+    finally:
+        raw.unlink(missing_ok=True)
+    if cmp.returncode != 0:
+        out.failures.append(
+            Failure("qemu", f"qemu-img compare with the oracle: exit {cmp.returncode} {cmp.stderr}")
+        )
+
+
+def iter_chunks(total: int, parts: int, rng: random.Random) -> Iterator[tuple[int, int]]:
+    """``parts`` disjoint, non-empty, sorted sub-ranges ``(a, b)`` of ``[0, total)``."""
+    cuts = sorted(rng.sample(range(total + 1), 2 * parts))
+    for i in range(parts):
+        yield cuts[2 * i], cuts[2 * i + 1]

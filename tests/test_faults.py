@@ -1,0 +1,357 @@
+"""Injected I/O faults (EIO, ENOSPC, short writes; once or persistent) at every fault point.
+
+For each fault point x error kind x once/persistent x driver (sync, async), a
+seeded workload that exercises the point runs on a QEMU-made image through a
+:class:`faults.FaultBackend`. Then:
+
+* every error reached its caller as a ``qcow2aio.Qcow2Error`` (``Qcow2IOError``
+  keeps the injected errno), and a fault that fired made some request fail;
+* no failed request was acknowledged: successful reads, and the image read back
+  after the handle is gone, hold only allowed content (:class:`faults.Oracle`:
+  acknowledged data exact once a flush/close succeeded; a failed request's range
+  old or new per cluster);
+* after a failed fdatasync (a flush request, or one inside an eviction or a
+  refcount-table growth) every later write and flush on that handle fails;
+* ``qemu-img check`` finds no corruption (exit 0 or 3), and the image reopens
+  read-write, takes writes, and checks clean or leaks-only again.
+
+A second sweep fails the Nth I/O operation of a whole run (SQLite style).
+
+``QCOW2AIO_STRESS=1`` runs every point on every workload where it occurs, with
+several skip counts and seeds, and the Nth-operation sweep over every N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Qemu
+from crashsim import KEY
+from faults import (
+    ANY_IO,
+    EXTRA_WORKLOADS,
+    FAULT_POINTS,
+    KINDS,
+    POINT_WORKLOAD,
+    WORKLOADS,
+    Fault,
+    FaultState,
+    Oracle,
+    RunResult,
+    Template,
+    Workload,
+    build_template,
+    copy_image,
+    make_ops,
+    run_async,
+    run_sync,
+)
+
+import qcow2aio
+
+STRESS = os.environ.get("QCOW2AIO_STRESS") == "1"
+ALL_WORKLOADS: dict[str, Workload] = {**WORKLOADS, **EXTRA_WORKLOADS}
+Templates = Callable[[str], Template]
+
+
+@pytest.fixture(scope="module")
+def templates(
+    qemu_tools: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Templates]:
+    folder = tmp_path_factory.mktemp("fault-templates")
+    q = Qemu(qemu_tools["qemu-img"], qemu_tools["qemu-io"], folder)
+    cache: dict[str, Template] = {}
+
+    def get(name: str) -> Template:
+        if name not in cache:
+            cache[name] = build_template(q, folder, ALL_WORKLOADS[name])
+        return cache[name]
+
+    yield get
+
+
+def _attach(request: pytest.FixtureRequest, cases: int, fired: int, failed: int, bad: int) -> None:
+    """Counts for the session summary (``-p tests.crashsim``)."""
+    row = {"kind": "faults", "cases": cases, "fired": fired, "failed_requests": failed}
+    row["problems"] = bad
+    request.node.user_properties.append((KEY, json.dumps(row)))
+
+
+def run_case(
+    qemu: Qemu,
+    tpl: Template,
+    tmp_path: Path,
+    fault: Fault | None,
+    driver: str,
+    seed: int,
+    *,
+    must_fire: bool,
+) -> tuple[FaultState, RunResult, list[str]]:
+    """Run one workload under ``fault`` and return (state, result, problems found)."""
+    wl = tpl.workload
+    path = copy_image(tpl, tmp_path / f"case-{driver}-{seed}.qcow2")
+    state = FaultState(fault)
+    oracle = Oracle(tpl.content, wl.unit)
+    ops = make_ops(wl, seed, tpl.hot)
+    if driver == "sync":
+        res = run_sync(path, wl, ops, state, oracle)
+    else:
+        res = asyncio.run(run_async(path, wl, ops, state, oracle))
+    state.enabled = False
+    problems = list(res.violations)
+    if must_fire and not state.fired:
+        problems.append(f"the fault never fired (events seen: {sorted(state.events)})")
+    if state.fired and not res.errors:
+        problems.append(f"fault fired {state.fired}x but no request failed (error swallowed)")
+    code, rep = qemu.check(path)
+    if code not in (0, 3):
+        problems.append(f"qemu-img check after the run: exit {code}: {rep}")
+        return state, res, problems
+    mix = fault is not None and fault.kind == "short"
+    with qcow2aio.open(path) as img:
+        data = img.read_sync(0, wl.size)
+    problems += [f"after the run: {p}" for p in oracle.problems(0, data, disk=True, mix=mix)]
+    # The image reopens read-write (plain backend) and takes writes.
+    rng = random.Random(seed)
+    writes = [
+        (rng.randrange(0, wl.size - 3000), rng.randbytes(3000)),
+        (wl.size - wl.cluster_size - 100, rng.randbytes(wl.cluster_size + 100)),
+    ]
+    try:
+        with wl.open(path) as img:
+            want = bytearray(data)
+            for off, buf in writes:
+                img.write_sync(off, buf)
+                want[off : off + len(buf)] = buf
+            img.flush_sync()
+            if img.read_sync(0, wl.size) != want:
+                problems.append("reopened image: the disk does not read as written")
+    except qcow2aio.Qcow2Error as exc:
+        problems.append(f"reopen read-write and write failed: {exc!r}")
+    code, rep = qemu.check(path)
+    if code not in (0, 3):
+        problems.append(f"qemu-img check after reopen+write: exit {code}: {rep}")
+    return state, res, problems
+
+
+# ------------------------------------------------------------------- the grid
+def _grid() -> list[tuple[str, str, str, bool, str, int]]:
+    """(point, workload, kind, persistent, driver, skip) cases.
+
+    Quick: every point x kind x once/persistent on the point's workload, the driver
+    alternating so that each point and each kind runs on both. Stress: the full cross
+    product with both drivers, on every workload, skipping 0, 1 and 4 matches first.
+    """
+    cases = []
+    for point in FAULT_POINTS:
+        wls = list(ALL_WORKLOADS) if STRESS else [POINT_WORKLOAD[point]]
+        skips = [0, 1, 4] if STRESS else [0]
+        for wl in wls:
+            for k, kind in enumerate(KINDS):
+                for persistent in (False, True):
+                    drivers = ["sync", "async"]
+                    if not STRESS:
+                        drivers = [drivers[(k + persistent) % 2]]
+                    for driver in drivers:
+                        for skip in skips:
+                            cases.append((point, wl, kind, persistent, driver, skip))
+    return cases
+
+
+def _case_id(case: tuple[str, str, str, bool, str, int]) -> str:
+    point, wl, kind, persistent, driver, skip = case
+    when = "persist" if persistent else "once"
+    return f"{point}-{wl}-{kind}-{when}-{driver}" + (f"-skip{skip}" if skip else "")
+
+
+@pytest.mark.parametrize("case", _grid(), ids=_case_id)
+def test_fault_point(
+    qemu: Qemu,
+    templates: Templates,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    case: tuple[str, str, str, bool, str, int],
+) -> None:
+    point, wl_name, kind, persistent, driver, skip = case
+    fault = Fault(point, kind, persistent, skip)
+    designated = POINT_WORKLOAD[point] == wl_name and skip == 0
+    seed = FAULT_POINTS.index(point) * 7 + (3 if persistent else 0)
+    state, res, problems = run_case(
+        qemu, templates(wl_name), tmp_path, fault, driver, seed, must_fire=designated
+    )
+    _attach(request, 1, bool(state.fired), len(res.errors), len(problems))
+    assert not problems, f"{fault} on {wl_name}/{driver}:\n" + "\n".join(problems)
+    if state.fired:
+        assert res.errors, "the error must reach a caller"
+        # A flush that failed poisons the handle: the run must have seen it refuse.
+        if state.flush_failed or res.flush_request_failed:
+            assert not res.closed_ok
+
+
+# ------------------------------------------------------------- Nth operation
+def _count_ops(templates: Templates, tmp_path: Path, wl_name: str, seed: int) -> int:
+    tpl = templates(wl_name)
+    path = copy_image(tpl, tmp_path / "dry.qcow2")
+    state = FaultState(None)
+    wl = tpl.workload
+    run_sync(path, wl, make_ops(wl, seed, tpl.hot), state, Oracle(tpl.content, wl.unit))
+    return state.ops
+
+
+NTH_WORKLOADS = list(ALL_WORKLOADS) if STRESS else ["mixed", "snap"]
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+@pytest.mark.parametrize("wl_name", NTH_WORKLOADS)
+def test_every_nth_operation(
+    qemu: Qemu,
+    templates: Templates,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    wl_name: str,
+    driver: str,
+) -> None:
+    """Fail the Nth I/O operation of the run (once, or from then on), for a sweep of N."""
+    seed = 11
+    total = _count_ops(templates, tmp_path, wl_name, seed)
+    rng = random.Random(f"{wl_name}-{driver}")
+    if STRESS:
+        # Every N (a stride of them on the 1,300-operation reftable-growth workload).
+        ns = list(range(1, total + 1, max(1, total // 300)))
+    else:
+        ns = sorted(rng.sample(range(1, total + 1), min(6, total)))
+    bad: list[str] = []
+    fired = failed = 0
+    for i, n in enumerate(ns):
+        kind = KINDS[i % len(KINDS)]
+        persistent = (i // len(KINDS)) % 2 == 1
+        fault = Fault(ANY_IO, kind, persistent, n - 1)
+        case_dir = tmp_path / f"n{n}"
+        case_dir.mkdir()
+        state, res, problems = run_case(
+            qemu, templates(wl_name), case_dir, fault, driver, seed, must_fire=False
+        )
+        fired += bool(state.fired)
+        failed += len(res.errors)
+        bad += [f"{fault}: {p}" for p in problems]
+    _attach(request, len(ns), fired, failed, len(bad))
+    print(f"nth-op sweep {wl_name}/{driver}: {len(ns)} of {total} operations, {fired} fired")
+    assert not bad, "\n".join(bad[:30])
+    assert fired >= len(ns) // 2
+
+
+# ------------------------------------------------------- regression tests
+def _fresh(qemu: Qemu, tmp_path: Path, opts: str, size: str = "8M") -> Path:
+    path = tmp_path / "r.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", opts, str(path), size)
+    return path
+
+
+def _sound(qemu: Qemu, path: Path, *, leaks_ok: bool = True) -> None:
+    code, rep = qemu.check(path)
+    assert code in ((0, 3) if leaks_ok else (0,)), rep
+    with qcow2aio.open(path, "r+") as img:
+        img.write_sync(12345, b"after")
+        assert img.read_sync(12345, 5) == b"after"
+    code, rep = qemu.check(path)
+    assert code in ((0, 3) if leaks_ok else (0,)), rep
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_failed_eviction_flush_poisons_the_handle(qemu: Qemu, tmp_path: Path, driver: str) -> None:
+    """Regression: an fdatasync failing inside an L2 eviction did not poison the image, so
+    later writes and flushes succeeded (fsyncgate). Refusals keep the errno."""
+    path = _fresh(qemu, tmp_path, "cluster_size=512")
+    state = FaultState(Fault("flush", "enospc", persistent=False))
+    img = qcow2aio.open(path, "r+", io_backend=state.factory(), l2_cache_size=512)
+    img.write_sync(0, b"a" * 512)  # dirty L2 table for the first 32 KiB
+    with pytest.raises(qcow2aio.Qcow2IOError) as info:
+        img.write_sync(1 << 20, b"b" * 512)  # another table: evicts the first, flush fails
+    assert info.value.errno == errno.ENOSPC
+    assert state.injections[0].event == "l2_evict"
+
+    async def later() -> None:
+        with pytest.raises(qcow2aio.Qcow2IOError) as info:
+            await img.write(2 << 20, b"c")
+        assert info.value.errno == errno.ENOSPC
+        with pytest.raises(qcow2aio.Qcow2IOError):
+            await img.flush()
+
+    if driver == "async":
+        asyncio.run(later())
+    with pytest.raises(qcow2aio.Qcow2IOError) as info:
+        img.write_sync(3 << 20, b"d")
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(qcow2aio.Qcow2IOError):
+        img.flush_sync()
+    img.close()
+    _sound(qemu, path)
+
+
+def test_failed_reftable_growth_leaves_a_sound_image(qemu: Qemu, tmp_path: Path) -> None:
+    """Regression: a write error while growing the refcount table left the new table in
+    memory but not in the header; later refcount blocks hung off a table the file never
+    used (thousands of corruptions). Now the handle is poisoned and the file only leaks."""
+    path = _fresh(qemu, tmp_path, "cluster_size=512,refcount_bits=64")
+    state = FaultState(Fault("reftable_grow", "eio", persistent=False))
+    img = qcow2aio.open(path, "r+", io_backend=state.factory())
+    data = random.Random(1).randbytes(256 << 10)
+    failed = False
+    for i in range(12):
+        try:
+            img.write_sync(i * len(data), data)
+            img.flush_sync()
+        except qcow2aio.Qcow2IOError:
+            failed = True
+    assert state.fired == 1 and failed
+    with pytest.raises(qcow2aio.Qcow2IOError):
+        img.write_sync(0, b"x")
+    img.close()
+    _sound(qemu, path)
+
+
+def test_refblock_eviction_failure_keeps_the_new_block_linked(qemu: Qemu, tmp_path: Path) -> None:
+    """Regression: a new refcount block was cached before the reftable pointed at it; when
+    caching it evicted another block whose write failed, it stayed cached but unlinked,
+    its cluster was handed out again, and the next flush overwrote that cluster with it
+    (the overlap check then set the corrupt bit)."""
+    path = _fresh(qemu, tmp_path, "cluster_size=512,refcount_bits=64")
+    state = FaultState(Fault("refblock_update", "eio", persistent=False))
+    img = qcow2aio.open(path, "r+", io_backend=state.factory(), refcount_cache_size=512)
+    data = random.Random(2).randbytes(256 << 10)
+    with pytest.raises(qcow2aio.Qcow2IOError):
+        img.write_sync(0, data)
+    assert state.fired == 1
+    img.write_sync(0, data)
+    img.write_sync(len(data), data)
+    img.flush_sync()
+    assert not img.meta.header.corrupt
+    img.close()
+    with qcow2aio.open(path) as ro:
+        assert ro.read_sync(0, len(data)) == data
+    _sound(qemu, path)
+
+
+def test_l2_eviction_failure_keeps_the_new_table_linked(qemu: Qemu, tmp_path: Path) -> None:
+    """A new L2 table is linked into L1 before it is cached: when caching it evicts a
+    dirty table whose write fails, the new table is not orphaned (it used to leak)."""
+    path = _fresh(qemu, tmp_path, "cluster_size=512")
+    state = FaultState(Fault("l2_alloc", "eio", persistent=False))
+    img = qcow2aio.open(path, "r+", io_backend=state.factory(), l2_cache_size=512)
+    img.write_sync(0, b"a" * 512)
+    with pytest.raises(qcow2aio.Qcow2IOError):
+        img.write_sync(1 << 20, b"b" * 512)  # its new table evicts the first: write fails
+    assert state.fired == 1
+    img.write_sync(1 << 20, b"b" * 512)
+    img.close()
+    with qcow2aio.open(path) as ro:
+        assert ro.read_sync(0, 512) == b"a" * 512
+        assert ro.read_sync(1 << 20, 512) == b"b" * 512
+    _sound(qemu, path, leaks_ok=False)
