@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 from array import array
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from . import constants as C
