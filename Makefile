@@ -56,7 +56,7 @@ test: venv qemu
 # fault point x error kind, >= 20,000 crash states. Takes a long while; prints the counts.
 stress: venv qemu
 	QCOW2AIO_REQUIRE_QEMU=1 QCOW2AIO_STRESS=1 $(PY) -m pytest -q -s -n 2 -p no:cacheprovider \
-		-p tests.sim_report \
+		-p tests.sim_report -p tests.crashsim \
 		tests/test_interleavings.py tests/test_faults.py tests/test_powercut.py
 
 lint: venv

@@ -347,12 +347,18 @@ class Image:
         ctype = self.meta.header.compression_type
         wheres = [f"at host offset {e.host:#x}" for e in todo]
         if len(todo) > 1 or sum(self._active.values()) > 1:
-            clusters = await asyncio.gather(
+            # Wait for every inflate before reporting an error: none may outlive the request.
+            results = await asyncio.gather(
                 *(
                     to_thread(decompress_cluster, raw, cs, ctype, where)
                     for raw, where in zip(raws, wheres, strict=True)
-                )
+                ),
+                return_exceptions=True,
             )
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            clusters = [r for r in results if isinstance(r, bytes)]
         else:
             clusters = [decompress_cluster(raws[0], cs, ctype, wheres[0])]
         done.update((e.host, c) for e, c in zip(todo, clusters, strict=True))

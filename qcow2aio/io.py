@@ -28,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import errno as _errno
+import mmap
 import os
 import queue
 import threading
@@ -254,17 +255,22 @@ class BufferPool:
     measured ~1.4 ms per MiB here, ten times the copy itself. Borrowing a long-lived
     buffer leaves one allocation per request: the ``bytes`` returned. The pool keeps
     at most ``max_bytes`` in all (buffers are never shared: borrow, use, give back).
+
+    The buffers are anonymous mmaps, so they start on a page boundary: the kernel's
+    copy from the page cache into a buffer 16 bytes past a page boundary (where
+    malloc puts a large bytearray) measured 3-4x slower here (~530 against ~165 us
+    per MiB).
     """
 
     def __init__(self, max_buffer: int = 4 << 20, max_bytes: int = 8 << 20) -> None:
         self.max_buffer = max_buffer
         self.max_bytes = max_bytes
-        self._free: list[bytearray] = []
+        self._free: list[mmap.mmap] = []
         self._held = 0  # bytes in ``_free``
         self._lock = threading.Lock()
 
-    def borrow(self, length: int) -> bytearray:
-        """A buffer of at least ``length`` bytes (contents undefined)."""
+    def borrow(self, length: int) -> mmap.mmap:
+        """A page-aligned buffer of at least ``length`` bytes (contents undefined)."""
         with self._lock:
             free = self._free
             for i in range(len(free) - 1, -1, -1):
@@ -272,9 +278,9 @@ class BufferPool:
                     buf = free.pop(i)
                     self._held -= len(buf)
                     return buf
-        return bytearray(max(length, 64 << 10))
+        return mmap.mmap(-1, max(length, 64 << 10))
 
-    def give_back(self, buf: bytearray) -> None:
+    def give_back(self, buf: mmap.mmap) -> None:
         n = len(buf)
         if n > self.max_buffer:
             return
