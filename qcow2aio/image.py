@@ -661,33 +661,43 @@ class Image:
             return await self.write(offset, buffers[0])
         return await self.write(offset, b"".join(buffers))
 
+    def _step_buffers(
+        self, step: WriteStep, chunk: memoryview
+    ) -> tuple[list[Buffer], list[tuple[list[Extent], memoryview, int]], int]:
+        """What a step writes: COW head + data + COW tail (one host-contiguous write).
+
+        Returns the buffers, the COW pieces still to be filled from their source plans
+        (``(plan, destination, guest base)``: the sync and async drivers fill them their
+        own way), and the host offset of the write. Zero COW needs no read at all.
+        """
+        head_len, tail_len = self._cow_lengths(step)
+        bufs: list[Buffer] = []
+        reads: list[tuple[list[Extent], memoryview, int]] = []
+        for plan, n, base in (
+            (step.head, head_len, step.guest - head_len),
+            (None, 0, 0),
+            (step.tail, tail_len, step.guest + step.length),
+        ):
+            if plan is None:
+                bufs.append(chunk)
+            elif n:
+                if plan_is_zero(plan):
+                    bufs.append(_zeros(n))
+                else:
+                    piece = bytearray(n)
+                    reads.append((plan, memoryview(piece), base))
+                    bufs.append(piece)
+        self._check_data_write(
+            step.host - step.head_len, step.head_len + step.length + step.tail_len
+        )
+        return bufs, reads, step.host - head_len
+
     async def _finish_step(self, step: WriteStep, chunk: memoryview) -> None:
         try:
-            head_len, tail_len = self._cow_lengths(step)
-            bufs: list[Buffer] = []
-            if head_len:
-                if plan_is_zero(step.head):
-                    bufs.append(_zeros(head_len))
-                else:
-                    head = bytearray(head_len)
-                    await self._run_plan(
-                        step.head, memoryview(head), step.guest - head_len, "cow_read"
-                    )
-                    bufs.append(head)
-            bufs.append(chunk)
-            if tail_len:
-                if plan_is_zero(step.tail):
-                    bufs.append(_zeros(tail_len))
-                else:
-                    tail = bytearray(tail_len)
-                    await self._run_plan(
-                        step.tail, memoryview(tail), step.guest + step.length, "cow_read"
-                    )
-                    bufs.append(tail)
-            self._check_data_write(
-                step.host - step.head_len, step.head_len + step.length + step.tail_len
-            )
-            await self._data.apwritev(bufs, step.host - head_len, _write_event(step))
+            bufs, reads, start = self._step_buffers(step, chunk)
+            for plan, view, base in reads:
+                await self._run_plan(plan, view, base, "cow_read")
+            await self._data.apwritev(bufs, start, _write_event(step))
         except BaseException:
             await self.lock.acquire()
             try:
@@ -881,31 +891,10 @@ class Image:
 
     def _finish_step_sync(self, step: WriteStep, chunk: memoryview) -> None:
         try:
-            head_len, tail_len = self._cow_lengths(step)
-            bufs: list[Buffer] = []
-            if head_len:
-                if plan_is_zero(step.head):
-                    bufs.append(_zeros(head_len))
-                else:
-                    head = bytearray(head_len)
-                    self._run_plan_sync(
-                        step.head, memoryview(head), step.guest - head_len, "cow_read"
-                    )
-                    bufs.append(head)
-            bufs.append(chunk)
-            if tail_len:
-                if plan_is_zero(step.tail):
-                    bufs.append(_zeros(tail_len))
-                else:
-                    tail = bytearray(tail_len)
-                    self._run_plan_sync(
-                        step.tail, memoryview(tail), step.guest + step.length, "cow_read"
-                    )
-                    bufs.append(tail)
-            self._check_data_write(
-                step.host - step.head_len, step.head_len + step.length + step.tail_len
-            )
-            self._data.pwritev(bufs, step.host - head_len, _write_event(step))
+            bufs, reads, start = self._step_buffers(step, chunk)
+            for plan, view, base in reads:
+                self._run_plan_sync(plan, view, base, "cow_read")
+            self._data.pwritev(bufs, start, _write_event(step))
         except BaseException:
             abort_step(self, step)
             raise
