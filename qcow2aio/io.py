@@ -14,8 +14,9 @@ ext4 here: ``EOPNOTSUPP``), except small writes (``INLINE_WRITE_MAX``, a
 cluster): those are a copy into the page cache, a few microseconds, where a
 round trip through a thread costs 70-150 us of latency and about as much CPU.
 Like the metadata writes (done inline from the start, see architecture.md),
-they are done inline, timed, and a write that took long (dirty-page throttling
-can sleep) sends that file's writes back to threads for a while. The threads
+they are done inline, timed, and slow ones (two in a row over 2 ms: dirty-page
+throttling, a page under writeback) send that file's writes back to threads for
+a while. The threads
 are this module's own small pool (:class:`IOThreads`), not the loop's default
 executor: a hop costs about half as much, and a worker that finishes while the
 loop has not yet run completes the futures of everything it did in one loop
@@ -265,6 +266,9 @@ class BufferPool:
     def __init__(self, max_buffer: int = 4 << 20, max_bytes: int = 8 << 20) -> None:
         self.max_buffer = max_buffer
         self.max_bytes = max_bytes
+        self._reset()
+
+    def _reset(self) -> None:
         self._free: list[mmap.mmap] = []
         self._held = 0  # bytes in ``_free``
         self._lock = threading.Lock()
@@ -303,8 +307,11 @@ class BufferPool:
             self.give_back(buf)
 
 
-# One pool for every thread and image.
+# One pool for every thread and image (a forked child starts with a fresh one: the
+# lock may have been held by a thread that does not exist there).
 BUFFERS = BufferPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=BUFFERS._reset)
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:
@@ -461,9 +468,16 @@ class FileBackend:
         """``length`` bytes at ``offset`` if all are in the page cache, else None (inline)."""
         if not self._nowait:
             return None
-        if length <= 65536:
-            buf = bytearray(length)  # small: below malloc's mmap threshold, no pool needed
-            return bytes(buf) if self.readinto_nowait(memoryview(buf), offset) else None
+        if length <= 16384:
+            # Small: a bytearray (malloc's small-object heap), no pool round trip.
+            buf = bytearray(length)
+            try:
+                n = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
+            except OSError as exc:
+                if exc.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
+                    self._nowait = False
+                return None
+            return bytes(buf) if n == length else None
         return BUFFERS.read_bytes(lambda view: self.readinto_nowait(view, offset), length)
 
     async def apread(self, offset: int, length: int, event: str = "read") -> bytes:
