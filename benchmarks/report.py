@@ -170,3 +170,21 @@ def write_json(path: Path, machine: dict[str, str], meta: dict[str, Any], rows: 
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"machine": machine, **meta, "rows": [r.to_json() for r in rows]}
     path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def read_json(path: Path) -> tuple[dict[str, Any], list[Row]]:
+    """A JSON table written by :func:`write_json`: (the document, its rows)."""
+    doc: dict[str, Any] = json.loads(path.read_text())
+    rows = []
+    for r in doc["rows"]:
+        row = Row(
+            r["workload"], r["mode"], r["unit"], qemu=r["qemu_samples"], ours=r["ours_samples"]
+        )
+        target = r["target"]
+        if target.startswith("<="):
+            row.limit = float(target[2:])
+        elif target.startswith(">="):
+            row.target = float(target[2:])
+        row.note = r.get("note", "")
+        rows.append(row)
+    return doc, rows

@@ -24,7 +24,7 @@ from . import ours, qemu
 from .convert import convert_raw_to_qcow2
 from .machine import describe
 from .memory import measure as measure_rss
-from .report import Row, render, write_json
+from .report import Row, read_json, render, render_markdown, write_json
 from .stream import RANDOM_STEP_4K, GiB, KiB, MiB, Stream, TiB
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -482,6 +482,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the images afterwards")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-run progress lines")
+    p.add_argument(
+        "--show",
+        type=Path,
+        metavar="JSON",
+        help="print the table of an earlier run's JSON instead of running anything",
+    )
+    p.add_argument("--markdown", action="store_true", help="with --show: a Markdown table")
     return p.parse_args(argv)
 
 
@@ -489,6 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         print("\n".join(WORKLOADS))
+        return 0
+    if args.show is not None:
+        doc, shown = read_json(args.show)
+        for k, v in doc["machine"].items():
+            print(f"  {k:17} {v}")
+        print(f"  command           {doc.get('command', '?')}\n")
+        print(render_markdown(shown) if args.markdown else render(shown))
         return 0
     selected = [
         name for name in WORKLOADS if not args.patterns or any(pat in name for pat in args.patterns)
