@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import mmap
 import os
@@ -20,10 +21,11 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import qcow2aio
+from qcow2aio.io import BackendFactory, FastFileBackend
 
 from . import qemu
 from .stream import RANDOM_STEP_4K, KiB, MiB, Stream
@@ -75,6 +77,27 @@ def _best(name: str, n: int, make: Setup, reps: int) -> Cost:
         if done is not None:
             done()
     return min(runs, key=lambda c: c.user_us + c.sys_us)
+
+
+def _async_case(
+    open_image: Callable[[], qcow2aio.Image], body: Callable[[qcow2aio.Image], Awaitable[None]]
+) -> Setup:
+    """Open (untimed), run ``body`` on an event loop (timed), close (untimed)."""
+
+    def make() -> tuple[Callable[[], None], Callable[[], None]]:
+        loop = asyncio.new_event_loop()
+        im = open_image()
+
+        def run() -> None:
+            loop.run_until_complete(body(im))
+
+        def done() -> None:
+            loop.run_until_complete(im.aclose())
+            loop.close()
+
+        return run, done
+
+    return make
 
 
 def _async(coro_fn: Callable[[], object]) -> Callable[[], None]:
@@ -193,13 +216,26 @@ def costs(workdir: str, quick: bool) -> Iterator[Cost]:
 
     yield _best("write_sync 4K in place", n4k, lambda: write_sync4k, reps)
 
-    async def awrite4k() -> None:
-        wr = img.write
-        for o in offs4k[: n4k // 4]:
-            await wr(o, data4k)
-
-    yield _best("await write 4K in place (depth 1)", n4k // 4, lambda: _async(awrite4k), reps)
     img.close()
+    engines: tuple[tuple[str, BackendFactory | None], ...] = (
+        ("aiofiles", None),
+        ("FastFileBackend", FastFileBackend),
+    )
+    for engine, backend in engines:
+
+        async def awrite4k(im: qcow2aio.Image) -> None:
+            wr = im.write
+            for o in offs4k[: n4k // 4]:
+                await wr(o, data4k)
+
+        yield _best(
+            f"await write 4K in place (depth 1, {engine})",
+            n4k // 4,
+            _async_case(
+                functools.partial(qcow2aio.open, alloc, "r+", io_backend=backend), awrite4k
+            ),
+            reps,
+        )
 
     # Allocating writes: a fresh image per repetition.
     fresh = os.path.join(workdir, "fresh.qcow2")
@@ -239,19 +275,22 @@ def costs(workdir: str, quick: bool) -> Iterator[Cost]:
 
     yield _best("write_sync 4K allocating", nfresh, write_sync_fresh, reps)
 
-    def write_async_fresh() -> Callable[[], None]:
+    def open_fresh(backend: BackendFactory | None) -> qcow2aio.Image:
         fresh_image()
+        return qcow2aio.open(fresh, "r+", io_backend=backend)
 
-        async def go() -> None:
-            im = qcow2aio.open(fresh, "r+")
-            wr = im.write
-            for o in offs_fresh:
-                await wr(o, data4k)
-            await im.aclose()
+    async def awrite_fresh4k(im: qcow2aio.Image) -> None:
+        wr = im.write
+        for o in offs_fresh:
+            await wr(o, data4k)
 
-        return _async(go)
-
-    yield _best("await write 4K allocating (depth 1, +close)", nfresh, write_async_fresh, reps)
+    for engine, backend in engines:
+        yield _best(
+            f"await write 4K allocating (depth 1, {engine})",
+            nfresh,
+            _async_case(functools.partial(open_fresh, backend), awrite_fresh4k),
+            reps,
+        )
 
     def pwrite1m_new() -> tuple[Callable[[], None], Callable[[], None]]:
         path = os.path.join(workdir, "raw.bin")
@@ -282,21 +321,18 @@ def costs(workdir: str, quick: bool) -> Iterator[Cost]:
 
     yield _best("write_sync 1M allocating", len(offs1m), write_sync_fresh1m, reps)
 
-    def write_async_fresh1m() -> Callable[[], None]:
-        fresh_image()
+    async def awrite_fresh1m(im: qcow2aio.Image) -> None:
+        wr = im.write
+        for o in offs1m:
+            await wr(o, data1m)
 
-        async def go() -> None:
-            im = qcow2aio.open(fresh, "r+")
-            wr = im.write
-            for o in offs1m:
-                await wr(o, data1m)
-            await im.aclose()
-
-        return _async(go)
-
-    yield _best(
-        "await write 1M allocating (depth 1, +close)", len(offs1m), write_async_fresh1m, reps
-    )
+    for engine, backend in engines:
+        yield _best(
+            f"await write 1M allocating (depth 1, {engine})",
+            len(offs1m),
+            _async_case(functools.partial(open_fresh, backend), awrite_fresh1m),
+            reps,
+        )
 
     def python_only(n_bytes: int, offs: list[int]) -> tuple[Callable[[], None], Callable[[], None]]:
         fresh_image()

@@ -8,19 +8,22 @@ backends (fault injection, recording for power-cut simulation) key on it.
 
 The async methods first try a read inline with ``RWF_NOWAIT`` (Linux answers
 ``EAGAIN`` instead of blocking when the data is not in the page cache) and hop
-to a worker thread only on a miss; writes and flushes always go to a thread
-because they may block (``RWF_NOWAIT`` is refused for buffered writes on
-ext4 here: ``EOPNOTSUPP``), except small writes (``INLINE_WRITE_MAX``, a
-cluster): those are a copy into the page cache, a few microseconds, where a
-round trip through a thread costs 70-150 us of latency and about as much CPU.
-Like the metadata writes (done inline from the start, see architecture.md),
-they are done inline, timed, and slow ones (two in a row over 2 ms: dirty-page
-throttling, a page under writeback) send that file's writes back to threads for
-a while. The threads
-are this module's own small pool (:class:`IOThreads`), not the loop's default
-executor: a hop costs about half as much, and a worker that finishes while the
-loop has not yet run completes the futures of everything it did in one loop
-wake-up.
+to a worker thread only on a miss; writes and flushes go to a thread because
+they may block (``RWF_NOWAIT`` is refused for buffered writes on ext4 here:
+``EOPNOTSUPP``). Two engines do the hop (:meth:`FileBackend.offload`):
+
+* :class:`FileBackend`, the portable default: ``aiofiles`` (the loop's default
+  executor), every write in a thread.
+* :class:`FastFileBackend` (``qcow2aio.open(..., io_backend=FastFileBackend)``):
+  this module's own small pool (:class:`IOThreads`), where a hop costs about half
+  as much and a worker that finishes while the loop has not yet run completes the
+  futures of everything it did in one loop wake-up; and small writes
+  (``INLINE_WRITE_MAX``, a cluster) done inline: a copy into the page cache, a few
+  microseconds, where a round trip through a thread costs 70-150 us of latency and
+  about as much CPU. Like the metadata writes (inline from the start, see
+  architecture.md) they are timed, and slow ones (two in a row over 2 ms: dirty-page
+  throttling, a page under writeback) send that file's writes back to threads for
+  a while. ``docs/performance.md`` has both in the benchmark table.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
+
+import aiofiles.os
 
 from .errors import Qcow2IOError
 
@@ -54,6 +59,14 @@ T = TypeVar("T")
 INLINE_WRITE_MAX = 64 << 10
 INLINE_WRITE_SLOW = 0.002
 INLINE_WRITE_BACKOFF = 1.0
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+# The portable engine: any blocking call, in the loop's default executor via aiofiles.
+_aio_call: Any = aiofiles.os.wrap(_call)
 
 
 _ZEROS = bytes(1 << 16)
@@ -202,6 +215,9 @@ def parallel_map(fn: Callable[[Any], T], items: Sequence[Any], helpers: int = 1)
     For calls that release the GIL (zlib, zstd). Helpers take items from the same
     iterator as the caller, so a helper that starts late simply finds less to do;
     the caller waits only for helpers that started work, never for a busy pool.
+    No work outlives the call: on an error (or a signal's exception in the caller)
+    the others stop taking items, and the caller still waits for any helper that is
+    running before it raises.
     """
     n = len(items)
     helpers = min(helpers, n - 1, _THREADS.max_threads)
@@ -216,6 +232,8 @@ def parallel_map(fn: Callable[[Any], T], items: Sequence[Any], helpers: int = 1)
     def drain() -> None:
         try:
             for i, x in work:
+                if errors:
+                    return
                 results[i] = fn(x)
         except BaseException as exc:
             errors.append(exc)
@@ -237,11 +255,22 @@ def parallel_map(fn: Callable[[Any], T], items: Sequence[Any], helpers: int = 1)
 
     for _ in range(helpers):
         _THREADS.submit_callback(helper, (), ignore)
-    drain()
-    with cond:
-        state["closed"] = True
-        while state["active"]:
-            cond.wait()
+    try:
+        drain()
+    finally:
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                with cond:
+                    state["closed"] = True
+                    while state["active"]:
+                        cond.wait()
+                break
+            except BaseException as exc:  # a signal while waiting: wait on, raise after
+                interrupted = interrupted or exc
+                errors.append(exc)
+        if interrupted is not None:
+            raise interrupted
     if errors:
         raise errors[0]
     return results
@@ -368,10 +397,19 @@ class FileBackend:
         self.plain_writes = (
             cls.pwritev is FileBackend.pwritev and cls.apwritev is FileBackend.apwritev
         )
-        # apwritev goes to a thread for every write until then (monotonic seconds) after
-        # inline writes were slow; _slow_writes counts slow ones in a row.
-        self._threaded_until = 0.0
-        self._slow_writes = 0
+
+    # ---------------------------------------------------------------- engine
+    def offload(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        """Run a blocking call off the event loop (aiofiles: the default executor)."""
+        result: Awaitable[T] = _aio_call(fn, *args)
+        return result
+
+    def inline_write_ok(self, nbytes: int) -> bool:
+        """Whether an async write of ``nbytes`` may be done inline now: never, here."""
+        return False
+
+    def note_inline_write(self, seconds: float) -> None:
+        """How long an inline write took (engines that write inline keep score)."""
 
     # ------------------------------------------------------------------ sync
     def event(self, name: str) -> None:
@@ -487,7 +525,7 @@ class FileBackend:
         if data is not None:
             return data
         try:
-            return await to_thread(_pread_full, self.fd, length, offset)
+            return await self.offload(_pread_full, self.fd, length, offset)
         except OSError as exc:
             raise _ioerror(f"read ({event})", self.path, exc) from exc
 
@@ -510,7 +548,7 @@ class FileBackend:
                 return
         while done < total:
             try:
-                n = await to_thread(os.preadv, self.fd, [buf[done:]], offset + done)
+                n = await self.offload(os.preadv, self.fd, [buf[done:]], offset + done)
             except OSError as exc:
                 raise _ioerror(f"read ({event})", self.path, exc) from exc
             if n == 0:
@@ -530,14 +568,46 @@ class FileBackend:
             self.note_inline_write(time.monotonic() - t0)
             return
         # One hop for the whole write, short-write retries included.
-        await to_thread(_pwritev_all, self.fd, views, offset, event, self.path)
+        await self.offload(_pwritev_all, self.fd, views, offset, event, self.path)
+
+    async def aflush(self, event: str = "flush") -> None:
+        try:
+            await self.offload(os.fdatasync, self.fd)
+        except OSError as exc:
+            raise _ioerror(f"flush ({event})", self.path, exc) from exc
+
+    async def atruncate(self, size: int, event: str = "truncate") -> None:
+        try:
+            await self.offload(os.ftruncate, self.fd, size)
+        except OSError as exc:
+            raise _ioerror(f"truncate ({event})", self.path, exc) from exc
+
+
+class FastFileBackend(FileBackend):
+    """:class:`FileBackend` with the faster async engine (see the module docstring).
+
+    Blocking calls go to :class:`IOThreads` instead of aiofiles, and async writes up
+    to ``INLINE_WRITE_MAX`` are done inline on the event loop thread, timed, with a
+    back-off to threads when the kernel starts making writes wait. The data path is
+    otherwise the same (the same system calls), so the image's fast paths apply.
+    Use it with ``qcow2aio.open(path, io_backend=FastFileBackend)``.
+    """
+
+    def __init__(self, path: str, writable: bool = False) -> None:
+        super().__init__(path, writable)
+        # Async writes go to a thread until then (monotonic seconds) after inline ones
+        # were slow; _slow_writes counts slow ones in a row.
+        self._threaded_until = 0.0
+        self._slow_writes = 0
+
+    def offload(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return to_thread(fn, *args)
 
     def inline_write_ok(self, nbytes: int) -> bool:
-        """Whether an async write of ``nbytes`` may be done inline now (small, no backoff)."""
+        """Small, and no back-off in force."""
         return nbytes <= INLINE_WRITE_MAX and time.monotonic() >= self._threaded_until
 
     def note_inline_write(self, seconds: float) -> None:
-        """Record how long an inline write took; slow ones send writes to threads."""
         if seconds <= INLINE_WRITE_SLOW:
             self._slow_writes = 0
             return
@@ -547,15 +617,3 @@ class FileBackend:
         if self._slow_writes >= 2 or seconds > 25 * INLINE_WRITE_SLOW:
             self._threaded_until = time.monotonic() + INLINE_WRITE_BACKOFF
             self._slow_writes = 0
-
-    async def aflush(self, event: str = "flush") -> None:
-        try:
-            await to_thread(os.fdatasync, self.fd)
-        except OSError as exc:
-            raise _ioerror(f"flush ({event})", self.path, exc) from exc
-
-    async def atruncate(self, size: int, event: str = "truncate") -> None:
-        try:
-            await to_thread(os.ftruncate, self.fd, size)
-        except OSError as exc:
-            raise _ioerror(f"truncate ({event})", self.path, exc) from exc
