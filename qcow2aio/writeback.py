@@ -47,18 +47,25 @@ class Writeback:
 
     # ---------------------------------------------------------- pieces
     def write_refblocks(self) -> None:
-        """Write every dirty refcount block and the refcount table if it changed.
+        """Write every dirty refcount block and the refcount table if it changed
+        (synchronously: for eviction and table growth, which already run inline)."""
+        for _ in self.refblock_steps():
+            self.meta.flush_files("reftable_update")
+
+    def refblock_steps(self) -> Iterator[str]:
+        """Refcount blocks, then (after a sync point) the refcount-table entries.
 
         New refcount blocks are made durable before the table entries that point at
         them (QEMU flushes there too): else a crash can leave an entry pointing past
         the end of the file or at stale bytes, i.e. refcounts below the references.
+        A generator, so the async flush awaits that sync instead of blocking the loop.
         """
         meta = self.meta
         for blk in meta.refblock_cache.dirty():
             self._write_refblock(blk)
         rt = meta.reftable
         if rt.dirty and rt.offset:
-            meta.flush_files("reftable_update")
+            yield "reftable_update"
             meta.check_meta_write(rt.offset, len(rt.entries) * 8, "reftable")
             meta.file.pwrite(rt.to_bytes(), rt.offset, "reftable_update")
             rt.dirty = False
@@ -115,7 +122,7 @@ class Writeback:
                 self._mark_dirty_bit()
                 yield "dirty_bit"
         else:
-            self.write_refblocks()
+            yield from self.refblock_steps()
             if dirty_l2 or meta.l1.dirty:
                 yield "refblocks"
         for table in dirty_l2:
@@ -138,7 +145,7 @@ class Writeback:
         yield from self.flush_steps()
         meta = self.meta
         if meta.refblock_cache.dirty() or meta.reftable.dirty:
-            self.write_refblocks()
+            yield from self.refblock_steps()
             yield "refblocks"
         if self.dirty_on_disk:
             hdr = meta.header
