@@ -40,7 +40,7 @@ import struct
 import sys
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import reduce
 from itertools import compress, repeat
 from operator import add, and_, eq, ne, or_, rshift, sub
@@ -264,13 +264,13 @@ class _Res:
         return replace(self)
 
     def assign(self, other: _Res) -> None:
-        """``*res = other`` in C."""
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(other, name))
+        """``*res = other`` in C (the counts only, also into a :class:`CheckResult`)."""
+        for f in fields(_Res):
+            setattr(self, f.name, getattr(other, f.name))
 
 
 @dataclass
-class CheckResult:
+class CheckResult(_Res):
     """The outcome of :func:`check_image`, in the terms of ``qemu-img check``.
 
     The counts are those ``qemu-img check`` reports: after a repair that fixed
@@ -281,16 +281,6 @@ class CheckResult:
     nothing printed on stdout).
     """
 
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
     messages: list[str] = field(default_factory=list)
     error: str | None = None
     # True when a repair fixed something and the image was checked a second time.
@@ -1580,19 +1570,6 @@ def _co_check_locked(ctx: _Context, fix: int) -> _Res:
     return res
 
 
-def _fill(result: CheckResult, res: _Res) -> None:
-    result.corruptions = res.corruptions
-    result.leaks = res.leaks
-    result.check_errors = res.check_errors
-    result.corruptions_fixed = res.corruptions_fixed
-    result.leaks_fixed = res.leaks_fixed
-    result.image_end_offset = res.image_end_offset
-    result.total_clusters = res.total_clusters
-    result.allocated_clusters = res.allocated_clusters
-    result.fragmented_clusters = res.fragmented_clusters
-    result.compressed_clusters = res.compressed_clusters
-
-
 def check_image(
     meta: Metadata, *, repair: str | None = None, data_file_size: int | None = None
 ) -> CheckResult:
@@ -1637,7 +1614,7 @@ def check_image(
             result.error = str(exc)
             ctx.msg(f"qemu-img: Check failed: {exc}")
             return result
-        _fill(result, first)
+        result.assign(first)
         if first.corruptions_fixed or first.leaks_fixed:
             result.double_checked = True
             try:
@@ -1648,7 +1625,7 @@ def check_image(
                 return result
             second.corruptions_fixed = first.corruptions_fixed
             second.leaks_fixed = first.leaks_fixed
-            _fill(result, second)
+            result.assign(second)
         if result.check_errors:
             ctx.msg("qemu-img: Check failed")
         return result

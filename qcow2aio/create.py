@@ -39,6 +39,7 @@ from .backing import RAW_FORMATS, resolve_name
 from .errors import Qcow2Error, Qcow2FormatError, Qcow2IOError, Qcow2UnsupportedError
 from .header import Header, size_to_l1
 from .io import FileBackend
+from .refcount import RefcountBlock
 
 __all__ = ["PREALLOCATION_MODES", "create", "normalize_compat"]
 
@@ -208,38 +209,6 @@ class _SimResult:
     data: _FileModel | None
 
 
-class _Refblock:
-    """A refcount block in the simulated cache (entries of 1 to 64 bits, as in qcow2.txt)."""
-
-    __slots__ = ("data", "dirty", "offset", "order")
-
-    def __init__(self, offset: int, data: bytearray, order: int, dirty: bool = False) -> None:
-        self.offset = offset
-        self.data = data
-        self.order = order
-        self.dirty = dirty
-
-    def get(self, index: int) -> int:
-        order = self.order
-        if order >= 3:
-            width = 1 << (order - 3)
-            return int.from_bytes(self.data[index * width : (index + 1) * width], "big")
-        bitpos = index << order
-        return (self.data[bitpos >> 3] >> (bitpos & 7)) & ((1 << (1 << order)) - 1)
-
-    def set(self, index: int, value: int) -> None:
-        order = self.order
-        if order >= 3:
-            width = 1 << (order - 3)
-            self.data[index * width : (index + 1) * width] = value.to_bytes(width, "big")
-        else:
-            bitpos = index << order
-            mask = ((1 << (1 << order)) - 1) << (bitpos & 7)
-            old = self.data[bitpos >> 3]
-            self.data[bitpos >> 3] = (old & ~mask) | ((value << (bitpos & 7)) & mask)
-        self.dirty = True
-
-
 class _Qcow2Sim:
     """The state of an open ``BDRVQcow2State`` during ``qcow2_co_create``."""
 
@@ -283,7 +252,7 @@ class _Qcow2Sim:
         self.free_cluster_index = 0
         self.l1_table: list[int] = []
         self.l1_table_offset = 0
-        self.refblocks: dict[int, _Refblock] = {}
+        self.refblocks: dict[int, RefcountBlock] = {}
         self.l2_tables: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------ helpers
@@ -303,19 +272,21 @@ class _Qcow2Sim:
         return (offset >> self.cluster_bits) & (self.l2_slice_size - 1)
 
     # ------------------------------------------------------ refcount cache
-    def load_refcount_block(self, offset: int) -> _Refblock:
+    def load_refcount_block(self, offset: int) -> RefcountBlock:
         blk = self.refblocks.get(offset)
         if blk is None:
-            blk = _Refblock(offset, bytearray(self.file.read(offset, self.cs)), self.refcount_order)
+            blk = RefcountBlock(
+                offset, bytearray(self.file.read(offset, self.cs)), self.refcount_order
+            )
             self.refblocks[offset] = blk
         return blk
 
-    def get_empty_refcount_block(self, offset: int) -> _Refblock:
-        blk = _Refblock(offset, bytearray(self.cs), self.refcount_order, dirty=True)
+    def get_empty_refcount_block(self, offset: int) -> RefcountBlock:
+        blk = RefcountBlock(offset, bytearray(self.cs), self.refcount_order, dirty=True)
         self.refblocks[offset] = blk
         return blk
 
-    def flush_refblock(self, blk: _Refblock) -> None:
+    def flush_refblock(self, blk: RefcountBlock) -> None:
         self.file.write(blk.offset, blk.data)
         blk.dirty = False
 
@@ -340,7 +311,7 @@ class _Qcow2Sim:
         return (a >> shift) == (b >> shift)
 
     # ------------------------------------------------------- qcow2-refcount.c
-    def alloc_refcount_block(self, cluster_index: int) -> _Refblock:
+    def alloc_refcount_block(self, cluster_index: int) -> RefcountBlock:
         """alloc_refcount_block: load or create the block covering ``cluster_index``.
 
         Raises :class:`_EAgain` whenever it had to allocate, like QEMU, so the
@@ -471,7 +442,7 @@ class _Qcow2Sim:
         start = self.start_of_cluster(offset)
         last = self.start_of_cluster(offset + length - 1)
         old_table_index = -1
-        blk: _Refblock | None = None
+        blk: RefcountBlock | None = None
         cluster_offset = start
         try:
             while cluster_offset <= last:
@@ -511,7 +482,7 @@ class _Qcow2Sim:
                 self.update_refcount(offset, cluster_offset - offset, addend, decrease=not decrease)
             raise
 
-    def _set_free_run(self, blk: _Refblock, first: int, last: int) -> int:
+    def _set_free_run(self, blk: RefcountBlock, first: int, last: int) -> int:
         """Set refcount 1 on clusters ``first..`` (same block, up to ``last``) whose refcount is 0.
 
         Equivalent to the per-cluster loop of update_refcount for byte-wide

@@ -128,12 +128,9 @@ def _queue_free_old(img: Image, entry: int) -> None:
     alloc = meta.allocator
     assert alloc is not None
     if entry & C.QCOW_OFLAG_COMPRESSED:
+        # The sectors the descriptor names, whole: QEMU frees exactly those clusters.
         d = compressed_descriptor(entry, meta.cluster_bits)
-        start = d.offset & ~511
-        nbytes = (
-            (entry >> (62 - (meta.cluster_bits - 8))) & ((1 << (meta.cluster_bits - 8)) - 1)
-        ) + 1
-        alloc.free_later(start, nbytes * 512, img.retire_epoch())
+        alloc.free_later(d.offset & ~511, d.size + (d.offset & 511), img.retire_epoch())
         return
     host = entry & C.L2E_OFFSET_MASK
     if host and not meta.has_data_file:
