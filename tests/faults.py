@@ -22,16 +22,16 @@ import errno
 import json
 import random
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
+
+import pytest
+from conftest import Qemu
 
 import qcow2aio
 from qcow2aio.io import BackendFactory, Buffer, FileBackend
-
-if TYPE_CHECKING:
-    from conftest import Qemu
 
 # The fault points of the issue, under the event names qcow2aio's I/O calls carry.
 FAULT_POINTS: tuple[str, ...] = (
@@ -436,6 +436,31 @@ def build_template(qemu: Qemu, folder: Path, wl: Workload) -> Template:
     mapping = json.loads(qemu.img("map", "--output=json", str(path)).stdout)
     hot = [(m["start"], m["length"]) for m in mapping if m.get("data") and m.get("depth") == 0]
     return Template(path, content, wl, hot)
+
+
+Templates = Callable[[str], Template]
+
+
+def templates_fixture(label: str, workloads: Mapping[str, Workload]) -> Any:
+    """A module-scoped pytest fixture ``templates``: ``templates(name)`` builds the named
+    workload's starting image once per module (in a folder named ``label``)."""
+
+    @pytest.fixture(scope="module")
+    def templates(
+        qemu_tools: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[Templates]:
+        folder = tmp_path_factory.mktemp(label)
+        q = Qemu(qemu_tools["qemu-img"], qemu_tools["qemu-io"], folder)
+        cache: dict[str, Template] = {}
+
+        def get(name: str) -> Template:
+            if name not in cache:
+                cache[name] = build_template(q, folder, workloads[name])
+            return cache[name]
+
+        yield get
+
+    return templates
 
 
 def copy_image(template: Template, dest: Path) -> Path:

@@ -28,7 +28,6 @@ import errno
 import json
 import os
 import random
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,35 +45,22 @@ from faults import (
     Oracle,
     RunResult,
     Template,
+    Templates,
     Workload,
-    build_template,
     copy_image,
     make_ops,
     run_async,
     run_sync,
+    templates_fixture,
 )
 
 import qcow2aio
 
 STRESS = os.environ.get("QCOW2AIO_STRESS") == "1"
 ALL_WORKLOADS: dict[str, Workload] = {**WORKLOADS, **EXTRA_WORKLOADS}
-Templates = Callable[[str], Template]
 
 
-@pytest.fixture(scope="module")
-def templates(
-    qemu_tools: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Templates]:
-    folder = tmp_path_factory.mktemp("fault-templates")
-    q = Qemu(qemu_tools["qemu-img"], qemu_tools["qemu-io"], folder)
-    cache: dict[str, Template] = {}
-
-    def get(name: str) -> Template:
-        if name not in cache:
-            cache[name] = build_template(q, folder, ALL_WORKLOADS[name])
-        return cache[name]
-
-    yield get
+templates = templates_fixture("fault-templates", ALL_WORKLOADS)
 
 
 def _attach(request: pytest.FixtureRequest, cases: int, fired: int, failed: int, bad: int) -> None:

@@ -49,7 +49,7 @@ from crashsim import (
     materialize,
     ordering_violations,
 )
-from faults import Op, Template, Workload, batches, build_template, make_ops
+from faults import Op, Template, Templates, Workload, batches, make_ops, templates_fixture
 
 import qcow2aio
 from qcow2aio.check import check_image
@@ -86,23 +86,9 @@ PC_EXTRA: dict[str, Workload] = {
     "lazy512": Workload("lazy512", 1 * MiB, 512, lazy=True, backing=True, prefill=True, nops=24),
 }
 ALL_PC: dict[str, Workload] = {**PC_WORKLOADS, **PC_EXTRA}
-Templates = Callable[[str], Template]
 
 
-@pytest.fixture(scope="module")
-def templates(
-    qemu_tools: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Templates]:
-    folder = tmp_path_factory.mktemp("powercut-templates")
-    q = Qemu(qemu_tools["qemu-img"], qemu_tools["qemu-io"], folder)
-    cache: dict[str, Template] = {}
-
-    def get(name: str) -> Template:
-        if name not in cache:
-            cache[name] = build_template(q, folder, ALL_PC[name])
-        return cache[name]
-
-    yield get
+templates = templates_fixture("powercut-templates", ALL_PC)
 
 
 # --------------------------------------------------------------- recording
