@@ -7,6 +7,8 @@ because ``qemu-img bench -t writeback`` without ``--flush-interval`` does not.
 The async run keeps ``depth`` requests in flight: ``depth`` coroutines pull the
 next offset from one shared iterator and ``await`` one request at a time; it runs
 once with the default I/O engine (aiofiles) and once with ``FastFileBackend``.
+Read streams also run through ``await readinto`` (default engine), each coroutine
+reading into its own buffer: the API for bulk reads, which returns no new ``bytes``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def run_sync(path: str, stream: Stream) -> float:
         img.close()
 
 
-async def _run_async(path: str, stream: Stream, depth: int, fast: bool) -> float:
+async def _run_async(path: str, stream: Stream, depth: int, fast: bool, into: bool) -> float:
     offsets = iter(stream.offset_list())
     size = stream.size
     img = qcow2aio.open(
@@ -59,6 +61,14 @@ async def _run_async(path: str, stream: Stream, depth: int, fast: bool) -> float
             async def worker() -> None:
                 for off in offsets:
                     await write(off, data)
+
+        elif into:
+            readinto = img.readinto
+
+            async def worker() -> None:
+                view = memoryview(bytearray(size))
+                for off in offsets:
+                    await readinto(view, off)
 
         else:
             read = img.read
@@ -78,9 +88,14 @@ async def _run_async(path: str, stream: Stream, depth: int, fast: bool) -> float
         await img.aclose()
 
 
-def run_async(path: str, stream: Stream, depth: int, *, fast: bool = False) -> float:
+def run_async(
+    path: str, stream: Stream, depth: int, *, fast: bool = False, into: bool = False
+) -> float:
     """``await read/write`` with ``depth`` requests in flight; seconds of the request loop.
 
     ``fast`` opens the image with ``io_backend=FastFileBackend`` (own thread pool, small
-    writes inline) instead of the default engine (aiofiles)."""
-    return asyncio.run(_run_async(path, stream, depth, fast))
+    writes inline) instead of the default engine (aiofiles); ``into`` reads with
+    ``await readinto`` into a buffer per coroutine instead of ``await read``."""
+    if into and stream.write:
+        raise ValueError("readinto is for read streams")
+    return asyncio.run(_run_async(path, stream, depth, fast, into))

@@ -153,17 +153,20 @@ def stream_workload(
     note: str = "",
     warm_files: Callable[[], list[str]] | None = None,
 ) -> list[Row]:
-    """Depth 1 and 16 through QEMU (each engine), read_sync/write_sync, and await read/write.
+    """Depth 1 and 16 through QEMU (each engine), read_sync/write_sync, and await read/write
+    (with each engine; reads also through await readinto).
 
     ``image`` gives the persistent image to use; ``None`` means a fresh image per run.
     """
-    rows = {
-        "sync": Row(name, "sync", unit, target=sync_target, note=note),
-        "async d1": Row(name, "async d1", unit, target=async_targets[0], note=note),
-        "async d16": Row(name, "async d16", unit, target=async_targets[1], note=note),
-        "fast d1": Row(name, "fast d1", unit, target=async_targets[0], note=note),
-        "fast d16": Row(name, "fast d16", unit, target=async_targets[1], note=note),
-    }
+    # Async variants at each depth: (row kind, FastFileBackend?, readinto?).
+    variants = [("async", False, False), ("fast", True, False)]
+    if not stream.write:
+        variants.append(("readinto", False, True))
+    rows = {"sync": Row(name, "sync", unit, target=sync_target, note=note)}
+    for kind, _, _ in variants:
+        for depth, depth_target in ((1, async_targets[0]), (16, async_targets[1])):
+            mode = f"{kind} d{depth}"
+            rows[mode] = Row(name, mode, unit, target=depth_target, note=note)
     persistent = image() if image is not None else None
     if warm_files is not None:
         for f in warm_files():
@@ -179,9 +182,9 @@ def stream_workload(
 
     for rep in range(ctx.cfg.reps):
         for depth in (1, 16):
-            same_depth = (
-                ("sync", "async d1", "fast d1") if depth == 1 else ("async d16", "fast d16")
-            )
+            same_depth = [f"{kind} d{depth}" for kind, _, _ in variants]
+            if depth == 1:
+                same_depth.append("sync")
             for engine in ctx.engines:
                 with target() as p:
                     secs = qemu.bench(p, stream, aio=engine, depth=depth)
@@ -194,11 +197,12 @@ def stream_workload(
                     value = _rate(stream, ours.run_sync(p, stream), unit)
                 rows["sync"].ours.append(value)
                 ctx.log(f"  rep {rep + 1} ours sync         {value:12.1f} {unit}")
-            for kind, fast in (("async", False), ("fast", True)):
+            for kind, fast, into in variants:
                 with target() as p:
-                    value = _rate(stream, ours.run_async(p, stream, depth, fast=fast), unit)
+                    secs = ours.run_async(p, stream, depth, fast=fast, into=into)
+                value = _rate(stream, secs, unit)
                 rows[f"{kind} d{depth}"].ours.append(value)
-                ctx.log(f"  rep {rep + 1} ours {kind:5} d{depth:<2}       {value:12.1f} {unit}")
+                ctx.log(f"  rep {rep + 1} ours {kind:8} d{depth:<2}    {value:12.1f} {unit}")
     return list(rows.values())
 
 
@@ -560,10 +564,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         "Throughput: medians [min-max] over the repetitions; ratio = ours / QEMU (higher is "
-        "better). QEMU = better of -i threads / -i io_uring at the same depth; sync and async "
-        "d1 compare with QEMU at depth 1. async = await read/write with the default I/O engine "
-        "(aiofiles); fast = the same with io_backend=FastFileBackend (own thread pool, small "
-        "writes inline). Timed window = first request to last completion, no "
+        "better). QEMU = better of -i threads / -i io_uring at the same depth; sync and every "
+        "d1 row compare with QEMU at depth 1. async = await read/write with the default I/O "
+        "engine (aiofiles); fast = the same with io_backend=FastFileBackend (own thread pool, "
+        "small writes inline); readinto = await readinto a buffer per coroutine (default "
+        "engine; no new bytes per read). Timed window = first request to last completion, no "
         "flush (qemu-img bench -t writeback); convert includes create, open and the closing "
         "fdatasync on both sides."
     )
