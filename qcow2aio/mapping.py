@@ -178,27 +178,27 @@ def map_plain(meta: Metadata, offset: int, length: int, copied: bool = False) ->
     zero (or its L2 table does not exist), so a read can go straight to the
     backing file (or return zeros) without building a plan either.
     """
-    if meta.extended_l2 or meta.has_data_file or length <= 0:
+    if not meta.plain_layout or length <= 0:
         return -1
-    cluster_bits = meta.cluster_bits
-    shift = cluster_bits + meta.l2_bits
+    shift = meta.l1_shift
     l1_index = offset >> shift
     if (offset + length - 1) >> shift != l1_index:
         return -1
-    l1 = meta.l1.entries
-    if l1_index >= len(l1):
+    try:
+        l1_entry = meta.l1.entries[l1_index]
+    except IndexError:  # past the L1 table: unallocated, as map_read treats it
         return UNALLOCATED
-    l1_entry = l1[l1_index]
     if not l1_entry:
         return UNALLOCATED
-    cmask = meta.cluster_size - 1
+    cmask = meta.cluster_mask
     l2_off = l1_entry & _L1_OFFSET
     want = _COPIED if copied else 0
     if l1_entry & _L1_RESERVED or not l2_off or l2_off & cmask or (l1_entry & want) != want:
         return -1
     table = meta.l2_cache.get(l2_off)
     entries = (table if table is not None else meta.l2_table(l2_off)).entries
-    idx = (offset >> cluster_bits) & (meta.l2_entries - 1)
+    cluster_bits = meta.cluster_bits
+    idx = (offset >> cluster_bits) & meta.l2_mask
     entry = entries[idx]
     last = idx + (((offset & cmask) + length - 1) >> cluster_bits)
     if not entry:

@@ -58,6 +58,11 @@ class Metadata:
         self.version = hdr.version
         self.has_data_file = hdr.has_data_file
         self.subcluster_bits = hdr.cluster_bits - 5 if hdr.extended_l2 else hdr.cluster_bits
+        # Derived once for mapping.map_plain, the per-request fast path.
+        self.plain_layout = not (hdr.extended_l2 or hdr.has_data_file)
+        self.l1_shift = hdr.cluster_bits + hdr.l2_bits  # guest offset >> l1_shift = L1 index
+        self.cluster_mask = hdr.cluster_size - 1
+        self.l2_mask = self.l2_entries - 1
 
         # Active L1 table, sized by the validated l1_size (<= 32 MiB).
         self.l1 = Table(hdr.l1_table_offset, read_table(file, hdr.l1_table_offset, hdr.l1_size))
