@@ -117,6 +117,10 @@ class Image:
         self._epoch = 0
         self._active: Counter[int] = Counter()
         self._background: set[asyncio.Task[None]] = set()
+        # aclose() drains like QEMU before closing: from its start new requests are
+        # refused, and it waits (futures below) until no request is in flight.
+        self._closing = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
         self._poisoned: str | None = None
         self._poisoned_errno = _errno.EIO
         try:
@@ -186,8 +190,8 @@ class Image:
 
     # -------------------------------------------------------------- mapping
     def _check_range(self, offset: int, length: int) -> None:
-        if self._closed:
-            raise Qcow2Error(f"image {self.path!r} is closed")
+        if self._closed or self._closing:
+            raise Qcow2Error(f"image {self.path!r} is {'closed' if self._closed else 'closing'}")
         size = self.meta.header.size & ~511
         if offset < 0 or length < 0 or offset + length > size:
             raise Qcow2RangeError(
@@ -584,6 +588,21 @@ class Image:
         self._active[ep] -= 1
         if not self._active[ep]:
             del self._active[ep]
+            if not self._active and self._idle_waiters:
+                for fut in self._idle_waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+                self._idle_waiters.clear()
+
+    async def _drain(self) -> None:
+        """Wait until no request is in flight: none registered, no write step running."""
+        while self._active or self._background:
+            if self._background:
+                await asyncio.gather(*list(self._background), return_exceptions=True)
+                continue
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(fut)
+            await fut
 
     def retire_epoch(self) -> int:
         """Tag for a cluster being unlinked now: requests up to this epoch may still use it."""
@@ -969,17 +988,24 @@ class Image:
         yield from self.meta.writeback.close_steps()
 
     async def aclose(self) -> None:
-        """Wait for requests still finishing, then close like :meth:`close`."""
+        """Drain, then close like :meth:`close`.
+
+        As QEMU drains a block device before closing it: from the call on, new
+        requests are refused (``Qcow2Error``: closing); requests already in flight run
+        to completion, their clusters linked and their deferred frees applied, so
+        closing under load neither fails them nor leaks. If ``aclose`` is cancelled
+        while draining, the image stays closing: call it again to finish.
+        """
         if self._closed:
             return
-        # Hold the lock with no write step in flight: none can start meanwhile (preparing
-        # one takes the lock), and whoever gets the lock after us finds the image closed
-        # instead of changing cached metadata nobody will write back.
+        self._closing = True
+        # Then hold the lock with nothing in flight: nothing can start meanwhile, and
+        # whoever gets the lock after us finds the image closed instead of changing
+        # cached metadata nobody will write back.
         while True:
-            while self._background:
-                await asyncio.gather(*list(self._background), return_exceptions=True)
+            await self._drain()
             await self.lock.acquire()
-            if not self._background:
+            if not self._background and not self._active:
                 break
             self.lock.release()
         if self._closed:  # another aclose() finished while we waited for the lock
