@@ -785,7 +785,6 @@ class Scenario:
     setup: Callable[[SimEnv, int], ImageSetup]
     body: Callable[[Ctx], Awaitable[None]]
     verify: Callable[[Ctx, qcow2aio.Image, bytes, dict[str, Any]], None] | None = None
-    allow_leaks: bool = False
     unserialized_catchable: bool = True
     default_seeds: int = 30
     note: str = ""
@@ -913,7 +912,7 @@ def _verify(scn: Scenario, ctx: Ctx, out: Outcome, env: SimEnv) -> None:
         out.leaks = int(report.get("leaks", 0))
         if report.get("corruptions", 0) or report.get("check-errors", 0):
             out.failures.append(Failure("check", f"check() found {report}"))
-        elif out.leaks and not scn.allow_leaks:
+        elif out.leaks:
             out.failures.append(Failure("check", f"check() found {out.leaks} leaked clusters"))
     if out.leaks:
         out.stats["seeds with leaks"] += 1
@@ -921,7 +920,7 @@ def _verify(scn: Scenario, ctx: Ctx, out: Outcome, env: SimEnv) -> None:
         _verify_flush_copy(ctx, out, copy, start, at, env)
     if final and _wants_qemu(ctx, out):
         out.qemu_checked = True
-        _qemu_checks(scn, ctx, out, env, final)
+        _qemu_checks(ctx, out, env, final)
 
 
 def _wants_qemu(ctx: Ctx, out: Outcome) -> bool:
@@ -957,12 +956,11 @@ def _verify_flush_copy(
             )
 
 
-def _qemu_checks(scn: Scenario, ctx: Ctx, out: Outcome, env: SimEnv, final: bytes) -> None:
+def _qemu_checks(ctx: Ctx, out: Outcome, env: SimEnv, final: bytes) -> None:
     if env.qemu is None:
         return
     proc = env.qemu.img("check", "--output=json", str(ctx.path), check=False)
-    allowed = (0, 3) if scn.allow_leaks else (0,)
-    if proc.returncode not in allowed:
+    if proc.returncode != 0:
         out.failures.append(
             Failure("qemu", f"qemu-img check: exit {proc.returncode}\n{proc.stdout}{proc.stderr}")
         )
