@@ -249,10 +249,19 @@ class Allocator:
         """Apply durable decreases no in-flight request can still depend on."""
         keep: list[PendingFree] = []
         done = 0
-        for p in self.pending:
+        items = self.pending
+        for i, p in enumerate(items):
             if p.durable and (oldest_active_epoch is None or oldest_active_epoch > p.epoch):
-                self.meta.file.event("cluster_free")
-                self.update_refcount(p.offset, p.length, -1)
+                try:
+                    self.meta.file.event("cluster_free")
+                    self.update_refcount(p.offset, p.length, -1)
+                except BaseException:
+                    # Applied ones are gone from the queue, so a later flush cannot apply
+                    # them twice (a refcount below its references: corruption). This one
+                    # may be half applied (a range over two clusters): dropped, so it
+                    # leaks at worst. The rest stay queued.
+                    self.pending = keep + items[i + 1 :]
+                    raise
                 done += 1
             else:
                 keep.append(p)

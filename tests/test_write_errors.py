@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import struct
 from collections.abc import Sequence
@@ -118,3 +119,40 @@ async def test_failed_flush_refuses_writes_until_reopen(qemu: Qemu, tmp_path: Pa
     with qcow2aio.open(path, "r+") as img2:
         img2.write_sync(0, b"c")
     assert qemu.check(path)[0] in (0, 3)
+
+
+def test_frees_failing_half_way_are_never_applied_twice(qemu: Qemu, tmp_path: Path) -> None:
+    """A refcount decrease that fails in the middle of a batch: those applied before it
+    leave the queue (applying them again at the next flush would drop refcounts below
+    their references), the failed one is dropped (a leak at worst), the rest stay."""
+    path = tmp_path / "f.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "1M")
+    with qcow2aio.open(path, "r+") as img:
+        for i in range(4):
+            img.write_sync(i * 4096, bytes([i + 1]) * 4096)
+        img.flush_sync()
+        hosts = [m.host for m in (img.map(i * 4096, 4096)[0] for i in range(4))]
+        for i in range(4):
+            asyncio.run(img.discard(i * 4096, 4096))
+        alloc = img.meta.allocator
+        assert alloc is not None and len(alloc.pending) == 4
+        alloc.mark_frees_durable()
+        real = alloc.update_refcount
+        calls: list[int] = []
+
+        def flaky(offset: int, length: int, addend: int) -> None:
+            calls.append(offset)
+            if len(calls) == 2:
+                raise qcow2aio.Qcow2IOError("injected EIO at cluster_free", errno.EIO)
+            real(offset, length, addend)
+
+        alloc.update_refcount = flaky  # type: ignore[method-assign]
+        with pytest.raises(qcow2aio.Qcow2IOError, match="injected"):
+            alloc.apply_frees(None)
+        assert [p.offset for p in alloc.pending] == hosts[2:]
+        alloc.update_refcount = real  # type: ignore[method-assign]
+        assert alloc.apply_frees(None) == 2
+        assert alloc.pending == []
+        assert [alloc.refcount(h >> 12) for h in hosts] == [0, 1, 0, 0]
+    rc, report = qemu.check(path)
+    assert rc == 3 and report.get("leaks") == 1 and not report.get("corruptions"), report
