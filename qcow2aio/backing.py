@@ -80,6 +80,13 @@ class RawImage:
             )
         await self._file.areadinto(buf, offset, "read_backing")
 
+    def locate(self, offset: int, length: int) -> tuple[FileBackend | None, int]:
+        """Where ``[offset, offset+length)`` lies: here, at the same offset (see
+        ``Image.locate``); ``(None, -1)`` past the end or when reads are not plain."""
+        if offset + length <= self.size and self._file.plain_reads:
+            return self._file, offset
+        return None, -1
+
     def close(self) -> None:
         self._file.close()
 

@@ -61,6 +61,14 @@ Backing = "Image | RawImage"
 # started has finished, a signal's exception included (tests/test_parallel_map.py).
 _INFLATE_HELPERS = 1
 _ZEROS = bytes(1 << 16)
+# Answers of Image._fast_source / locate: a (file, host offset) pair, or one of these.
+_ZERO_RUN: tuple[FileBackend | None, int] = (None, 0)  # reads as zeros
+_NO_FAST: tuple[FileBackend | None, int] = (None, -1)  # take the general path (a plan)
+# locate()'s per-cluster cache of a read-only image: entries (a bound on its memory,
+# about 4 MiB), and the codes that are not "host | file index".
+_LOCATED_MAX = 1 << 15
+_LOC_ZERO = -2
+_LOC_OTHER = -1
 
 
 def _write_event(step: WriteStep) -> str:
@@ -112,6 +120,9 @@ class Image:
         self.serialized = testing.serialized()
         self.lock: MetaLock = MetaLock() if self.serialized else NoLock()
         self._compressed_cache: tuple[int, bytes] | None = None
+        # locate(): guest cluster -> host | index into _located_files (read-only images).
+        self._located: dict[int, int] = {}
+        self._located_files: list[FileBackend] = []
         # Requests that hold host offsets from a mapping, by the epoch they started in;
         # a freed cluster is reused only after every older request has finished.
         self._epoch = 0
@@ -216,22 +227,19 @@ class Image:
         if self.lock.blocks_readers():
             raise ImageBusyError("metadata is being rewritten by a suspended request")
         data_file = self._data
-        # Fast paths: no plan built. Plain data contiguous on the host is one pread
-        # straight into the bytes returned; an unallocated range is the backing file's.
-        host = map_plain(self.meta, offset, length)
-        if host >= 0 and data_file.plain_reads:
+        # Fast path: no plan built. Plain bytes contiguous in one file (this image's, or
+        # a backing file's for a range unallocated here) are one pread straight into
+        # the bytes returned.
+        src, host = self._fast_source(offset, length)
+        if src is not None:
             try:
-                data = os.pread(data_file.fd, length, host)
+                data = os.pread(src.fd, length, host)
             except OSError:
                 data = b""  # let the general path report the error properly
             if len(data) == length:
                 return data
-        elif host == UNALLOCATED:
-            backing = self.backing
-            if backing is None:
-                return bytes(length)
-            if isinstance(backing, Image) and offset + length <= backing.size:
-                return backing.read_sync(offset, length)
+        elif host == 0:
+            return bytes(length)
         plan = map_read(self.meta, offset, length, self.backing is not None)
         if len(plan) == 1 and plan[0].kind == DATA and data_file.plain_reads:
             try:
@@ -253,24 +261,85 @@ class Image:
         self._check_range(offset, len(buf))
         if self.lock.blocks_readers():
             raise ImageBusyError("metadata is being rewritten by a suspended request")
-        data_file = self._data
-        host = map_plain(self.meta, offset, len(buf))
-        if host >= 0 and data_file.plain_reads:
+        src, host = self._fast_source(offset, len(buf))
+        if src is not None:
             try:
-                if os.preadv(data_file.fd, [buf], host) == len(buf):
+                if os.preadv(src.fd, [buf], host) == len(buf):
                     return
             except OSError:
                 pass  # the general path reports it
-        elif host == UNALLOCATED:
-            backing = self.backing
-            if backing is None:
-                _zero(buf)
-                return
-            if offset + len(buf) <= backing.size:
-                backing.readinto_sync(buf, offset)
-                return
+        elif host == 0:
+            _zero(buf)
+            return
         plan = map_read(self.meta, offset, len(buf), self.backing is not None)
         self._run_plan_sync(plan, buf, offset)
+
+    def _fast_source(self, offset: int, length: int) -> tuple[FileBackend | None, int]:
+        """Where a read of guest ``[offset, offset+length)`` can go without a plan.
+
+        ``(file, host offset)`` when the range is one run of plain bytes in one file:
+        this image's data, or, for a range unallocated here, a backing file's (found
+        by :meth:`locate` down the chain). ``_ZERO_RUN`` when it reads as zeros,
+        ``_NO_FAST`` for anything else (the caller plans it with ``map_read``, which
+        also reports corruption). Metadata must be readable (the caller checked).
+        """
+        host = map_plain(self.meta, offset, length)
+        if host >= 0:
+            return (self._data, host) if self._data.plain_reads else _NO_FAST
+        if host != UNALLOCATED:
+            return _NO_FAST
+        backing = self.backing
+        if backing is None:
+            return _ZERO_RUN
+        if offset + length > backing.size:
+            return _NO_FAST  # partly past a shorter backing file: zeros there
+        return backing.locate(offset, length)
+
+    def locate(self, offset: int, length: int) -> tuple[FileBackend | None, int]:
+        """:meth:`_fast_source` for an image used as a backing file, cached per cluster.
+
+        A backing file is opened read-only and nobody may change it while an overlay
+        uses it (QEMU's rule too), so its mapping is fixed: the answer for a whole
+        cluster, once found, serves every later read inside that cluster, and a read
+        through a chain costs one walk of the overlay's tables and one dictionary
+        lookup per backing file, not a walk of every layer's tables. Writable images
+        answer ``_NO_FAST`` (their mapping changes under the lock).
+        """
+        if self.writable or self._closed:
+            return _NO_FAST
+        cb = self.meta.cluster_bits
+        c = offset >> cb
+        if (offset + length - 1) >> cb != c:
+            return self._fast_source(offset, length)
+        code = self._located.get(c)
+        if code is None:
+            code = self._locate_cluster(c)
+        if code >= 0:
+            host = (code & ~511) + (offset & self.meta.cluster_mask)
+            return self._located_files[code & 511], host
+        if code == _LOC_ZERO:
+            return _ZERO_RUN
+        # The cluster as a whole is not one plain run; this part of it may still be.
+        return self._fast_source(offset, length)
+
+    def _locate_cluster(self, c: int) -> int:
+        """Find and cache where guest cluster ``c`` (up to the disk's end) lies."""
+        start = c << self.meta.cluster_bits
+        src, host = self._fast_source(start, min(self.meta.cluster_size, self.size - start))
+        code = _LOC_OTHER
+        if src is None:
+            code = _LOC_ZERO if host == 0 else _LOC_OTHER
+        elif not host & 511:  # a cluster start: sector aligned, the low bits are free
+            files = self._located_files
+            idx = next((i for i, f in enumerate(files) if f is src), len(files))
+            if idx == len(files):
+                files.append(src)
+            if idx < 512:
+                code = host | idx
+        if len(self._located) >= _LOCATED_MAX:
+            self._located.clear()
+        self._located[c] = code
+        return code
 
     def _run_plan_sync(
         self, plan: list[Extent], dest: memoryview, base: int, event: str = "data_read"
@@ -400,21 +469,16 @@ class Image:
         data_file = self._data
         plain = data_file.plain_reads
         if not self.lock.blocks_readers():
-            # Fast paths: plain data in the page cache is read inline (RWF_NOWAIT), with
+            # Fast path: plain bytes in the page cache are read inline (RWF_NOWAIT), with
             # no plan, no thread hop and nothing registered (there is no await between
-            # the lookup and the read, so no cluster can be freed in between); an
-            # unallocated range is the backing file's (this image's clusters are not used).
-            host = map_plain(self.meta, offset, length)
-            if host >= 0 and plain:
-                data = data_file.pread_nowait(host, length)
+            # the lookup and the read, so no cluster can be freed in between).
+            src, host = self._fast_source(offset, length)
+            if src is not None:
+                data = src.pread_nowait(host, length)
                 if data is not None:
                     return data
-            elif host == UNALLOCATED:
-                backing = self.backing
-                if backing is None:
-                    return bytes(length)
-                if isinstance(backing, Image) and offset + length <= backing.size:
-                    return await backing.read(offset, length)
+            elif host == 0:
+                return bytes(length)
         ep = self._enter()
         try:
             plan = await self._map_for_read(offset, length)
@@ -457,22 +521,15 @@ class Image:
     async def readinto(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from guest ``offset``."""
         self._check_range(offset, len(buf))
-        data_file = self._data
         if not self.lock.blocks_readers():
-            # Fast paths, as in read(): inline when it is plain data in the page cache,
-            # straight to the backing file when it is unallocated here.
-            host = map_plain(self.meta, offset, len(buf))
-            if host >= 0 and data_file.plain_reads:
-                if data_file.readinto_nowait(buf, host):
+            # Fast path, as in read(): inline when it is plain bytes in the page cache.
+            src, host = self._fast_source(offset, len(buf))
+            if src is not None:
+                if src.readinto_nowait(buf, host):
                     return
-            elif host == UNALLOCATED:
-                backing = self.backing
-                if backing is None:
-                    _zero(buf)
-                    return
-                if offset + len(buf) <= backing.size:
-                    await backing.readinto(buf, offset)
-                    return
+            elif host == 0:
+                _zero(buf)
+                return
         # Registered from mapping to the end of the data phase: clusters this plan
         # names are not reused until we are done (see docs/concurrency.md).
         ep = self._enter()
