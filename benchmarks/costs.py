@@ -28,6 +28,7 @@ import qcow2aio
 from qcow2aio.io import BackendFactory, FastFileBackend
 
 from . import qemu
+from .runner import write_compressible
 from .stream import RANDOM_STEP_4K, KiB, MiB, Stream
 
 
@@ -205,6 +206,42 @@ def costs(workdir: str, quick: bool) -> Iterator[Cost]:
             await rd(view1m, o)
 
     yield _best("await readinto 1M (depth 1)", len(offs1m), lambda: _async(areadinto1m), reps)
+    img.close()
+
+    # A 3-deep chain, as in the benchmark: 1/8 of the clusters in the top, 1/8 in the
+    # middle, the rest read from the base (the allocated image above).
+    mid = qemu.create(os.path.join(workdir, "mid.qcow2"), size, backing=alloc)
+    fill = Stream(64 * KiB, size // (512 * KiB), size, step=512 * KiB, write=True)
+    qemu.bench(mid, fill, aio="threads", depth=16)
+    top = qemu.create(os.path.join(workdir, "top.qcow2"), size, backing=mid)
+    fill = Stream(64 * KiB, size // (512 * KiB), size, step=512 * KiB, offset=256 * KiB, write=True)
+    qemu.bench(top, fill, aio="threads", depth=16)
+    img = qcow2aio.open(top)
+    rc = img.read_sync
+    for o in offs4k:  # warm: page cache, and the chain's per-cluster answers
+        rc(o, 4096)
+
+    def chain_read_sync4k() -> None:
+        for o in offs4k:
+            rc(o, 4096)
+
+    yield _best("read_sync 4K, 3-deep chain", n4k, lambda: chain_read_sync4k, reps)
+    img.close()
+
+    # Compressed: 1 MiB reads of `qemu-img convert -c` output (zlib, text-like data).
+    comp_size = 16 * MiB if quick else 64 * MiB
+    raw = os.path.join(workdir, "compressible.raw")
+    write_compressible(raw, comp_size)
+    comp = os.path.join(workdir, "compressed.qcow2")
+    qemu.convert(raw, comp, compress=True)
+    img = qcow2aio.open(comp)
+    offs_c = Stream(MiB, comp_size // MiB, comp_size).offset_list()
+
+    def compressed_read_sync1m() -> None:
+        for o in offs_c:
+            img.read_sync(o, MiB)
+
+    yield _best("read_sync 1M, compressed image", len(offs_c), lambda: compressed_read_sync1m, 2)
     img.close()
 
     img = qcow2aio.open(alloc, "r+")

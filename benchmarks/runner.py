@@ -320,7 +320,7 @@ def w_chain_randread(ctx: Context) -> list[Row]:
     )
 
 
-def _compressible(path: str, size: int) -> None:
+def write_compressible(path: str, size: int) -> None:
     """Text-like clusters (deflate ~3x with QEMU's 4 KiB window), 1 in 8 random (stored)."""
     rng = random.Random(20261125)
     words = [
@@ -341,7 +341,7 @@ def _compressible(path: str, size: int) -> None:
 def _compressed_image(ctx: Context) -> str:
     def make(path: str) -> None:
         raw = ctx.path("compressible.raw")
-        _compressible(raw, ctx.cfg.compressed_size)
+        write_compressible(raw, ctx.cfg.compressed_size)
         qemu.convert(raw, path, compress=True)
         os.unlink(raw)
 
