@@ -61,13 +61,14 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class FileOp:
-    """One completed write (``data``) or truncate (``size``) of the image file."""
+    """One completed write (``data``) or truncate (``size``) of a recorded file."""
 
     pos: int  # journal position (completion)
     offset: int
     data: bytes | None = None
     size: int | None = None
     event: str = ""
+    file: str = ""  # the file's path
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +76,16 @@ class FlushRec:
     start: int
     end: int | None = None
     event: str = ""
+    file: str = ""  # the file this fdatasync made durable
 
 
 class Journal:
-    """Everything that happened to one image file, in order."""
+    """Everything that happened to the recorded files, in order.
+
+    Crash states (:func:`build_states`, :func:`materialize`) model one file, the
+    image; :func:`ordering_violations` also reads logs of an image with an external
+    data file, whose writes and fdatasyncs are recorded with their file's path.
+    """
 
     def __init__(self) -> None:
         self.pos = 0
@@ -91,19 +98,19 @@ class Journal:
         return self.pos
 
     # file side (RecordingBackend)
-    def write(self, offset: int, data: bytes, event: str = "") -> None:
-        self.ops.append(FileOp(self._tick(), offset, data=data, event=event))
+    def write(self, offset: int, data: bytes, event: str = "", file: str = "") -> None:
+        self.ops.append(FileOp(self._tick(), offset, data=data, event=event, file=file))
 
-    def truncate(self, size: int) -> None:
-        self.ops.append(FileOp(self._tick(), 0, size=size, event="truncate"))
+    def truncate(self, size: int, file: str = "") -> None:
+        self.ops.append(FileOp(self._tick(), 0, size=size, event="truncate", file=file))
 
-    def flush_start(self, event: str = "") -> int:
-        self.flushes.append(FlushRec(self._tick(), event=event))
+    def flush_start(self, event: str = "", file: str = "") -> int:
+        self.flushes.append(FlushRec(self._tick(), event=event, file=file))
         return len(self.flushes) - 1
 
     def flush_end(self, index: int) -> None:
         f = self.flushes[index]
-        self.flushes[index] = FlushRec(f.start, self._tick(), f.event)
+        self.flushes[index] = FlushRec(f.start, self._tick(), f.event, f.file)
 
     # request side (the test)
     def issue(self, kind: str, offset: int = 0, length: int = 0, data: bytes | None = None) -> int:
@@ -113,12 +120,14 @@ class Journal:
     def ack(self, rid: int) -> None:
         self.requests[rid].acked = self._tick()
 
-    def factory(self, image_path: str | Path) -> BackendFactory:
-        """Opens the image file with a RecordingBackend, any other file plainly."""
+    def factory(self, image_path: str | Path, *, data_file: bool = False) -> BackendFactory:
+        """Opens the image file with a RecordingBackend, any other file plainly; with
+        ``data_file``, the image's external data file (the other file opened writable)
+        is recorded too."""
         target = str(image_path)
 
         def make(path: str, writable: bool) -> FileBackend:
-            if path == target:
+            if path == target or (data_file and writable):
                 return RecordingBackend(path, writable, self)
             return FileBackend(path, writable)
 
@@ -135,30 +144,30 @@ class RecordingBackend(FileBackend):
     def pwritev(self, buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
         data = b"".join(buffers)
         super().pwritev([data], offset, event)
-        self.journal.write(offset, data, event)
+        self.journal.write(offset, data, event, self.path)
 
     async def apwritev(self, buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
         data = b"".join(buffers)
         await super().apwritev([data], offset, event)
-        self.journal.write(offset, data, event)
+        self.journal.write(offset, data, event, self.path)
 
     def flush(self, event: str = "flush") -> None:
-        i = self.journal.flush_start(event)
+        i = self.journal.flush_start(event, self.path)
         super().flush(event)
         self.journal.flush_end(i)
 
     async def aflush(self, event: str = "flush") -> None:
-        i = self.journal.flush_start(event)
+        i = self.journal.flush_start(event, self.path)
         await super().aflush(event)
         self.journal.flush_end(i)
 
     def truncate(self, size: int, event: str = "truncate") -> None:
         super().truncate(size, event)
-        self.journal.truncate(size)
+        self.journal.truncate(size, self.path)
 
     async def atruncate(self, size: int, event: str = "truncate") -> None:
         await super().atruncate(size, event)
-        self.journal.truncate(size)
+        self.journal.truncate(size, self.path)
 
 
 # ----------------------------------------------------------------- states
@@ -490,12 +499,16 @@ def ordering_violations(journal: Journal, *, lazy: bool) -> list[str]:
         must = needs.get(op.event)
         if must is None:
             continue
-        # The last flush that completed before this write covers writes before its start.
-        covered = max((f.start for f in done if f.end is not None and f.end < op.pos), default=0)
+        # Per file, the last of its flushes that completed before this write covers that
+        # file's writes before the flush started (an fdatasync covers its own file only).
+        covered: dict[str, int] = {}
+        for f in done:
+            if f.end is not None and f.end < op.pos:
+                covered[f.file] = max(covered.get(f.file, 0), f.start)
         for prev in journal.ops:
             if prev.pos >= op.pos:
                 break
-            if prev.event in must and prev.pos > covered:
+            if prev.event in must and prev.pos > covered.get(prev.file, 0):
                 out.append(
                     f"{op.event} at {op.offset:#x} (log {op.pos}) reached the file before "
                     f"{prev.event} at {prev.offset:#x} (log {prev.pos}) was flushed"

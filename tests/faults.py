@@ -244,6 +244,10 @@ class Workload:
     nops: int = 30
     big_writes: int = 0  # sequential 256 KiB writes first (file growth, reftable growth)
     discards: bool = True
+    # An external data file (absolute name in the header). A run writes into the
+    # template's data file itself, so such a template must belong to one test.
+    data_file: bool = False
+    data_file_raw: bool = False
 
     @property
     def unit(self) -> int:
@@ -416,6 +420,9 @@ def build_template(qemu: Qemu, folder: Path, wl: Workload) -> Template:
     if wl.compat != "0.10":
         opts.append(f"lazy_refcounts={'on' if wl.lazy else 'off'}")
         opts.append(f"extended_l2={'on' if wl.extended_l2 else 'off'}")
+    if wl.data_file:
+        opts.append(f"data_file={folder.resolve() / (wl.name + '.data')}")
+        opts.append(f"data_file_raw={'on' if wl.data_file_raw else 'off'}")
     args: list[str] = ["create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
     if wl.backing:
         base = folder / f"{wl.name}-base.raw"

@@ -32,7 +32,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +44,22 @@ from crashsim import (
     CrashState,
     Expected,
     Journal,
+    RecordingBackend,
     build_states,
     expected_content,
     materialize,
     ordering_violations,
 )
-from faults import Op, Template, Templates, Workload, batches, make_ops, templates_fixture
+from faults import (
+    Op,
+    Template,
+    Templates,
+    Workload,
+    batches,
+    build_template,
+    make_ops,
+    templates_fixture,
+)
 
 import qcow2aio
 from qcow2aio.check import check_image
@@ -157,7 +167,7 @@ def record(
     initial = path.read_bytes()
     journal = Journal()
     ops = make_ops(wl, seed, tpl.hot)
-    img = wl.open(path, "r+", journal.factory(path))
+    img = wl.open(path, "r+", journal.factory(path, data_file=wl.data_file))
     if driver == "sync":
         _run_sync(img, ops, journal)
     else:
@@ -465,3 +475,45 @@ def test_l2_writes_follow_a_flush_of_their_data(
     rec = record(tpl, tmp_path, driver, 5)
     bad = ordering_violations(rec.journal, lazy=tpl.workload.lazy)
     assert not bad, "\n".join(bad[:10])
+
+
+def _flush_image_only(orig: Callable[..., None]) -> Callable[..., None]:
+    def flush(self: RecordingBackend, event: str = "flush") -> None:
+        if not self.path.endswith(".data"):
+            orig(self, event)
+
+    return flush
+
+
+def _aflush_image_only(orig: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    async def aflush(self: RecordingBackend, event: str = "flush") -> None:
+        if not self.path.endswith(".data"):
+            await orig(self, event)
+
+    return aflush
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["data_file", "data_file_raw"])
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_l2_writes_follow_a_flush_of_the_external_data_file(
+    qemu: Qemu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raw: bool, driver: str
+) -> None:
+    """With an external data file, guest data lives in another file, and an fdatasync of
+    the image file does not make it durable: every L2 write must follow an fdatasync of
+    the data file that covers the data written before it. Read off the log of both files;
+    a driver that forgets the data file's fdatasync must be caught."""
+    wl = Workload("dfile", 1 * MiB, 4096, data_file=True, data_file_raw=raw, prefill=True, nops=30)
+    tpl = build_template(qemu, tmp_path / "tpl", wl)
+    rec = record(tpl, tmp_path, driver, 5)
+    data_writes = [op for op in rec.journal.ops if op.event in ("data_write", "cow_write")]
+    assert data_writes and all(op.file.endswith(".data") for op in data_writes)
+    assert any(op.event.startswith("l2_") and op.file.endswith(".qcow2") for op in rec.journal.ops)
+    assert any(f.file.endswith(".data") for f in rec.journal.flushes)
+    bad = ordering_violations(rec.journal, lazy=False)
+    assert not bad, "\n".join(bad[:10])
+    # Control: the data file's fdatasync does nothing (and is not logged).
+    monkeypatch.setattr(RecordingBackend, "flush", _flush_image_only(RecordingBackend.flush))
+    monkeypatch.setattr(RecordingBackend, "aflush", _aflush_image_only(RecordingBackend.aflush))
+    (tmp_path / "control").mkdir()
+    rec = record(tpl, tmp_path / "control", driver, 5)
+    assert ordering_violations(rec.journal, lazy=False), "a missing data-file flush was not caught"
