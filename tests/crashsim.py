@@ -197,9 +197,15 @@ def _tear(journal: Journal, state: CrashState, rng: random.Random) -> CrashState
     if not cuts:
         return None
     keep = rng.choice(cuts) - op.offset
-    # A write is torn only by a crash before any flush that started after it completed.
+    # A write is torn only by a crash before any flush of its file that started after
+    # it completed.
     crash = min(
-        [state.crash] + [f.end for f in journal.flushes if f.end is not None and f.start > op.pos]
+        [state.crash]
+        + [
+            f.end
+            for f in journal.flushes
+            if f.end is not None and f.start > op.pos and f.file == op.file
+        ]
     )
     return CrashState(state.ops, keep, crash, state.label + f" torn@{keep}")
 
@@ -220,7 +226,14 @@ def _subsets(window: list[int], rng: random.Random, randoms: int) -> Iterator[tu
 
 
 def build_states(journal: Journal, rng: random.Random, *, randoms: int = 16) -> list[CrashState]:
-    """Every crash state of the model (deduplicated; the latest valid crash time kept)."""
+    """Every crash state of the model (deduplicated; the latest valid crash time kept).
+
+    An fdatasync makes durable the writes *of its own file* that completed before it
+    started: with one file (the image) that is the model above; with an image and its
+    external data file, the durable part at a crash is, per file, what that file's
+    last completed flush covered, and the writes of both files after that are the
+    window whose subsets are tried.
+    """
     ops = journal.ops
     n = len(ops)
     end = journal.pos + 1
@@ -230,35 +243,31 @@ def build_states(journal: Journal, rng: random.Random, *, randoms: int = 16) -> 
         old = states.get(st.key)
         if old is None or old.crash < st.crash:
             states[st.key] = st
-
-    for k in range(n + 1):
-        crash = ops[k].pos if k < n else end
-        st = CrashState(tuple(range(k)), None, crash, f"prefix {k}")
-        add(st)
         torn = _tear(journal, st, rng)
         if torn is not None:
-            add(torn)
+            old = states.get(torn.key)
+            if old is None or old.crash < torn.crash:
+                states[torn.key] = torn
+
+    for k in range(n + 1):
+        add(CrashState(tuple(range(k)), None, ops[k].pos if k < n else end, f"prefix {k}"))
     done = [f for f in journal.flushes if f.end is not None]
-    bounds = [FlushRec(0, 0), *done]
-    for i, f in enumerate(bounds):
-        crash = end
-        if i < len(done):
-            nxt = done[i].end
-            assert nxt is not None
-            crash = nxt
-        base = [j for j, op in enumerate(ops) if op.pos < f.start]
-        window = [j for j, op in enumerate(ops) if f.start < op.pos < crash]
+    # Crash just before a flush completes (it covers nothing yet), or after the last op.
+    for i, crash in enumerate([*(f.end for f in done if f.end is not None), end]):
+        covered: dict[str, int] = {}  # per file: the start of its last completed flush
+        for f in done:
+            if f.end is not None and f.end < crash:
+                covered[f.file] = max(covered.get(f.file, 0), f.start)
+        base = [j for j, op in enumerate(ops) if op.pos < covered.get(op.file, 0)]
+        window = [j for j, op in enumerate(ops) if covered.get(op.file, 0) < op.pos < crash]
         for sub in _subsets(window, rng, randoms):
-            st = CrashState(tuple(base) + sub, None, crash, f"flush {i} +{len(sub)}/{len(window)}")
-            add(st)
-            torn = _tear(journal, st, rng)
-            if torn is not None:
-                add(torn)
+            ids = tuple(sorted(base + list(sub)))
+            add(CrashState(ids, None, crash, f"flush {i} +{len(sub)}/{len(window)}"))
     return list(states.values())
 
 
 def materialize(initial: bytes, journal: Journal, state: CrashState) -> bytes:
-    """The image file as the crash left it."""
+    """The (one) recorded file as the crash left it."""
     buf = bytearray(initial)
     last = state.ops[-1] if state.ops else -1
     for j in state.ops:
@@ -274,6 +283,19 @@ def materialize(initial: bytes, journal: Journal, state: CrashState) -> bytes:
             buf.extend(bytes(endpos - len(buf)))
         buf[op.offset : endpos] = data
     return bytes(buf)
+
+
+def materialize_files(
+    initial: dict[str, bytes], journal: Journal, state: CrashState
+) -> dict[str, bytes]:
+    """Every recorded file (path -> its content before the run) as the crash left it."""
+    last = state.ops[-1] if state.ops else -1
+    out = {}
+    for path, before in initial.items():
+        mine = tuple(j for j in state.ops if journal.ops[j].file == path)
+        torn = state.torn if mine and mine[-1] == last else None
+        out[path] = materialize(before, journal, CrashState(mine, torn, state.crash, state.label))
+    return out
 
 
 # --------------------------------------------------------------- expectations

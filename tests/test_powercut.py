@@ -48,6 +48,7 @@ from crashsim import (
     build_states,
     expected_content,
     materialize,
+    materialize_files,
     ordering_violations,
 )
 from faults import (
@@ -108,6 +109,21 @@ class Recorded:
     initial: bytes  # the image file before the run
     journal: Journal
     ops: list[Op]
+    # With an external data file: its path (as recorded, absolute) and content before.
+    data_file: str | None = None
+    data_initial: bytes = b""
+    image_file: str = ""  # the recorded image's path (the journal's name for it)
+
+    def state_files(self, state: CrashState) -> tuple[bytes, bytes | None]:
+        """The image file and the data file (None without one) as the crash left them."""
+        if self.data_file is None:
+            return materialize(self.initial, self.journal, state), None
+        files = materialize_files(
+            {self.image_file: self.initial, self.data_file: self.data_initial},
+            self.journal,
+            state,
+        )
+        return files[self.image_file], files[self.data_file]
 
 
 async def _run_async(img: qcow2aio.Image, wl: Workload, ops: list[Op], journal: Journal) -> None:
@@ -165,6 +181,8 @@ def record(
     path = folder / "recorded.qcow2"
     shutil.copyfile(tpl.path, path)
     initial = path.read_bytes()
+    data_file = str(tpl.path.parent.resolve() / f"{wl.name}.data") if wl.data_file else None
+    data_initial = Path(data_file).read_bytes() if data_file else b""
     journal = Journal()
     ops = make_ops(wl, seed, tpl.hot)
     img = wl.open(path, "r+", journal.factory(path, data_file=wl.data_file))
@@ -172,7 +190,7 @@ def record(
         _run_sync(img, ops, journal)
     else:
         asyncio.run(_run_async(img, wl, ops, journal))
-    return Recorded(tpl, initial, journal, ops)
+    return Recorded(tpl, initial, journal, ops, data_file, data_initial, str(path))
 
 
 # ----------------------------------------------------------------- checking
@@ -203,7 +221,12 @@ class Verifier:
         c.states += 1
         self.n += 1
         sample = self.n % self.qemu_every == 1 or self.qemu_every == 1
-        self.path.write_bytes(materialize(self.rec.initial, self.rec.journal, state))
+        image, data = self.rec.state_files(state)
+        self.path.write_bytes(image)
+        if data is not None:
+            # The header names the data file by its absolute path: rewritten in place.
+            assert self.rec.data_file is not None
+            Path(self.rec.data_file).write_bytes(data)
         problems: list[str] = []
         try:
             with qcow2aio.open(self.path) as img:
@@ -341,6 +364,19 @@ def test_power_cut_states(
     seed: int,
 ) -> None:
     tpl = templates(wl_name)
+    _check_power_cuts(qemu, tpl, tmp_path, request, driver, seed, f"{wl_name}/{driver}/{seed}")
+
+
+def _check_power_cuts(
+    qemu: Qemu,
+    tpl: Template,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    driver: str,
+    seed: int,
+    label: str,
+) -> None:
+    """Record one run of the template's workload, then verify its crash states."""
     nops = STRESS_NOPS if STRESS and not tpl.workload.big_writes else None
     rec = record(tpl, tmp_path, driver, seed, nops=nops)
     rng = random.Random(seed)
@@ -356,13 +392,66 @@ def test_power_cut_states(
     failures: list[str] = []
     for st in states:
         failures += [f"[{st.label}] {p}" for p in v.verify(st)]
-    row = {"kind": "crash", "name": f"{wl_name}/{driver}/{seed}", **v.counts.as_dict()}
+    row = {"kind": "crash", "name": label, **v.counts.as_dict()}
     _attach(request, row)
-    print(f"{wl_name}/{driver}/{seed}: {total} states built, {json.dumps(v.counts.as_dict())}")
+    print(f"{label}: {total} states built, {json.dumps(v.counts.as_dict())}")
     assert not failures, f"{len(failures)} problems, e.g.:\n" + "\n".join(failures[:20])
     assert v.counts.qemu_checked and v.counts.qemu_agree == v.counts.qemu_checked
     if rec.template.workload.lazy:
         assert v.counts.dirty, "no dirty state: the lazy workload did not exercise repair"
+
+
+@pytest.mark.parametrize(
+    ("driver", "seed", "raw", "lazy"),
+    [("async", 1, False, False), ("sync", 2, True, False), ("async", 3, False, True)],
+)
+def test_power_cut_states_with_an_external_data_file(
+    qemu: Qemu,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    driver: str,
+    seed: int,
+    raw: bool,
+    lazy: bool,
+) -> None:
+    """The same, for an image whose data lives in an external data file: both files are
+    recorded, and a crash state is a state of each (an fdatasync covers its own file)."""
+    wl = Workload(
+        "dfile",
+        1 * MiB,
+        4096,
+        data_file=True,
+        data_file_raw=raw,
+        lazy=lazy,
+        prefill=True,
+        small_caches=False,
+        nops=24,
+    )
+    tpl = build_template(qemu, tmp_path / "tpl", wl)
+    label = f"dfile{'-raw' if raw else ''}{'-lazy' if lazy else ''}/{driver}/{seed}"
+    _check_power_cuts(qemu, tpl, tmp_path, request, driver, seed, label)
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_data_file_control_is_caught(
+    qemu: Qemu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    """Control for the test above: with the data file's fdatasync doing nothing, the
+    states must show acknowledged, flushed data lost."""
+    wl = Workload("dfile", 1 * MiB, 4096, data_file=True, prefill=True, small_caches=False)
+    tpl = build_template(qemu, tmp_path / "tpl", wl)
+    monkeypatch.setattr(RecordingBackend, "flush", _flush_image_only(RecordingBackend.flush))
+    monkeypatch.setattr(RecordingBackend, "aflush", _aflush_image_only(RecordingBackend.aflush))
+    rec = record(tpl, tmp_path, driver, 1)
+    monkeypatch.undo()
+    states = build_states(rec.journal, random.Random(1), randoms=6)
+    random.Random(1).shuffle(states)
+    v = Verifier(qemu, rec, tmp_path, qemu_every=1 << 30)
+    for st in states[:400]:
+        v.verify(st, stop_early=True)
+        if v.counts.violating:
+            break
+    assert v.counts.lost_ack, f"the missing data-file flush was not caught in {v.counts.states}"
 
 
 # ---------------------------------------------------------------- controls
