@@ -54,8 +54,11 @@ test: venv qemu
 
 # The full race, fault and power-cut sets (issue 4): >= 10,000 seeds per scenario, every
 # fault point x error kind, >= 20,000 crash states. Takes a long while; prints the counts.
+# --maxschedchunk 1: xdist hands out tests one at a time, so the 30 long interleaving
+# tests (first in collection order) do not all land on one worker while the other idles.
 stress: venv qemu
-	QCOW2AIO_REQUIRE_QEMU=1 QCOW2AIO_STRESS=1 $(PY) -m pytest -q -s -n 2 -p no:cacheprovider \
+	QCOW2AIO_REQUIRE_QEMU=1 QCOW2AIO_STRESS=1 $(PY) -m pytest -q -s -n 2 --maxschedchunk 1 \
+		-p no:cacheprovider \
 		-p tests.sim_report -p tests.crashsim \
 		tests/test_interleavings.py tests/test_faults.py tests/test_powercut.py
 
