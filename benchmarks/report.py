@@ -114,28 +114,31 @@ def _digits(unit: str) -> int:
     return 1 if unit.startswith("MiB") and "/" not in unit else 0
 
 
+_HEADER = ("workload", "mode", "unit", "QEMU (best engine)", "ours", "ratio", "target", "")
+
+
+def _cells(r: Row, short: str) -> tuple[str, ...]:
+    """One row's cells, for both renderings; ``short`` marks a missed target."""
+    d = _digits(r.unit)
+    q = r.qemu_best()
+    o = r.ours_summary()
+    ratio = r.ratio()
+    met = r.met()
+    return (
+        r.workload,
+        r.mode,
+        r.unit,
+        "-" if q is None else f"{q[1].text(d)} {q[0]}",
+        "-" if o is None else o.text(d),
+        "-" if ratio is None else f"{ratio:.2f}",
+        r.target_text(),
+        "" if met is None else ("met" if met else short),
+    )
+
+
 def render(rows: list[Row]) -> str:
-    header = ("workload", "mode", "unit", "QEMU (best engine)", "ours", "ratio", "target", "")
-    lines: list[tuple[str, ...]] = [header]
-    for r in rows:
-        d = _digits(r.unit)
-        q = r.qemu_best()
-        o = r.ours_summary()
-        ratio = r.ratio()
-        met = r.met()
-        lines.append(
-            (
-                r.workload,
-                r.mode,
-                r.unit,
-                "-" if q is None else f"{q[1].text(d)} {q[0]}",
-                "-" if o is None else o.text(d),
-                "-" if ratio is None else f"{ratio:.2f}",
-                r.target_text(),
-                "" if met is None else ("met" if met else "SHORT"),
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    lines: list[tuple[str, ...]] = [_HEADER, *(_cells(r, "SHORT") for r in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(_HEADER))]
     out = []
     for i, line in enumerate(lines):
         out.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
@@ -150,19 +153,7 @@ def render_markdown(rows: list[Row]) -> str:
         "| ratio | target | |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        d = _digits(r.unit)
-        q = r.qemu_best()
-        o = r.ours_summary()
-        ratio = r.ratio()
-        met = r.met()
-        out.append(
-            f"| {r.workload} | {r.mode} | {r.unit} | "
-            f"{'-' if q is None else q[1].text(d) + ' ' + q[0]} | "
-            f"{'-' if o is None else o.text(d)} | "
-            f"{'-' if ratio is None else f'{ratio:.2f}'} | {r.target_text()} | "
-            f"{'' if met is None else ('met' if met else '**short**')} |"
-        )
+    out += ["| " + " | ".join(_cells(r, "**short**")) + " |" for r in rows]
     return "\n".join(out)
 
 
