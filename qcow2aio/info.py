@@ -277,35 +277,35 @@ def raw_image_info(img: RawImage, filename: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------- output
+_SHORT_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+
+
 def _quoted(text: str) -> str:
     """json-writer.c ``quoted_str``: ASCII only, uppercase ``\\uXXXX`` escapes."""
     out = ['"']
     for ch in text:
+        escaped = _SHORT_ESCAPES.get(ch)
+        if escaped is not None:
+            out.append(escaped)
+            continue
         cp = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\b":
-            out.append("\\b")
-        elif ch == "\f":
-            out.append("\\f")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
+        if 0xDC80 <= cp <= 0xDCFF:  # an undecodable byte (surrogateescape)
+            cp = 0xFFFD
+        if cp > 0xFFFF:
+            cp -= 0x10000
+            out.append(f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}")
+        elif cp < 0x20 or cp >= 0x7F:
+            out.append(f"\\u{cp:04X}")
         else:
-            if 0xDC80 <= cp <= 0xDCFF:  # an undecodable byte (surrogateescape)
-                cp = 0xFFFD
-            if cp > 0xFFFF:
-                cp -= 0x10000
-                out.append(f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}")
-            elif cp < 0x20 or cp >= 0x7F:
-                out.append(f"\\u{cp:04X}")
-            else:
-                out.append(ch)
+            out.append(ch)
     out.append('"')
     return "".join(out)
 
