@@ -485,7 +485,7 @@ class FileBackend:
                 self.fd = -1
 
     # ----------------------------------------------------------------- async
-    def readinto_nowait(self, buf: memoryview, offset: int) -> bool:
+    def readinto_nowait(self, buf: memoryview | bytearray, offset: int) -> bool:
         """Fill ``buf`` inline if all of it is in the page cache (``RWF_NOWAIT``).
 
         False when it is not (or the kernel cannot say, or on any error): the
@@ -509,13 +509,7 @@ class FileBackend:
         if length <= 16384:
             # Small: a bytearray (malloc's small-object heap), no pool round trip.
             buf = bytearray(length)
-            try:
-                n = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
-            except OSError as exc:
-                if exc.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
-                    self._nowait = False
-                return None
-            return bytes(buf) if n == length else None
+            return bytes(buf) if self.readinto_nowait(buf, offset) else None
         return BUFFERS.read_bytes(lambda view: self.readinto_nowait(view, offset), length)
 
     async def apread(self, offset: int, length: int, event: str = "read") -> bytes:
