@@ -654,6 +654,28 @@ class Ctx:
             await asyncio.sleep(0)
         raise AssertionError(f"{op.label()}: busy forever")
 
+    async def _request(
+        self,
+        op: Op,
+        call: Callable[[], Awaitable[T]],
+        sync_call: Callable[[], T] | None = None,
+    ) -> tuple[bool, T | None]:
+        """Run one request (through the sync path when ``op.sync``), recording it in the
+        history; ``(True, result)`` when it returned, ``(False, None)`` when it raised
+        (recorded as failed). Cancellation is recorded and propagates."""
+        try:
+            if op.sync:
+                assert sync_call is not None
+                return True, await self._sync(op, sync_call)
+            self.hist.begin(op)
+            return True, await call()
+        except asyncio.CancelledError:
+            self.hist.cancelled(op)
+            raise
+        except Exception as exc:
+            self._unexpected(op, exc)
+            return False, None
+
     # ------------------------------------------------------------ requests
     async def write(
         self,
@@ -668,18 +690,10 @@ class Ctx:
         await turns(delay)
         op = Op("write", off, len(data), data, tag=tag)
         op.sync = self.use_sync(sync_p) if sync is None else sync
-        try:
-            if op.sync:
-                await self._sync(op, lambda: self.img.write_sync(off, data))
-            else:
-                self.hist.begin(op)
-                await self.img.write(off, data)
-        except asyncio.CancelledError:
-            self.hist.cancelled(op)
-            raise
-        except Exception as exc:
-            self._unexpected(op, exc)
-        else:
+        ok, _ = await self._request(
+            op, lambda: self.img.write(off, data), lambda: self.img.write_sync(off, data)
+        )
+        if ok:
             self.hist.done(op)
         return op
 
@@ -689,18 +703,10 @@ class Ctx:
         await turns(delay)
         op = Op("read", off, n)
         op.sync = self.use_sync(sync_p) if sync is None else sync
-        try:
-            if op.sync:
-                data = await self._sync(op, lambda: self.img.read_sync(off, n))
-            else:
-                self.hist.begin(op)
-                data = await self.img.read(off, n)
-        except asyncio.CancelledError:
-            self.hist.cancelled(op)
-            raise
-        except Exception as exc:
-            self._unexpected(op, exc)
-        else:
+        ok, data = await self._request(
+            op, lambda: self.img.read(off, n), lambda: self.img.read_sync(off, n)
+        )
+        if ok:
             self.hist.done(op, data)
         return op
 
@@ -708,15 +714,8 @@ class Ctx:
         self, off: int, n: int, *, unmap: bool = True, delay: int = 0, tag: str = ""
     ) -> Op:
         await turns(delay)
-        op = self.hist.begin(Op("zero", off, n, tag=tag or ("unmap" if unmap else "keep")))
-        try:
-            await self.img.write_zeroes(off, n, unmap=unmap)
-        except asyncio.CancelledError:
-            self.hist.cancelled(op)
-            raise
-        except Exception as exc:
-            self._unexpected(op, exc)
-        else:
+        op = Op("zero", off, n, tag=tag or ("unmap" if unmap else "keep"))
+        if (await self._request(op, lambda: self.img.write_zeroes(off, n, unmap=unmap)))[0]:
             self.hist.done(op)
         return op
 
@@ -724,15 +723,8 @@ class Ctx:
         """Discard whole clusters (callers pass a cluster-aligned range: v3 reads zeros)."""
         assert off % self.cs == 0 and (n % self.cs == 0 or off + n == self.size)
         await turns(delay)
-        op = self.hist.begin(Op("discard", off, n, tag=tag))
-        try:
-            await self.img.discard(off, n)
-        except asyncio.CancelledError:
-            self.hist.cancelled(op)
-            raise
-        except Exception as exc:
-            self._unexpected(op, exc)
-        else:
+        op = Op("discard", off, n, tag=tag)
+        if (await self._request(op, lambda: self.img.discard(off, n)))[0]:
             self.hist.done(op)
         return op
 
@@ -742,17 +734,7 @@ class Ctx:
         await turns(delay)
         op = Op("flush", tag=tag)
         op.sync = self.use_sync(sync_p) if sync is None else sync
-        try:
-            if op.sync:
-                await self._sync(op, self.img.flush_sync)
-            else:
-                self.hist.begin(op)
-                await self.img.flush()
-        except asyncio.CancelledError:
-            self.hist.cancelled(op)
-            raise
-        except Exception as exc:
-            self._unexpected(op, exc)
+        if not (await self._request(op, self.img.flush, self.img.flush_sync))[0]:
             return op
         self.hist.done(op)
         if self.copy_after_flush:
@@ -764,15 +746,8 @@ class Ctx:
 
     async def close(self, *, delay: int = 0) -> Op:
         await turns(delay)
-        op = self.hist.begin(Op("close"))
-        try:
-            await self.img.aclose()
-        except asyncio.CancelledError:
-            self.hist.cancelled(op)
-            raise
-        except Exception as exc:
-            self._unexpected(op, exc)
-        else:
+        op = Op("close")
+        if (await self._request(op, self.img.aclose))[0]:
             self.hist.done(op)
         return op
 
