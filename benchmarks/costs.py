@@ -299,18 +299,25 @@ def costs(workdir: str, quick: bool) -> Iterator[Cost]:
     yield _best("os.pwrite 64K appending (floor of a 4K alloc)", nfresh, pwrite64k_new, reps)
     offs_fresh = Stream(4 * KiB, nfresh, size, step=RANDOM_STEP_4K).offset_list()
 
-    def write_sync_fresh() -> tuple[Callable[[], None], Callable[[], None]]:
-        fresh_image()
-        im = qcow2aio.open(fresh, "r+")
+    def write_sync_fresh(
+        offs: list[int], data: bytes
+    ) -> Callable[[], tuple[Callable[[], None], Callable[[], None]]]:
+        """One repetition: a fresh image (untimed), ``write_sync`` at ``offs`` (timed)."""
 
-        def run() -> None:
-            ws = im.write_sync
-            for o in offs_fresh:
-                ws(o, data4k)
+        def make() -> tuple[Callable[[], None], Callable[[], None]]:
+            fresh_image()
+            im = qcow2aio.open(fresh, "r+")
 
-        return run, im.close
+            def run() -> None:
+                ws = im.write_sync
+                for o in offs:
+                    ws(o, data)
 
-    yield _best("write_sync 4K allocating", nfresh, write_sync_fresh, reps)
+            return run, im.close
+
+        return make
+
+    yield _best("write_sync 4K allocating", nfresh, write_sync_fresh(offs_fresh, data4k), reps)
 
     def open_fresh(backend: BackendFactory | None) -> qcow2aio.Image:
         fresh_image()
@@ -345,18 +352,7 @@ def costs(workdir: str, quick: bool) -> Iterator[Cost]:
 
     yield _best("os.pwrite 1M appending (floor of a 1M alloc)", len(offs1m), pwrite1m_new, reps)
 
-    def write_sync_fresh1m() -> tuple[Callable[[], None], Callable[[], None]]:
-        fresh_image()
-        im = qcow2aio.open(fresh, "r+")
-
-        def run() -> None:
-            ws = im.write_sync
-            for o in offs1m:
-                ws(o, data1m)
-
-        return run, im.close
-
-    yield _best("write_sync 1M allocating", len(offs1m), write_sync_fresh1m, reps)
+    yield _best("write_sync 1M allocating", len(offs1m), write_sync_fresh(offs1m, data1m), reps)
 
     async def awrite_fresh1m(im: qcow2aio.Image) -> None:
         wr = im.write
