@@ -470,6 +470,18 @@ def templates_fixture(label: str, workloads: Mapping[str, Workload]) -> Any:
     return templates
 
 
+def writes_read_back(img: qcow2aio.Image, before: bytes, writes: list[tuple[int, bytes]]) -> bool:
+    """Write ``writes`` through the sync path and flush; True when the whole disk then
+    reads as ``before`` (its content until now) with them applied. The "reopens and
+    takes writes" check of the fault and power-cut harnesses."""
+    want = bytearray(before)
+    for off, buf in writes:
+        img.write_sync(off, buf)
+        want[off : off + len(buf)] = buf
+    img.flush_sync()
+    return img.read_sync(0, len(want)) == want
+
+
 def copy_image(template: Template, dest: Path) -> Path:
     shutil.copyfile(template.path, dest)
     return dest

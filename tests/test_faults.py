@@ -52,6 +52,7 @@ from faults import (
     run_async,
     run_sync,
     templates_fixture,
+    writes_read_back,
 )
 
 import qcow2aio
@@ -112,12 +113,7 @@ def run_case(
     ]
     try:
         with wl.open(path) as img:
-            want = bytearray(data)
-            for off, buf in writes:
-                img.write_sync(off, buf)
-                want[off : off + len(buf)] = buf
-            img.flush_sync()
-            if img.read_sync(0, wl.size) != want:
+            if not writes_read_back(img, data, writes):
                 problems.append("reopened image: the disk does not read as written")
     except qcow2aio.Qcow2Error as exc:
         problems.append(f"reopen read-write and write failed: {exc!r}")

@@ -60,6 +60,7 @@ from faults import (
     build_template,
     make_ops,
     templates_fixture,
+    writes_read_back,
 )
 
 import qcow2aio
@@ -302,12 +303,7 @@ class Verifier:
             with qcow2aio.open(self.path, "r+") as img:
                 if img.read_sync(0, wl.size) != got:
                     out.append("the read-write open changed the guest content")
-                want = bytearray(got)
-                for off, buf in writes:
-                    img.write_sync(off, buf)
-                    want[off : off + len(buf)] = buf
-                img.flush_sync()
-                if img.read_sync(0, wl.size) != want:
+                if not writes_read_back(img, got, writes):
                     out.append("after reopen + writes the disk does not read as written")
             with qcow2aio.open(self.path) as img:
                 res = check_image(img.meta)
