@@ -50,8 +50,26 @@ class RefcountBlock:
             self.data[bitpos >> 3] = (b & ~mask) | ((value << (bitpos & 7)) & mask)
         self.dirty = True
 
-    def is_empty(self) -> bool:
-        return not any(self.data)
+    def is_free_run(self, index: int, n: int) -> bool:
+        """True when entries ``[index, index + n)`` are all zero (one slice test for
+        byte-wide and wider entries: an allocation checks its whole run at once)."""
+        order = self.order
+        if order >= 3:
+            width = 1 << (order - 3)
+            return not any(self.data[index * width : (index + n) * width])
+        return not any(self.get(i) for i in range(index, index + n))
+
+    def set_run(self, index: int, n: int, value: int) -> None:
+        """Set entries ``[index, index + n)`` to ``value`` (one slice assignment when
+        entries are whole bytes, as a run of new clusters all get refcount 1)."""
+        order = self.order
+        if order >= 3:
+            width = 1 << (order - 3)
+            self.data[index * width : (index + n) * width] = value.to_bytes(width, "big") * n
+            self.dirty = True
+            return
+        for i in range(index, index + n):
+            self.set(i, value)
 
     def to_bytes(self) -> bytes:
         return bytes(self.data)
