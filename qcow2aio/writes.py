@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from . import constants as C
 from .errors import Qcow2CorruptError, Qcow2Error
 from .inflight import L2Meta
-from .mapping import Extent, map_read
+from .mapping import ZERO, Extent, map_read
 from .tables import Table, compressed_descriptor
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class Link:
     new_bitmap: int
 
 
-@dataclass
+@dataclass(slots=True)
 class WriteStep:
     """One contiguous host range of a write, with what it takes to publish it."""
 
@@ -137,10 +137,19 @@ def _queue_free_old(img: Image, entry: int) -> None:
         alloc.free_later(host, meta.cluster_size, img.retire_epoch())
 
 
-def _cow_plan(img: Image, start: int, end: int) -> list[Extent]:
-    """The old content of guest ``[start, end)``, as read extents (empty when empty)."""
+def _cow_plan(img: Image, start: int, end: int, entry: int = -1) -> list[Extent]:
+    """The old content of guest ``[start, end)``, as read extents (empty when empty).
+
+    ``entry``, when given, is the standard L2 entry of the one cluster the range
+    lies in, already read: an unallocated entry with nothing below, or a zero
+    cluster, answers without walking the tables again (most COW of a growing image).
+    """
     if end <= start:
         return []
+    if (entry == 0 and img.backing is None) or (
+        entry == C.QCOW_OFLAG_ZERO and img.meta.version >= 3
+    ):
+        return [Extent(ZERO, start, end - start)]
     return map_read(img.meta, start, end - start, img.backing is not None)
 
 
@@ -222,8 +231,9 @@ def prepare_write(img: Image, offset: int, length: int) -> WriteStep | L2Meta:
         assert meta.allocator is not None
         new_host = meta.allocator.alloc_clusters(nclusters)
         alloc_range = (new_host, nclusters * cs)
-        # Allocation may have evicted and reloaded the L2 table: look it up again.
-        entries = l2_for_write(img, l1_index).entries
+        # Allocation may have evicted the table from the cache. Its entries are still
+        # what the disk holds (eviction writes them back, nothing runs in between), and
+        # they are only read below: commit_step looks the table up again to change it.
 
     step = WriteStep(offset, run_end - offset, new_host + (offset - cstart), alloc=alloc_range)
     sc = cs >> 5  # subcluster size (extended L2 only)
@@ -235,13 +245,16 @@ def prepare_write(img: Image, offset: int, length: int) -> WriteStep | L2Meta:
         fine_last = _host_of(img, last_e) is None and not last_e & C.QCOW_OFLAG_COMPRESSED
         head_start = offset & ~(sc - 1) if fine_first else cstart
         tail_end = ((run_end + sc - 1) & ~(sc - 1)) if fine_last else last_cstart + cs
+        head_entry = tail_entry = -1
     else:
         head_start = cstart
         tail_end = last_cstart + cs
+        head_entry = entries[idx]
+        tail_entry = entries[idx + nclusters - 1]
     step.head_len = offset - head_start
-    step.head = _cow_plan(img, head_start, offset)
+    step.head = _cow_plan(img, head_start, offset, head_entry)
     step.tail_len = tail_end - run_end
-    step.tail = _cow_plan(img, run_end, tail_end)
+    step.tail = _cow_plan(img, run_end, tail_end, tail_entry)
 
     for k in range(nclusters):
         g = cstart + k * cs
@@ -324,9 +337,14 @@ def commit_step(img: Image, step: WriteStep) -> None:
         cb = meta.cluster_bits
         ext = meta.extended_l2
         l2_mask = meta.l2_entries - 1
+        l1_shift = cb + meta.l2_bits
+        l1_index = -1
+        table = meta.l1  # replaced before use: every step has a first link
         for link in step.links:
-            l1_index = link.guest >> (cb + meta.l2_bits)
-            table = meta.l2_table(meta.l2_offset_for(l1_index))
+            if link.guest >> l1_shift != l1_index:
+                # The links of a step are one run, mostly in one table: look it up once.
+                l1_index = link.guest >> l1_shift
+                table = meta.l2_table(meta.l2_offset_for(l1_index))
             idx = (link.guest >> cb) & l2_mask
             cur_e, cur_b = _entry(table.entries, idx, ext)
             if (cur_e, cur_b) != (link.old_entry, link.old_bitmap):
@@ -335,7 +353,7 @@ def commit_step(img: Image, step: WriteStep) -> None:
                     f"was in flight ({link.old_entry:#x} -> {cur_e:#x})"
                 )
             _set_entry(table, idx, ext, link.new_entry, link.new_bitmap)
-            if not _same_host(link):
+            if link.old_entry and not _same_host(link):
                 old_host = _host_of(img, link.old_entry)
                 if link.old_entry & C.QCOW_OFLAG_COMPRESSED or old_host is not None:
                     _queue_free_old(img, link.old_entry)
