@@ -58,15 +58,3 @@ def _zstd_decompress(data: bytes, cluster_size: int, where: str) -> bytes:
         have += len(parts[-1])
         rest = obj.unused_data if obj.eof else b""
     return b"".join(parts)
-
-
-def compress_cluster(data: bytes, ctype: int) -> bytes | None:
-    """Compress one cluster as QEMU does; ``None`` when it would not fit in ``len-1`` bytes."""
-    if ctype == C.COMPRESSION_ZLIB:
-        co = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
-        out = co.compress(data) + co.flush()
-    elif ctype == C.COMPRESSION_ZSTD:
-        out = zstandard.ZstdCompressor().compress(data)
-    else:
-        raise Qcow2UnsupportedError(f"Unknown compression type: compression_type={ctype}")
-    return out if len(out) < len(data) else None

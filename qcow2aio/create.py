@@ -648,9 +648,6 @@ class _Qcow2Sim:
     def get_l2_entry(self, table: list[int], index: int) -> int:
         return table[index * (self.l2e_size // 8)]
 
-    def set_l2_entry(self, table: list[int], index: int, value: int) -> None:
-        table[index * (self.l2e_size // 8)] = value
-
     def handle_copied(self, guest_offset: int) -> None:
         """handle_copied on a fresh image: nothing to keep, but it loads (allocates) the L2."""
         table, l2_index = self.get_cluster_table(guest_offset)

@@ -82,10 +82,6 @@ class Header:
         return bool(self.incompatible_features & C.INCOMPAT_EXTL2)
 
     @property
-    def l2_entry_size(self) -> int:
-        return 16 if self.extended_l2 else 8
-
-    @property
     def l2_bits(self) -> int:
         return self.cluster_bits - (4 if self.extended_l2 else 3)
 

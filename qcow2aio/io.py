@@ -424,12 +424,6 @@ class FileBackend:
         except OSError as exc:
             raise _ioerror("fstat", self.path, exc) from exc
 
-    def allocated_bytes(self) -> int:
-        try:
-            return os.fstat(self.fd).st_blocks * 512
-        except OSError as exc:
-            raise _ioerror("fstat", self.path, exc) from exc
-
     def pread(self, offset: int, length: int, event: str = "read") -> bytes:
         """Read ``length`` bytes; bytes past end of file read as zeros."""
         if self.plain_reads:

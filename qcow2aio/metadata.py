@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import struct
-from array import array
 from typing import TYPE_CHECKING
 
 from . import constants as C
@@ -139,9 +138,6 @@ class Metadata:
             table = Table(l2_offset, decode_be64(raw))
             self.l2_cache.insert(table)
         return table
-
-    def l2_entries_array(self, l2_offset: int) -> array[int]:
-        return self.l2_table(l2_offset).entries
 
     # ------------------------------------------------------------- refcounts
     def refblock(self, rt_index: int) -> RefcountBlock | None:

@@ -156,13 +156,3 @@ def read_snapshot_table(file: FileBackend, offset: int, count: int) -> tuple[lis
     if count == 0:
         return [], offset
     return _read_table(lambda pos, n: file.pread(pos, n, "snapshot_load"), offset, count)
-
-
-def parse_snapshots(table: bytes, count: int, cluster_size: int = 0) -> list[Snapshot]:
-    """Decode ``count`` entries from raw table bytes (missing bytes read as zeros)."""
-
-    def pread(pos: int, n: int) -> bytes:
-        out = table[pos : pos + n]
-        return out + bytes(n - len(out))
-
-    return _read_table(pread, 0, count)[0]

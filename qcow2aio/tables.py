@@ -90,13 +90,6 @@ def compressed_descriptor(entry: int, cluster_bits: int) -> CompressedDescriptor
     return CompressedDescriptor(offset, nsectors * 512 - (offset & 511))
 
 
-def make_compressed_entry(offset: int, length: int, cluster_bits: int) -> int:
-    """The L2 entry for ``length`` compressed bytes at host ``offset`` (as QEMU writes it)."""
-    x = 62 - (cluster_bits - 8)
-    nsectors = (offset + length - 1) // 512 - offset // 512
-    return C.QCOW_OFLAG_COMPRESSED | (nsectors << x) | offset
-
-
 def l2_entry_kind(entry: int, version: int, has_data_file: bool, where: str) -> int:
     """Classify a standard (non-extended) L2 entry; ``where`` names it in errors."""
     if entry & C.QCOW_OFLAG_COMPRESSED:
