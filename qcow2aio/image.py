@@ -19,7 +19,7 @@ import os
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -390,16 +390,23 @@ class Image:
             raws = [blob[e.host - span[0] : e.host - span[0] + e.csize] for e in todo]
         else:
             raws = [self._file.pread(e.host, e.csize, "read_compressed") for e in todo]
+        clusters = parallel_map(
+            self._inflater(), list(zip(todo, raws, strict=True)), _INFLATE_HELPERS
+        )
+        done.update((e.host, c) for e, c in zip(todo, clusters, strict=True))
+        self._compressed_cache = (todo[-1].host, clusters[-1])
+        return done
+
+    def _inflater(self) -> Callable[[tuple[Extent, bytes]], bytes]:
+        """Inflate one (extent, compressed bytes) pair; touches no image state, so it
+        may run in any thread."""
         cs = self.meta.cluster_size
         ctype = self.meta.header.compression_type
 
         def inflate(item: tuple[Extent, bytes]) -> bytes:
             return decompress_cluster(item[1], cs, ctype, f"at host offset {item[0].host:#x}")
 
-        clusters = parallel_map(inflate, list(zip(todo, raws, strict=True)), _INFLATE_HELPERS)
-        done.update((e.host, c) for e, c in zip(todo, clusters, strict=True))
-        self._compressed_cache = (todo[-1].host, clusters[-1])
-        return done
+        return inflate
 
     async def _inflate_plan(self, plan: list[Extent]) -> dict[int, bytes]:
         """The async twin: raw reads first, then every inflate in the I/O threads at once
@@ -417,24 +424,15 @@ class Image:
                 raw = bytearray(e.csize)
                 await self._file.areadinto(memoryview(raw), e.host, "read_compressed")
                 raws.append(bytes(raw))
-        cs = self.meta.cluster_size
-        ctype = self.meta.header.compression_type
-        wheres = [f"at host offset {e.host:#x}" for e in todo]
+        inflate = self._inflater()
+        items = list(zip(todo, raws, strict=True))
         if len(todo) > 1 or sum(self._active.values()) > 1:
-            # Wait for every inflate before reporting an error: none may outlive the request.
-            results = await asyncio.gather(
-                *(
-                    to_thread(decompress_cluster, raw, cs, ctype, where)
-                    for raw, where in zip(raws, wheres, strict=True)
-                ),
-                return_exceptions=True,
-            )
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
-            clusters = [r for r in results if isinstance(r, bytes)]
+            # One hop for the whole request: an I/O thread inflates the clusters with
+            # the same helpers as the sync path, and returns (or raises) only once
+            # every inflate it started has finished.
+            clusters = await to_thread(parallel_map, inflate, items, _INFLATE_HELPERS)
         else:
-            clusters = [decompress_cluster(raws[0], cs, ctype, wheres[0])]
+            clusters = [inflate(items[0])]
         done.update((e.host, c) for e, c in zip(todo, clusters, strict=True))
         self._compressed_cache = (todo[-1].host, clusters[-1])
         return done
@@ -455,10 +453,7 @@ class Image:
         return self._inflate(ext, raw)
 
     def _inflate(self, ext: Extent, raw: bytes) -> bytes:
-        hdr = self.meta.header
-        cluster = decompress_cluster(
-            raw, self.meta.cluster_size, hdr.compression_type, f"at host offset {ext.host:#x}"
-        )
+        cluster = self._inflater()((ext, raw))
         self._compressed_cache = (ext.host, cluster)
         return cluster
 
