@@ -339,10 +339,10 @@ def commit_step(img: Image, step: WriteStep) -> None:
         l2_mask = meta.l2_entries - 1
         l1_shift = cb + meta.l2_bits
         l1_index = -1
-        table = meta.l1  # replaced before use: every step has a first link
+        table: Table | None = None
         for link in step.links:
-            if link.guest >> l1_shift != l1_index:
-                # The links of a step are one run, mostly in one table: look it up once.
+            if table is None or link.guest >> l1_shift != l1_index:
+                # A step's links are one run inside one L2 table: look it up once.
                 l1_index = link.guest >> l1_shift
                 table = meta.l2_table(meta.l2_offset_for(l1_index))
             idx = (link.guest >> cb) & l2_mask
