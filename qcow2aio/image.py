@@ -409,8 +409,9 @@ class Image:
         return inflate
 
     async def _inflate_plan(self, plan: list[Extent]) -> dict[int, bytes]:
-        """The async twin: raw reads first, then every inflate in the I/O threads at once
-        when that can overlap with something (several clusters, or other requests)."""
+        """The async twin: raw reads first, then the inflates in an I/O thread (and its
+        helper) when that can overlap with something (several clusters, or other
+        requests); a lone cluster with nothing else running is inflated inline."""
         done, todo = self._compressed_todo(plan)
         if not todo:
             return done
