@@ -48,6 +48,29 @@ class QemuCommandError(AssertionError):
 _PBKDF_FLAKE = "Unable to get accurate CPU usage"
 
 
+def run_tool(
+    argv: Sequence[str], *, cwd: StrPath | None = None, timeout: float = QEMU_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run one of QEMU's tools, text output captured, no stdin; retries the PBKDF flake.
+
+    Never raises on a nonzero exit code: callers decide what a failure means.
+    """
+    for _ in range(5):
+        proc = subprocess.run(
+            list(argv),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode == 0 or _PBKDF_FLAKE not in proc.stderr:
+            break
+    return proc
+
+
 class Qemu:
     """Runs QEMU's tools on test images; temporary files go under ``tmp_path``."""
 
@@ -58,19 +81,7 @@ class Qemu:
         self._counter = itertools.count()
 
     def _run(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-        for _ in range(5):
-            proc = subprocess.run(
-                list(argv),
-                capture_output=True,
-                text=True,
-                errors="replace",
-                stdin=subprocess.DEVNULL,
-                timeout=QEMU_TIMEOUT,
-                check=False,
-            )
-            if proc.returncode == 0 or _PBKDF_FLAKE not in proc.stderr:
-                break
-        return proc
+        return run_tool(argv)
 
     def img(self, *args: StrPath, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``qemu-img ARGS...``; with ``check``, raise on a nonzero exit code."""

@@ -42,6 +42,7 @@ from types import FrameType
 from typing import Any
 
 import pytest
+from conftest import run_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -188,16 +189,7 @@ class Bases:
 
 
 def _run(argv: list[str], *, cwd: Path, timeout: float = QEMU_TIMEOUT) -> str:
-    proc = subprocess.run(
-        argv,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        errors="replace",
-        stdin=subprocess.DEVNULL,
-        timeout=timeout,
-        check=False,
-    )
+    proc = run_tool(argv, cwd=cwd, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed:\n{proc.stdout}{proc.stderr}")
     return proc.stdout
@@ -1103,16 +1095,7 @@ def qemu_verdict(tools: dict[str, str], path: Path, case: Case) -> str:
     cwd = path.parent
 
     def run(argv: list[str], timeout: float = QEMU_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            argv,
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            stdin=subprocess.DEVNULL,
-            timeout=timeout,
-            check=False,
-        )
+        return run_tool(argv, cwd=cwd, timeout=timeout)
 
     info = run([tools["qemu-img"], "info", "-f", "qcow2", "--output=json", path.name])
     if info.returncode != 0:
