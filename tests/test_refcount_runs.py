@@ -37,18 +37,23 @@ def test_runs_match_entry_access(order: int) -> None:
         assert [blk.get(i) for i in range(nentries)] == expect
 
 
+@pytest.mark.parametrize("cache", ["default", "one-block"])
 @pytest.mark.parametrize("refcount_bits", [1, 16])
-def test_allocation_is_first_fit(qemu: Qemu, tmp_path: Path, refcount_bits: int) -> None:
+def test_allocation_is_first_fit(
+    qemu: Qemu, tmp_path: Path, refcount_bits: int, cache: str
+) -> None:
     """Allocations over a refcount landscape with holes, across refcount-block edges
     (512-byte clusters: 256 or 4096 entries per block) are first fit from the
-    search start, counted once, and never hand out a used cluster."""
+    search start, counted once, and never hand out a used cluster; also with a
+    refcount cache of one block, where a run over two blocks evicts the first."""
     path = tmp_path / "a.qcow2"
     qemu.img(
         "create", "-q", "-f", "qcow2", "-o",
         f"cluster_size=512,refcount_bits={refcount_bits}", str(path), "64M",
     )  # fmt: skip
     rng = random.Random(refcount_bits)
-    with qcow2aio.open(path, "r+") as img:
+    rc_cache = 512 if cache == "one-block" else None
+    with qcow2aio.open(path, "r+", refcount_cache_size=rc_cache) as img:
         alloc = img.meta.allocator
         assert alloc is not None
         cs = img.meta.cluster_size
