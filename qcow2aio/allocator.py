@@ -68,6 +68,13 @@ class Allocator:
         rb_bits = self.rb_bits
         mask = (1 << rb_bits) - 1
         start = self.free_cluster_index
+        if (start + n - 1) >> rb_bits == start >> rb_bits and start + n <= self.max_clusters:
+            # The usual case, a growing image: the run at the start is free and inside
+            # one existing refcount block. One slice test instead of one per cluster.
+            blk = meta.refblock(start >> rb_bits)
+            if blk is not None and blk.is_free_run(start & mask, n):
+                self.free_cluster_index = start + n
+                return start
         i = start
         while i - start < n:
             if i >= self.max_clusters:
@@ -119,18 +126,7 @@ class Allocator:
     def alloc_clusters(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1 each); returns the host offset."""
         self.meta.file.event("cluster_alloc")
-        # The usual case, a growing image: the run at the search start is free and
-        # inside one existing refcount block. One slice test and one slice write
-        # instead of a block lookup, a read and a write per cluster.
-        start = self.free_cluster_index
-        rt = start >> self.rb_bits
-        if (start + n - 1) >> self.rb_bits == rt and start + n <= self.max_clusters:
-            blk = self.meta.refblock(rt)
-            index = start & ((1 << self.rb_bits) - 1)
-            if blk is not None and blk.is_free_run(index, n):
-                blk.set_run(index, n, 1)
-                self.free_cluster_index = start + n
-                return start << self.cluster_bits
+        mask = (1 << self.rb_bits) - 1
         while True:
             saved = self.free_cluster_index
             start = self._find_free(n)
@@ -143,7 +139,16 @@ class Allocator:
                     self.ensure_refblock(rt)
                     break
             else:
-                self.update_refcount(start << self.cluster_bits, n << self.cluster_bits, 1)
+                # Every refcount of the run is 0: count it one slice per block. Each
+                # block is looked up as it is changed (with a one-block cache, looking
+                # up the next one evicts the last, so no reference is kept across).
+                pos, end = start, start + n
+                while pos < end:
+                    stop = min(end, ((pos >> self.rb_bits) + 1) << self.rb_bits)
+                    blk = self.meta.refblock(pos >> self.rb_bits)
+                    assert blk is not None  # every block of the run exists (just checked)
+                    blk.set_run(pos & mask, stop - pos, 1)
+                    pos = stop
                 return start << self.cluster_bits
 
     def ensure_refblock(self, rt_index: int) -> RefcountBlock:
