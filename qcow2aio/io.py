@@ -6,24 +6,43 @@ Each method takes an ``event`` name in the style of QEMU's blkdebug events
 (``l2_load``, ``data_write`` ...): the plain backend ignores it, and the test
 backends (fault injection, recording for power-cut simulation) key on it.
 
-The async methods first try a read inline with ``RWF_NOWAIT`` (Linux answers
-``EAGAIN`` instead of blocking when the data is not in the page cache) and hop
-to a worker thread only on a miss; writes and flushes go to a thread because
-they may block (``RWF_NOWAIT`` is refused for buffered writes on ext4 here:
-``EOPNOTSUPP``). Two engines do the hop (:meth:`FileBackend.offload`):
+**The engine** (one, :class:`FileBackend`; ``FastFileBackend`` is the same class
+under its old name). An async request is done inline on the event loop thread
+when it cannot block for long, and in a worker thread otherwise:
 
-* :class:`FileBackend`, the portable default: ``aiofiles`` (the loop's default
-  executor), every write in a thread.
-* :class:`FastFileBackend` (``qcow2aio.open(..., io_backend=FastFileBackend)``):
-  this module's own small pool (:class:`IOThreads`), where a hop costs about half
-  as much and a worker that finishes while the loop has not yet run completes the
-  futures of everything it did in one loop wake-up; and small writes
-  (``INLINE_WRITE_MAX``, a cluster) done inline: a copy into the page cache, a few
-  microseconds, where a round trip through a thread costs 70-150 us of latency and
-  about as much CPU. Like the metadata writes (inline from the start, see
-  architecture.md) they are timed, and slow ones (two in a row over 2 ms: dirty-page
-  throttling, a page under writeback) send that file's writes back to threads for
-  a while. ``docs/performance.md`` has both in the benchmark table.
+* reads first try inline with ``RWF_NOWAIT`` (Linux answers ``EAGAIN`` instead of
+  blocking when the data is not all in the page cache); a miss, or the rest of a
+  partial read, goes to a thread. A large ``await read`` reads straight into the
+  ``bytes`` it returns (:func:`_new_bytes`), not into a bounce buffer copied out.
+* writes up to ``INLINE_WRITE_MAX`` (a cluster) are done inline: a copy into the
+  page cache, a few microseconds, where a round trip through a thread costs
+  50-150 us of latency and about as much CPU. They are timed (``RWF_NOWAIT`` for
+  buffered writes is refused by ext4 here: ``EOPNOTSUPP``), and slow ones (two in
+  a row over 2 ms: dirty-page throttling, a page under writeback) send that
+  file's writes back to threads for a second.
+* the rest (``fdatasync``, ``ftruncate``, large writes, cache misses) goes to
+  :class:`IOThreads`, a pool of a few daemon threads owned by this module (a
+  forked child gets a fresh one). Never the loop's default executor: users run
+  ``asyncio.to_thread(img.write_sync, ...)`` there, and such calls may block
+  waiting for the image's metadata lock, which a request of ours holds until its
+  own I/O (queued behind them) is done. ``IOThreads`` rather than ``aiofiles``
+  with an executor of our own: timed here (2 vCPUs), a hop through it costs
+  45-50 us at depth 1 and 5-8 us per request at depth 16 (a worker that
+  finishes several jobs before the loop runs completes them all in one loop
+  wake-up), against 65-75 and 24-25 us through ``aiofiles`` (``run_in_executor``,
+  one ``call_soon_threadsafe`` per job) with a dedicated ``ThreadPoolExecutor``;
+  1 MiB writes were the same either way within the noise (``docs/performance.md``).
+
+**Hooks for test backends.** Every mode (sync, async inline, async in a thread)
+ends in the same few methods, one system call each: :meth:`FileBackend._sys_pread`,
+:meth:`~FileBackend._sys_preadv`, :meth:`~FileBackend._sys_pwritev`,
+:meth:`~FileBackend._sys_fdatasync` and :meth:`~FileBackend._sys_ftruncate`. They
+raise ``OSError`` (the public methods turn it into ``Qcow2IOError``) and may run on
+a worker thread. A subclass that overrides only these (and :meth:`FileBackend.event`)
+keeps ``plain_reads``/``plain_writes`` and so every fast path the image takes with
+the plain backend: the power-cut recorder and the fault injector see exactly the
+system calls production makes. Overriding a public I/O method turns the matching
+flag off (the image then goes through the public methods only).
 """
 
 from __future__ import annotations
@@ -35,13 +54,12 @@ import errno as _errno
 import mmap
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-
-import aiofiles.os
 
 from .errors import Qcow2IOError
 
@@ -59,14 +77,6 @@ T = TypeVar("T")
 INLINE_WRITE_MAX = 64 << 10
 INLINE_WRITE_SLOW = 0.002
 INLINE_WRITE_BACKOFF = 1.0
-
-
-def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
-
-
-# The portable engine: any blocking call, in the loop's default executor via aiofiles.
-_aio_call: Any = aiofiles.os.wrap(_call)
 
 
 _ZEROS = bytes(1 << 16)
@@ -343,41 +353,57 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=BUFFERS._reset)
 
 
-def _pread_full(fd: int, length: int, offset: int) -> bytes:
-    """``os.pread`` until ``length`` bytes or end of file; zeros past the end."""
-    parts: list[bytes] = []
-    have = 0
-    while have < length:
-        chunk = os.pread(fd, length - have, offset + have)
-        if not chunk:
-            parts.append(bytes(length - have))
-            break
-        parts.append(chunk)
-        have += len(chunk)
-    if len(parts) == 1:
-        return parts[0]
-    return b"".join(parts)
+def _make_new_bytes() -> Callable[[int], tuple[bytes, Any]] | None:
+    """A maker of uninitialized ``bytes`` to read into, or None where there is none.
+
+    ``PyBytes_FromStringAndSize(NULL, n)`` is the C API's way to build a ``bytes``
+    in place: a new object whose contents the caller fills before anyone else sees
+    it. Called through ctypes it lets an inline ``RWF_NOWAIT`` read land straight in
+    the ``bytes`` an ``await read`` returns (``os.pread`` does the same internally but
+    has no flags argument, so it could block the loop on a page-cache miss). Timed
+    here for 1 MiB: 32-33 us against 55 us for a pooled buffer copied out. Only on
+    CPython, and only if a self-test at import sees the bytes it wrote.
+    """
+    if sys.implementation.name != "cpython":
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.pythonapi.PyBytes_FromStringAndSize
+        fn.restype = ctypes.py_object
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+        data_offset = bytes.__basicsize__ - 1  # ob_sval: the flexible array's start
+        char = ctypes.c_char
+
+        def new_bytes(n: int) -> tuple[bytes, Any]:
+            # n >= 2: CPython shares the objects of length 0 (and 1 with contents).
+            obj: bytes = fn(None, n)
+            return obj, (char * n).from_address(id(obj) + data_offset)
+
+        probe, target = new_bytes(4096)
+        memoryview(target).cast("B")[:] = bytes(range(256)) * 16
+        if probe != bytes(range(256)) * 16:
+            return None
+        return new_bytes
+    except Exception:  # no ctypes, no pythonapi, a different layout: the copying path
+        return None
 
 
-def _pwritev_all(fd: int, views: list[memoryview], pos: int, event: str, path: str) -> None:
-    """Write all of ``views`` at ``pos``; a short write is retried, then reported."""
-    while views:
-        try:
-            n = os.pwritev(fd, views, pos)
-        except OSError as exc:
-            raise _ioerror(f"write ({event})", path, exc) from exc
-        if n <= 0:
-            raise Qcow2IOError(f"write ({event}) on {path!r} wrote nothing", _errno.EIO)
-        pos += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
+# Large async reads go straight into a new bytes when possible (see above).
+_new_bytes = _make_new_bytes()
+_NEW_BYTES_MIN = 16385  # below: a bytearray and its copy (malloc's small heap, no ctypes)
+
+# The public I/O methods: a subclass overriding any of them is not plain (see FileBackend).
+_READ_API = ("pread", "readinto", "apread", "areadinto", "pread_nowait", "readinto_nowait")
+_WRITE_API = ("pwrite", "pwritev", "apwritev", "truncate", "atruncate", "size")
 
 
 class FileBackend:
-    """An open file addressed by offset only. Subclass hooks: override the methods."""
+    """An open file addressed by offset only; the I/O engine (see the module docstring).
+
+    Test backends subclass it and override the ``_sys_*`` hooks (and :meth:`event`):
+    one system call each, reached from every mode, raising ``OSError``.
+    """
 
     def __init__(self, path: str, writable: bool = False) -> None:
         self.path = path
@@ -388,28 +414,123 @@ class FileBackend:
         except OSError as exc:
             raise _ioerror("open", path, exc) from exc
         self._nowait = bool(_RWF_NOWAIT)
-        # Whether data reads / writes are exactly the os calls on ``fd`` (no subclass hook):
-        # only then may the image's fast paths call os.pread/os.preadv/os.pwritev directly.
+        # Async writes go to a thread until then (monotonic seconds) after inline ones
+        # were slow; _slow_writes counts slow ones in a row.
+        self._threaded_until = 0.0
+        self._slow_writes = 0
+        # Whether data reads / writes are this class's public methods (the hooks below
+        # them may be overridden): only then may the image take its fast paths (which
+        # call some of them in place of others) or leave out zero COW past the end of
+        # the file.
         cls = type(self)
-        self.plain_reads = (
-            cls.readinto is FileBackend.readinto and cls.areadinto is FileBackend.areadinto
-        )
-        self.plain_writes = (
-            cls.pwritev is FileBackend.pwritev and cls.apwritev is FileBackend.apwritev
-        )
+        self.plain_reads = all(getattr(cls, m) is getattr(FileBackend, m) for m in _READ_API)
+        self.plain_writes = all(getattr(cls, m) is getattr(FileBackend, m) for m in _WRITE_API)
+
+    # ------------------------------------------------------------------ hooks
+    # One system call each; OSError out. Called on the loop thread (sync and inline
+    # async calls) or on an I/O thread (blocking async calls).
+    def _sys_pread(self, length: int, offset: int, event: str) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def _sys_preadv(self, buffers: list[Any], offset: int, event: str, flags: int = 0) -> int:
+        """``os.preadv``; ``flags`` is 0 or ``RWF_NOWAIT`` (then ``BlockingIOError`` or a
+        short count when not all of it is in the page cache)."""
+        if flags:
+            return os.preadv(self.fd, buffers, offset, flags)
+        return os.preadv(self.fd, buffers, offset)
+
+    def _sys_pwritev(self, buffers: list[memoryview], offset: int, event: str) -> int:
+        return os.pwritev(self.fd, buffers, offset)
+
+    def _sys_fdatasync(self, event: str) -> None:
+        os.fdatasync(self.fd)
+
+    def _sys_ftruncate(self, size: int, event: str) -> None:
+        os.ftruncate(self.fd, size)
 
     # ---------------------------------------------------------------- engine
     def offload(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
-        """Run a blocking call off the event loop (aiofiles: the default executor)."""
-        result: Awaitable[T] = _aio_call(fn, *args)
-        return result
+        """Run a blocking call off the event loop (in :class:`IOThreads`)."""
+        return to_thread(fn, *args)
 
     def inline_write_ok(self, nbytes: int) -> bool:
-        """Whether an async write of ``nbytes`` may be done inline now: never, here."""
-        return False
+        """Whether an async write of ``nbytes`` may be done inline now: small, and no
+        back-off in force."""
+        return nbytes <= INLINE_WRITE_MAX and time.monotonic() >= self._threaded_until
 
     def note_inline_write(self, seconds: float) -> None:
-        """How long an inline write took (engines that write inline keep score)."""
+        """How long an inline write took: two slow ones in a row start the back-off."""
+        if seconds <= INLINE_WRITE_SLOW:
+            self._slow_writes = 0
+            return
+        # Once is usually the loop thread being preempted (~0.2% of writes on a busy
+        # machine); twice in a row, or very long, is the kernel making writes wait.
+        self._slow_writes += 1
+        if self._slow_writes >= 2 or seconds > 25 * INLINE_WRITE_SLOW:
+            self._threaded_until = time.monotonic() + INLINE_WRITE_BACKOFF
+            self._slow_writes = 0
+
+    # ---------------------------------------------------------------- helpers
+    def _fill(self, buf: Any, done: int, offset: int, event: str) -> None:
+        """Blocking: fill ``buf`` from ``done`` on (zeros past end of file)."""
+        view = memoryview(buf).cast("B")
+        total = len(view)
+        while done < total:
+            n = self._sys_preadv([view[done:]], offset + done, event)
+            if n == 0:
+                _zero_fill(view[done:])
+                return
+            done += n
+
+    def _fill_owned(self, owner: object, buf: Any, done: int, offset: int, event: str) -> None:
+        """:meth:`_fill` of memory that ``owner`` owns (kept alive by this call's frame)."""
+        self._fill(buf, done, offset, event)
+
+    def _try_nowait(self, buf: Any, offset: int, event: str) -> int:
+        """Bytes read inline with ``RWF_NOWAIT`` (0 when none are cached or the kernel
+        cannot say); other errors are raised as ``Qcow2IOError``."""
+        if not self._nowait:
+            return 0
+        try:
+            return self._sys_preadv([buf], offset, event, _RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
+                self._nowait = False
+                return 0
+            raise _ioerror(f"read ({event})", self.path, exc) from exc
+
+    def _pread_full(self, length: int, offset: int, event: str) -> bytes:
+        """Blocking: ``length`` bytes at ``offset`` (zeros past end of file)."""
+        parts: list[bytes] = []
+        have = 0
+        while have < length:
+            chunk = self._sys_pread(length - have, offset + have, event)
+            if not chunk:
+                parts.append(bytes(length - have))
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def _pwritev_all(self, views: list[memoryview], pos: int, event: str) -> None:
+        """Write all of ``views`` at ``pos``; a short write is retried, then reported."""
+        while views:
+            try:
+                n = self._sys_pwritev(views, pos, event)
+            except OSError as exc:
+                raise _ioerror(f"write ({event})", self.path, exc) from exc
+            if n <= 0:
+                raise Qcow2IOError(f"write ({event}) on {self.path!r} wrote nothing", _errno.EIO)
+            pos += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
 
     # ------------------------------------------------------------------ sync
     def event(self, name: str) -> None:
@@ -426,48 +547,37 @@ class FileBackend:
 
     def pread(self, offset: int, length: int, event: str = "read") -> bytes:
         """Read ``length`` bytes; bytes past end of file read as zeros."""
-        if self.plain_reads:
+        try:
             # Straight into the bytes returned (a bytearray copied out would cost two
             # large allocations, which glibc turns into page faults on every call).
-            try:
-                return _pread_full(self.fd, length, offset)
-            except OSError as exc:
-                raise _ioerror(f"read ({event})", self.path, exc) from exc
-        buf = bytearray(length)
-        self.readinto(memoryview(buf), offset, event)
-        return bytes(buf)
+            return self._pread_full(length, offset, event)
+        except OSError as exc:
+            raise _ioerror(f"read ({event})", self.path, exc) from exc
 
     def readinto(self, buf: memoryview, offset: int, event: str = "read") -> None:
         """Fill ``buf`` from ``offset``; the part past end of file is zero-filled."""
-        done = 0
-        total = len(buf)
-        while done < total:
-            try:
-                n = os.preadv(self.fd, [buf[done:]], offset + done)
-            except OSError as exc:
-                raise _ioerror(f"read ({event})", self.path, exc) from exc
-            if n == 0:
-                _zero_fill(buf[done:])
-                return
-            done += n
+        try:
+            self._fill(buf, 0, offset, event)
+        except OSError as exc:
+            raise _ioerror(f"read ({event})", self.path, exc) from exc
 
     def pwritev(self, buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
         """Write all of ``buffers`` at ``offset``; a short write is retried, then reported."""
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
-        _pwritev_all(self.fd, views, offset, event, self.path)
+        self._pwritev_all(views, offset, event)
 
     def pwrite(self, data: Buffer, offset: int, event: str = "write") -> None:
         self.pwritev([data], offset, event)
 
     def flush(self, event: str = "flush") -> None:
         try:
-            os.fdatasync(self.fd)
+            self._sys_fdatasync(event)
         except OSError as exc:
             raise _ioerror(f"flush ({event})", self.path, exc) from exc
 
     def truncate(self, size: int, event: str = "truncate") -> None:
         try:
-            os.ftruncate(self.fd, size)
+            self._sys_ftruncate(size, event)
         except OSError as exc:
             raise _ioerror(f"truncate ({event})", self.path, exc) from exc
 
@@ -479,70 +589,58 @@ class FileBackend:
                 self.fd = -1
 
     # ----------------------------------------------------------------- async
-    def readinto_nowait(self, buf: memoryview | bytearray, offset: int) -> bool:
+    def readinto_nowait(
+        self, buf: memoryview | bytearray, offset: int, event: str = "data_read"
+    ) -> bool:
         """Fill ``buf`` inline if all of it is in the page cache (``RWF_NOWAIT``).
 
-        False when it is not (or the kernel cannot say, or on any error): the
-        caller then takes the general path, which blocks in a thread and reports
-        errors. For plain backends only (``plain_reads``).
+        False when it is not (or the kernel cannot say, or at end of file): the
+        caller then takes the general path, which blocks in a thread. An I/O error
+        is raised (``Qcow2IOError``), as the general path would.
         """
-        if not self._nowait:
-            return False
-        try:
-            n = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
-        except OSError as exc:
-            if exc.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
-                self._nowait = False
-            return False
-        return n == len(buf)
+        return self._try_nowait(buf, offset, event) == len(buf)
 
-    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+    def pread_nowait(self, offset: int, length: int, event: str = "data_read") -> bytes | None:
         """``length`` bytes at ``offset`` if all are in the page cache, else None (inline)."""
         if not self._nowait:
             return None
-        if length <= 16384:
-            # Small: a bytearray (malloc's small-object heap), no pool round trip.
+        if length < _NEW_BYTES_MIN:
+            # Small: a bytearray (malloc's small-object heap) and its copy.
             buf = bytearray(length)
-            return bytes(buf) if self.readinto_nowait(buf, offset) else None
-        return BUFFERS.read_bytes(lambda view: self.readinto_nowait(view, offset), length)
+            return bytes(buf) if self._try_nowait(buf, offset, event) == length else None
+        if _new_bytes is not None:
+            obj, target = _new_bytes(length)
+            return obj if self._try_nowait(target, offset, event) == length else None
+        return BUFFERS.read_bytes(lambda view: self.readinto_nowait(view, offset, event), length)
 
     async def apread(self, offset: int, length: int, event: str = "read") -> bytes:
         """Read ``length`` bytes (zeros past end of file): inline on a page-cache hit,
-        else ``os.pread`` in an I/O thread, straight into the returned bytes."""
-        data = self.pread_nowait(offset, length)
-        if data is not None:
-            return data
+        else in an I/O thread, straight into the returned bytes."""
         try:
-            return await self.offload(_pread_full, self.fd, length, offset)
+            if length >= _NEW_BYTES_MIN and _new_bytes is not None:
+                obj, target = _new_bytes(length)
+                done = self._try_nowait(target, offset, event)
+                if done < length:
+                    # ``obj`` rides along in the job: a cancelled caller must not free
+                    # it while the thread still fills it.
+                    await self.offload(self._fill_owned, obj, target, done, offset, event)
+                return obj
+            data = self.pread_nowait(offset, length, event)
+            if data is not None:
+                return data
+            return await self.offload(self._pread_full, length, offset, event)
         except OSError as exc:
             raise _ioerror(f"read ({event})", self.path, exc) from exc
 
     async def areadinto(self, buf: memoryview, offset: int, event: str = "read") -> None:
-        total = len(buf)
-        done = 0
-        if self._nowait:
-            # Page-cache hit: finish inline, no thread hop.
-            try:
-                done = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
-            except BlockingIOError:
-                done = 0
-            except OSError as exc:
-                if exc.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
-                    self._nowait = False
-                    done = 0
-                else:
-                    raise _ioerror(f"read ({event})", self.path, exc) from exc
-            if done == total:
-                return
-        while done < total:
-            try:
-                n = await self.offload(os.preadv, self.fd, [buf[done:]], offset + done)
-            except OSError as exc:
-                raise _ioerror(f"read ({event})", self.path, exc) from exc
-            if n == 0:
-                _zero_fill(buf[done:])
-                return
-            done += n
+        # Page-cache hit: finish inline, no thread hop; else the rest in a thread.
+        done = self._try_nowait(buf, offset, event)
+        if done == len(buf):
+            return
+        try:
+            await self.offload(self._fill, buf, done, offset, event)
+        except OSError as exc:
+            raise _ioerror(f"read ({event})", self.path, exc) from exc
 
     async def apwritev(self, buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -552,56 +650,24 @@ class FileBackend:
             # Small buffered write: a copy into the page cache, cheaper inline than the
             # hop to a thread and back (see the module docstring).
             t0 = time.monotonic()
-            _pwritev_all(self.fd, views, offset, event, self.path)
+            self._pwritev_all(views, offset, event)
             self.note_inline_write(time.monotonic() - t0)
             return
         # One hop for the whole write, short-write retries included.
-        await self.offload(_pwritev_all, self.fd, views, offset, event, self.path)
+        await self.offload(self._pwritev_all, views, offset, event)
 
     async def aflush(self, event: str = "flush") -> None:
         try:
-            await self.offload(os.fdatasync, self.fd)
+            await self.offload(self._sys_fdatasync, event)
         except OSError as exc:
             raise _ioerror(f"flush ({event})", self.path, exc) from exc
 
     async def atruncate(self, size: int, event: str = "truncate") -> None:
         try:
-            await self.offload(os.ftruncate, self.fd, size)
+            await self.offload(self._sys_ftruncate, size, event)
         except OSError as exc:
             raise _ioerror(f"truncate ({event})", self.path, exc) from exc
 
 
-class FastFileBackend(FileBackend):
-    """:class:`FileBackend` with the faster async engine (see the module docstring).
-
-    Blocking calls go to :class:`IOThreads` instead of aiofiles, and async writes up
-    to ``INLINE_WRITE_MAX`` are done inline on the event loop thread, timed, with a
-    back-off to threads when the kernel starts making writes wait. The data path is
-    otherwise the same (the same system calls), so the image's fast paths apply.
-    Use it with ``qcow2aio.open(path, io_backend=FastFileBackend)``.
-    """
-
-    def __init__(self, path: str, writable: bool = False) -> None:
-        super().__init__(path, writable)
-        # Async writes go to a thread until then (monotonic seconds) after inline ones
-        # were slow; _slow_writes counts slow ones in a row.
-        self._threaded_until = 0.0
-        self._slow_writes = 0
-
-    def offload(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
-        return to_thread(fn, *args)
-
-    def inline_write_ok(self, nbytes: int) -> bool:
-        """Small, and no back-off in force."""
-        return nbytes <= INLINE_WRITE_MAX and time.monotonic() >= self._threaded_until
-
-    def note_inline_write(self, seconds: float) -> None:
-        if seconds <= INLINE_WRITE_SLOW:
-            self._slow_writes = 0
-            return
-        # Once is usually the loop thread being preempted (~0.2% of writes on a busy
-        # machine); twice in a row, or very long, is the kernel making writes wait.
-        self._slow_writes += 1
-        if self._slow_writes >= 2 or seconds > 25 * INLINE_WRITE_SLOW:
-            self._threaded_until = time.monotonic() + INLINE_WRITE_BACKOFF
-            self._slow_writes = 0
+# The opt-in engine of earlier versions is now the default: the old name stays importable.
+FastFileBackend = FileBackend

@@ -29,14 +29,15 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from qcow2aio.io import BackendFactory, Buffer, FileBackend
+from qcow2aio.io import BackendFactory, FileBackend
 
 SECTOR = 512
 EXHAUSTIVE_MAX = 6
@@ -89,6 +90,8 @@ class Journal:
 
     def __init__(self) -> None:
         self.pos = 0
+        # Files are recorded from the event loop thread and from I/O threads.
+        self._lock = threading.Lock()
         self.ops: list[FileOp] = []
         self.flushes: list[FlushRec] = []
         self.requests: list[Request] = []
@@ -99,26 +102,33 @@ class Journal:
 
     # file side (RecordingBackend)
     def write(self, offset: int, data: bytes, event: str = "", file: str = "") -> None:
-        self.ops.append(FileOp(self._tick(), offset, data=data, event=event, file=file))
+        with self._lock:
+            self.ops.append(FileOp(self._tick(), offset, data=data, event=event, file=file))
 
     def truncate(self, size: int, file: str = "") -> None:
-        self.ops.append(FileOp(self._tick(), 0, size=size, event="truncate", file=file))
+        with self._lock:
+            self.ops.append(FileOp(self._tick(), 0, size=size, event="truncate", file=file))
 
     def flush_start(self, event: str = "", file: str = "") -> int:
-        self.flushes.append(FlushRec(self._tick(), event=event, file=file))
-        return len(self.flushes) - 1
+        with self._lock:
+            self.flushes.append(FlushRec(self._tick(), event=event, file=file))
+            return len(self.flushes) - 1
 
     def flush_end(self, index: int) -> None:
-        f = self.flushes[index]
-        self.flushes[index] = FlushRec(f.start, self._tick(), f.event, f.file)
+        with self._lock:
+            f = self.flushes[index]
+            self.flushes[index] = FlushRec(f.start, self._tick(), f.event, f.file)
 
     # request side (the test)
     def issue(self, kind: str, offset: int = 0, length: int = 0, data: bytes | None = None) -> int:
-        self.requests.append(Request(len(self.requests), kind, offset, length, data, self._tick()))
-        return len(self.requests) - 1
+        with self._lock:
+            rid = len(self.requests)
+            self.requests.append(Request(rid, kind, offset, length, data, self._tick()))
+            return rid
 
     def ack(self, rid: int) -> None:
-        self.requests[rid].acked = self._tick()
+        with self._lock:
+            self.requests[rid].acked = self._tick()
 
     def factory(self, image_path: str | Path, *, data_file: bool = False) -> BackendFactory:
         """Opens the image file with a RecordingBackend, any other file plainly; with
@@ -135,38 +145,33 @@ class Journal:
 
 
 class RecordingBackend(FileBackend):
-    """Logs completed writes, truncates and flush start/end of one file into a Journal."""
+    """Logs completed writes, truncates and flush start/end of one file into a Journal.
+
+    It records at the engine's ``_sys_*`` hooks, the system calls themselves (on the
+    event loop thread or an I/O thread, as they run), and overrides no public method:
+    the image keeps every fast path of the plain backend (in-place writes, inline
+    async writes, zero COW past the end of the file left out), so the power-cut
+    states are those of the code production runs.
+    """
 
     def __init__(self, path: str, writable: bool, journal: Journal) -> None:
         super().__init__(path, writable)
         self.journal = journal
 
-    def pwritev(self, buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
-        data = b"".join(buffers)
-        super().pwritev([data], offset, event)
-        self.journal.write(offset, data, event, self.path)
+    def _sys_pwritev(self, buffers: list[memoryview], offset: int, event: str) -> int:
+        n = super()._sys_pwritev(buffers, offset, event)
+        if n > 0:
+            # What reached the file: a short write's retry is recorded as its own write.
+            self.journal.write(offset, b"".join(buffers)[:n], event, self.path)
+        return n
 
-    async def apwritev(self, buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
-        data = b"".join(buffers)
-        await super().apwritev([data], offset, event)
-        self.journal.write(offset, data, event, self.path)
-
-    def flush(self, event: str = "flush") -> None:
+    def _sys_fdatasync(self, event: str) -> None:
         i = self.journal.flush_start(event, self.path)
-        super().flush(event)
+        super()._sys_fdatasync(event)
         self.journal.flush_end(i)
 
-    async def aflush(self, event: str = "flush") -> None:
-        i = self.journal.flush_start(event, self.path)
-        await super().aflush(event)
-        self.journal.flush_end(i)
-
-    def truncate(self, size: int, event: str = "truncate") -> None:
-        super().truncate(size, event)
-        self.journal.truncate(size, self.path)
-
-    async def atruncate(self, size: int, event: str = "truncate") -> None:
-        await super().atruncate(size, event)
+    def _sys_ftruncate(self, size: int, event: str) -> None:
+        super()._sys_ftruncate(size, event)
         self.journal.truncate(size, self.path)
 
 

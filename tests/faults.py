@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import random
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,8 @@ from conftest import Qemu
 
 import qcow2aio
 from qcow2aio.io import BackendFactory, Buffer, FileBackend
+
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
 # The fault points of the issue, under the event names qcow2aio's I/O calls carry.
 FAULT_POINTS: tuple[str, ...] = (
@@ -89,6 +93,8 @@ class FaultState:
         self.injections: list[Injection] = []
         self.flush_failed = False  # some fdatasync was failed
         self.events: dict[str, int] = {}  # event name -> operations seen
+        # Operations are decided on the event loop thread and on I/O threads alike.
+        self._lock = threading.Lock()
 
     @property
     def fired(self) -> int:
@@ -102,6 +108,10 @@ class FaultState:
 
     def decide(self, op: str, event: str, path: str) -> str | None:
         """The kind of fault to inject into this operation, or None to let it run."""
+        with self._lock:
+            return self._decide(op, event, path)
+
+    def _decide(self, op: str, event: str, path: str) -> str | None:
         if op != "event":
             self.ops += 1
         key = "flush" if op == "flush" else event
@@ -146,7 +156,13 @@ def short_part(buffers: Sequence[Buffer]) -> bytes:
 
 
 class FaultBackend(FileBackend):
-    """A FileBackend whose operations fail when its :class:`FaultState` says so."""
+    """A FileBackend whose system calls fail when its :class:`FaultState` says so.
+
+    It overrides only the engine's ``_sys_*`` hooks (one system call each, reached
+    from the sync, inline async and threaded async paths alike) and :meth:`event`, so
+    the image keeps every fast path of the plain backend (``plain_reads`` and
+    ``plain_writes`` stay True): faults hit the I/O production does.
+    """
 
     def __init__(self, path: str, writable: bool, state: FaultState) -> None:
         super().__init__(path, writable)
@@ -155,74 +171,60 @@ class FaultBackend(FileBackend):
     def _decide(self, op: str, event: str) -> str | None:
         return self.state.decide(op, event, self.path)
 
+    def _fail(self, kind: str, op: str) -> OSError:
+        code = errno.EIO
+        if kind == "enospc" or (kind == "short" and op == "write"):
+            code = errno.ENOSPC
+        return OSError(code, f"injected {errno.errorcode[code]}")
+
     def event(self, name: str) -> None:
         kind = self._decide("event", name)
         if kind is not None:
             raise _error(kind, "event", name, self.path)
 
-    def readinto(self, buf: memoryview, offset: int, event: str = "read") -> None:
+    def _sys_pread(self, length: int, offset: int, event: str) -> bytes:
         kind = self._decide("read", event)
-        if kind is None:
-            super().readinto(buf, offset, event)
-            return
-        if kind == "short":
-            super().readinto(buf[: len(buf) // 2], offset, event)
-        raise _error(kind, "read", event, self.path)
+        if kind is not None:
+            raise self._fail(kind, "read")
+        return super()._sys_pread(length, offset, event)
 
-    async def areadinto(self, buf: memoryview, offset: int, event: str = "read") -> None:
+    def _sys_preadv(self, buffers: list[Any], offset: int, event: str, flags: int = 0) -> int:
+        if flags & _RWF_NOWAIT:
+            # An inline attempt: a page-cache miss (EAGAIN, or a short count) is no
+            # operation, the blocking read that follows it is one (and decides).
+            n = super()._sys_preadv(buffers, offset, event, flags)
+            if n < sum(memoryview(b).nbytes for b in buffers):
+                return n
+            kind = self._decide("read", event)
+            if kind is not None:
+                raise self._fail(kind, "read")
+            return n
         kind = self._decide("read", event)
-        if kind is None:
-            await super().areadinto(buf, offset, event)
-            return
-        if kind == "short":
-            await super().areadinto(buf[: len(buf) // 2], offset, event)
-        raise _error(kind, "read", event, self.path)
+        if kind is not None:
+            raise self._fail(kind, "read")
+        return super()._sys_preadv(buffers, offset, event, flags)
 
-    def pwritev(self, buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
+    def _sys_pwritev(self, buffers: list[memoryview], offset: int, event: str) -> int:
         kind = self._decide("write", event)
         if kind is None:
-            super().pwritev(buffers, offset, event)
-            return
+            return super()._sys_pwritev(buffers, offset, event)
         if kind == "short":
             part = short_part(buffers)
             if part:
-                super().pwritev([part], offset, event)
-        raise _error(kind, "write", event, self.path)
+                super()._sys_pwritev([memoryview(part)], offset, event)
+        raise self._fail(kind, "write")
 
-    async def apwritev(self, buffers: Sequence[Buffer], offset: int, event: str = "write") -> None:
-        kind = self._decide("write", event)
-        if kind is None:
-            await super().apwritev(buffers, offset, event)
-            return
-        if kind == "short":
-            part = short_part(buffers)
-            if part:
-                await super().apwritev([part], offset, event)
-        raise _error(kind, "write", event, self.path)
-
-    def flush(self, event: str = "flush") -> None:
+    def _sys_fdatasync(self, event: str) -> None:
         kind = self._decide("flush", event)
         if kind is not None:
-            raise _error(kind, "flush", event, self.path)
-        super().flush(event)
+            raise self._fail(kind, "flush")
+        super()._sys_fdatasync(event)
 
-    async def aflush(self, event: str = "flush") -> None:
-        kind = self._decide("flush", event)
-        if kind is not None:
-            raise _error(kind, "flush", event, self.path)
-        await super().aflush(event)
-
-    def truncate(self, size: int, event: str = "truncate") -> None:
+    def _sys_ftruncate(self, size: int, event: str) -> None:
         kind = self._decide("truncate", event)
         if kind is not None:
-            raise _error(kind, "truncate", event, self.path)
-        super().truncate(size, event)
-
-    async def atruncate(self, size: int, event: str = "truncate") -> None:
-        kind = self._decide("truncate", event)
-        if kind is not None:
-            raise _error(kind, "truncate", event, self.path)
-        await super().atruncate(size, event)
+            raise self._fail(kind, "truncate")
+        super()._sys_ftruncate(size, event)
 
 
 # ---------------------------------------------------------------- workloads
