@@ -19,8 +19,9 @@ from .errors import (
     Qcow2RangeError,
     Qcow2ReadOnlyError,
     Qcow2UnsupportedError,
+    WaitTimeoutError,
 )
-from .image import Image
+from .image import DEFAULT_WAIT_TIMEOUT, Image
 from .io import BackendFactory
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "Qcow2RangeError",
     "Qcow2ReadOnlyError",
     "Qcow2UnsupportedError",
+    "WaitTimeoutError",
     "create",
     "open",
 ]
@@ -49,13 +51,17 @@ def open(
     refcount_cache_size: int | None = None,
     open_backing: bool = True,
     io_backend: BackendFactory | None = None,
+    wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
 ) -> Image:
     """Open a qcow2 image, ``mode`` "r" (read-only) or "r+" (read-write).
 
     Usable directly, as ``with``, or as ``async with``. ``l2_cache_size`` and
     ``refcount_cache_size`` bound the metadata caches in bytes. ``io_backend``
     opens the files, ``(path, writable) -> FileBackend``: recording or
-    fault-injecting backends in tests, or another I/O engine.
+    fault-injecting backends in tests, or another I/O engine. ``wait_timeout``
+    bounds how long a synchronous call in a thread without an event loop waits (for
+    the metadata lock, an overlapping allocation, a drain) before it raises
+    :class:`WaitTimeoutError` (see docs/concurrency.md, "Threads and loops").
     """
     return Image(
         path,
@@ -65,4 +71,5 @@ def open(
         refcount_cache_size=refcount_cache_size,
         open_backing=open_backing,
         io_backend=io_backend,
+        wait_timeout=wait_timeout,
     )

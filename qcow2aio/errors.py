@@ -52,3 +52,14 @@ class ImageBusyError(Qcow2Error):
     suspended request or the request overlaps an in-flight allocation. The
     caller can retry later or use the async API, which waits instead.
     """
+
+
+class WaitTimeoutError(ImageBusyError):
+    """A synchronous call in a thread without an event loop waited too long.
+
+    Such calls wait (for the metadata lock, an overlapping in-flight allocation, a
+    drain) instead of raising :class:`ImageBusyError`, but never forever: a wait that
+    could never end (the holder is a suspended coroutine of an event loop that is no
+    longer running) ends with this error after the image's ``wait_timeout``.
+    Nothing was changed by the call that raised it.
+    """

@@ -17,9 +17,9 @@ import asyncio
 import errno as _errno
 import os
 import struct
+import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -35,10 +35,11 @@ from .errors import (
     Qcow2RangeError,
     Qcow2ReadOnlyError,
     Qcow2UnsupportedError,
+    WaitTimeoutError,
 )
 from .inflight import InflightList, L2Meta, NoInflightList
 from .io import BUFFERS, BackendFactory, Buffer, FileBackend, parallel_map, to_thread
-from .lock import MetaLock, NoLock
+from .lock import BUSY, MetaLock, NoLock, Wakeup, running_loop
 from .mapping import (
     BACKING,
     COMPRESSED,
@@ -69,6 +70,11 @@ _NO_FAST: tuple[FileBackend | None, int] = (None, -1)  # take the general path (
 _LOCATED_MAX = 1 << 15
 _LOC_ZERO = -2
 _LOC_OTHER = -1
+# How long a synchronous call in a thread without an event loop waits (for the metadata
+# lock, an overlapping in-flight allocation, a drain) before WaitTimeoutError: long
+# enough for any flush, short enough that a holder that can never finish (a coroutine
+# of a loop that stopped running) does not hang the thread forever.
+DEFAULT_WAIT_TIMEOUT = 60.0
 
 
 def _write_event(step: WriteStep) -> str:
@@ -102,13 +108,21 @@ class Image:
         refcount_cache_size: int | None = None,
         open_backing: bool = True,
         io_backend: BackendFactory | None = None,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
         _chain: tuple[str, ...] = (),
     ) -> None:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+        if not wait_timeout > 0:
+            raise ValueError(f"wait_timeout must be positive, not {wait_timeout!r}")
         self.path = os.fspath(path)
         self.mode = mode
         self.writable = mode == "r+"
+        self.wait_timeout = float(wait_timeout)
+        # How long an async reader may block its loop's thread for the lock: only on a
+        # read-only image, whose lock is only ever held for a mapping (never across an
+        # await), may it wait; a writable image's holder may be a suspended coroutine.
+        self._reader_wait: float | None = None if self.writable else self.wait_timeout
         self.format = "qcow2"
         self._closed = True
         self._chain = check_chain(self.path, _chain)
@@ -118,20 +132,24 @@ class Image:
         self.backing: Image | RawImage | None = None
         # qcow2aio.testing.unserialized() turns both off, to prove race tests can fail.
         self.serialized = testing.serialized()
-        self.lock: MetaLock = MetaLock() if self.serialized else NoLock()
+        self.lock: MetaLock = MetaLock(repr(self.path)) if self.serialized else NoLock()
         self._compressed_cache: tuple[int, bytes] | None = None
         # locate(): guest cluster -> host | index into _located_files (read-only images).
         self._located: dict[int, int] = {}
         self._located_files: list[FileBackend] = []
         # Requests that hold host offsets from a mapping, by the epoch they started in;
-        # a freed cluster is reused only after every older request has finished.
+        # a freed cluster is reused only after every older request has finished. All of
+        # it (and the idle waiters) under _reqs_mutex: requests come from any thread.
+        self._reqs_mutex = threading.Lock()
         self._epoch = 0
-        self._active: Counter[int] = Counter()
+        self._active: dict[int, int] = {}
+        self._nreq = 0
         self._background: set[asyncio.Task[None]] = set()
-        # aclose() drains like QEMU before closing: from its start new requests are
-        # refused, and it waits (futures below) until no request is in flight.
+        # aclose() (and close() in a thread without a loop) drains like QEMU before
+        # closing: from its start new requests are refused, and it waits until no
+        # request is in flight (woken in its own loop or thread).
         self._closing = False
-        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._idle_waiters: list[Wakeup] = []
         self._poisoned: str | None = None
         self._poisoned_errno = _errno.EIO
         try:
@@ -179,7 +197,13 @@ class Image:
         if fmt is None:
             fmt = probe_format(path)
         if fmt == "qcow2":
-            return Image(path, "r", io_backend=self._io_backend, _chain=self._chain)
+            return Image(
+                path,
+                "r",
+                io_backend=self._io_backend,
+                wait_timeout=self.wait_timeout,
+                _chain=self._chain,
+            )
         if fmt in RAW_FORMATS:
             check_chain(path, self._chain)
             return RawImage(path, self._io_backend(path, False))
@@ -218,61 +242,119 @@ class Image:
     def map(self, offset: int, length: int) -> list[Extent]:
         """The read plan for a guest range (for tools and tests; no data moved)."""
         self._check_range(offset, length)
-        return map_read(self.meta, offset, length, self.backing is not None)
+        return self._plan_sync(offset, length)
+
+    # ------------------------------------------------------------ admission
+    def _sync_wait(self) -> float | None:
+        """How long a synchronous call may wait for the lock here: None (never) in a
+        thread that runs an event loop, on a writable image, where the holder may be a
+        suspended coroutine of this very loop; else the image's ``wait_timeout``."""
+        if self.writable and running_loop() is not None:
+            return None
+        return self.wait_timeout
+
+    def _map_now(
+        self, offset: int, length: int, wait: float | None
+    ) -> tuple[int, FileBackend | None, int, list[Extent] | None] | None:
+        """Register a read and map it, admitted as a reader (``lock.enter_read``).
+
+        Returns ``(epoch, file, host, plan)``: ``file`` and ``host`` as
+        :meth:`_fast_source` answers, and when that is not a one-file run or zeros,
+        the plan. None, having registered nothing, when the lock is busy and ``wait``
+        is None. The caller reads the data after this returns and then ``_leave``s:
+        registered, none of the clusters named can be reused meanwhile, whatever other
+        threads do.
+        """
+        how = self.lock.enter_read(wait)
+        if how == BUSY:
+            return None
+        try:
+            ep = self._enter()
+            try:
+                src, host = self._fast_source(offset, length)
+                plan = None
+                if src is None and host != 0:
+                    plan = map_read(self.meta, offset, length, self.backing is not None)
+            except BaseException:
+                self._leave(ep)
+                raise
+        finally:
+            self.lock.exit_read(how)
+        return ep, src, host, plan
+
+    def _map_sync(
+        self, offset: int, length: int
+    ) -> tuple[int, FileBackend | None, int, list[Extent] | None]:
+        mapped = self._map_now(offset, length, self._sync_wait())
+        if mapped is None:
+            raise ImageBusyError("metadata is being changed by a suspended request")
+        return mapped
+
+    def _plan_sync(self, offset: int, length: int) -> list[Extent]:
+        how = self.lock.enter_read(self._sync_wait())
+        if how == BUSY:
+            raise ImageBusyError("metadata is being changed by a suspended request")
+        try:
+            return map_read(self.meta, offset, length, self.backing is not None)
+        finally:
+            self.lock.exit_read(how)
+
+    async def _map_later(
+        self, offset: int, length: int
+    ) -> tuple[int, FileBackend | None, int, list[Extent] | None]:
+        """:meth:`_map_now` for a coroutine that found the lock busy: wait for it (FIFO)."""
+        ep = self._enter()
+        try:
+            await self.lock.acquire()
+            try:
+                self._check_still_open()
+                plan = map_read(self.meta, offset, length, self.backing is not None)
+            finally:
+                self.lock.release()
+        except BaseException:
+            self._leave(ep)
+            raise
+        return ep, None, -1, plan
 
     # ----------------------------------------------------------- sync reads
     def read_sync(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` without ever awaiting."""
         self._check_range(offset, length)
-        if self.lock.blocks_readers():
-            raise ImageBusyError("metadata is being rewritten by a suspended request")
-        data_file = self._data
-        # Fast path: no plan built. Plain bytes contiguous in one file (this image's, or
-        # a backing file's for a range unallocated here) are one pread straight into
-        # the bytes returned.
-        src, host = self._fast_source(offset, length)
-        if src is not None:
-            try:
-                data = os.pread(src.fd, length, host)
-            except OSError:
-                data = b""  # let the general path report the error properly
-            if len(data) == length:
-                return data
-        elif host == 0:
-            return bytes(length)
-        plan = map_read(self.meta, offset, length, self.backing is not None)
-        if len(plan) == 1 and plan[0].kind == DATA and data_file.plain_reads:
-            try:
-                data = os.pread(data_file.fd, length, plan[0].host)
-            except OSError:
-                data = b""
-            if len(data) == length:
-                return data
-        buf = BUFFERS.borrow(length)
+        ep, src, host, plan = self._map_sync(offset, length)
         try:
-            view = memoryview(buf)[:length]
-            self._run_plan_sync(plan, view, offset)
-            return bytes(view)
+            # Fast path: no plan built. Plain bytes contiguous in one file (this image's,
+            # or a backing file's for a range unallocated here) are one pread straight
+            # into the bytes returned.
+            if src is not None:
+                return src.pread(host, length, "data_read")
+            if plan is None:
+                return bytes(length)
+            data_file = self._data
+            if len(plan) == 1 and plan[0].kind == DATA and data_file.plain_reads:
+                return data_file.pread(plan[0].host, length, "data_read")
+            buf = BUFFERS.borrow(length)
+            try:
+                view = memoryview(buf)[:length]
+                self._run_plan_sync(plan, view, offset)
+                return bytes(view)
+            finally:
+                BUFFERS.give_back(buf)
         finally:
-            BUFFERS.give_back(buf)
+            self._leave(ep)
 
     def readinto_sync(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from guest ``offset`` without awaiting."""
         self._check_range(offset, len(buf))
-        if self.lock.blocks_readers():
-            raise ImageBusyError("metadata is being rewritten by a suspended request")
-        src, host = self._fast_source(offset, len(buf))
-        if src is not None:
-            try:
-                if os.preadv(src.fd, [buf], host) == len(buf):
-                    return
-            except OSError:
-                pass  # the general path reports it
-        elif host == 0:
-            _zero(buf)
-            return
-        plan = map_read(self.meta, offset, len(buf), self.backing is not None)
-        self._run_plan_sync(plan, buf, offset)
+        ep, src, host, plan = self._map_sync(offset, len(buf))
+        try:
+            if src is not None:
+                src.readinto(buf, host, "data_read")
+            elif plan is None:
+                _zero(buf)
+            else:
+                self._run_plan_sync(plan, buf, offset)
+        finally:
+            self._leave(ep)
 
     def _fast_source(self, offset: int, length: int) -> tuple[FileBackend | None, int]:
         """Where a read of guest ``[offset, offset+length)`` can go without a plan.
@@ -303,10 +385,19 @@ class Image:
         cluster, once found, serves every later read inside that cluster, and a read
         through a chain costs one walk of the overlay's tables and one dictionary
         lookup per backing file, not a walk of every layer's tables. Writable images
-        answer ``_NO_FAST`` (their mapping changes under the lock).
+        answer ``_NO_FAST`` (their mapping changes under the lock). Called by an overlay's
+        reader admitted to the overlay's lock, it is admitted to this image's own (lock
+        order: overlay before backing file, never the other way).
         """
         if self.writable or self._closed:
             return _NO_FAST
+        how = self.lock.enter_read(self.wait_timeout)
+        try:
+            return self._locate(offset, length)
+        finally:
+            self.lock.exit_read(how)
+
+    def _locate(self, offset: int, length: int) -> tuple[FileBackend | None, int]:
         cb = self.meta.cluster_bits
         c = offset >> cb
         if (offset + length - 1) >> cb != c:
@@ -427,7 +518,7 @@ class Image:
                 raws.append(bytes(raw))
         inflate = self._inflater()
         items = list(zip(todo, raws, strict=True))
-        if len(todo) > 1 or sum(self._active.values()) > 1:
+        if len(todo) > 1 or self._nreq > 1:
             # One hop for the whole request: an I/O thread inflates the clusters with
             # the same helpers as the sync path, and returns (or raises) only once
             # every inflate it started has finished.
@@ -462,24 +553,19 @@ class Image:
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at guest ``offset``."""
         self._check_range(offset, length)
-        data_file = self._data
-        plain = data_file.plain_reads
-        if not self.lock.blocks_readers():
-            # Fast path: plain bytes in the page cache are read inline (RWF_NOWAIT), with
-            # no plan, no thread hop and nothing registered (there is no await between
-            # the lookup and the read, so no cluster can be freed in between).
-            src, host = self._fast_source(offset, length)
-            if src is not None:
-                data = src.pread_nowait(host, length)
-                if data is not None:
-                    return data
-            elif host == 0:
-                return bytes(length)
-        ep = self._enter()
+        mapped = self._map_now(offset, length, self._reader_wait)
+        if mapped is None:
+            mapped = await self._map_later(offset, length)
+        ep, src, host, plan = mapped
         try:
-            plan = await self._map_for_read(offset, length)
-            if plain and len(plan) == 1 and plan[0].kind == DATA:
-                # One host range: os.pread in a thread straight into the bytes returned.
+            if src is not None:
+                # Fast path: no plan. Inline on a page-cache hit (RWF_NOWAIT), else one
+                # os.pread in a thread, straight into the bytes returned.
+                return await src.apread(host, length, "data_read")
+            if plan is None:
+                return bytes(length)
+            data_file = self._data
+            if data_file.plain_reads and len(plan) == 1 and plan[0].kind == DATA:
                 return await data_file.apread(plan[0].host, length, "data_read")
             buf = BUFFERS.borrow(length)
             try:
@@ -517,35 +603,21 @@ class Image:
     async def readinto(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from guest ``offset``."""
         self._check_range(offset, len(buf))
-        if not self.lock.blocks_readers():
-            # Fast path, as in read(): inline when it is plain bytes in the page cache.
-            src, host = self._fast_source(offset, len(buf))
-            if src is not None:
-                if src.readinto_nowait(buf, host):
-                    return
-            elif host == 0:
-                _zero(buf)
-                return
         # Registered from mapping to the end of the data phase: clusters this plan
         # names are not reused until we are done (see docs/concurrency.md).
-        ep = self._enter()
+        mapped = self._map_now(offset, len(buf), self._reader_wait)
+        if mapped is None:
+            mapped = await self._map_later(offset, len(buf))
+        ep, src, host, plan = mapped
         try:
-            plan = await self._map_for_read(offset, len(buf))
-            await self._run_plan(plan, buf, offset)
+            if src is not None:
+                await src.areadinto(buf, host, "data_read")
+            elif plan is None:
+                _zero(buf)
+            else:
+                await self._run_plan(plan, buf, offset)
         finally:
             self._leave(ep)
-
-    async def _map_for_read(self, offset: int, length: int) -> list[Extent]:
-        # Mapping is synchronous: it runs atomically on the event loop. Only when
-        # a lock holder may have left metadata half-updated do we wait for it.
-        if self.lock.blocks_readers():
-            await self.lock.acquire()
-            try:
-                self._check_still_open()
-                return map_read(self.meta, offset, length, self.backing is not None)
-            finally:
-                self.lock.release()
-        return map_read(self.meta, offset, length, self.backing is not None)
 
     async def _run_plan(
         self, plan: list[Extent], dest: memoryview, base: int, event: str = "data_read"
@@ -633,38 +705,76 @@ class Image:
 
     # ------------------------------------------------- request bookkeeping
     def _enter(self) -> int:
-        ep = self._epoch
-        self._active[ep] += 1
+        """Register a request (refused once the image is closing); returns its epoch."""
+        with self._reqs_mutex:
+            if self._closing or self._closed:
+                raise Qcow2Error(
+                    f"image {self.path!r} is {'closed' if self._closed else 'closing'}"
+                )
+            ep = self._epoch
+            self._active[ep] = self._active.get(ep, 0) + 1
+            self._nreq += 1
         return ep
 
+    def _enter_at(self, ep: int) -> None:
+        """Register more work of a request already registered at ``ep`` (a write step
+        that outlives its caller), even while closing: the close waits for it."""
+        with self._reqs_mutex:
+            self._active[ep] = self._active.get(ep, 0) + 1
+            self._nreq += 1
+
     def _leave(self, ep: int) -> None:
-        self._active[ep] -= 1
-        if not self._active[ep]:
+        with self._reqs_mutex:
+            self._nreq -= 1
+            n = self._active[ep] - 1
+            if n:
+                self._active[ep] = n
+                return
             del self._active[ep]
-            if not self._active and self._idle_waiters:
-                for fut in self._idle_waiters:
-                    if not fut.done():
-                        fut.set_result(None)
-                self._idle_waiters.clear()
+            if self._active or not self._idle_waiters:
+                return
+            waiters, self._idle_waiters = self._idle_waiters, []
+        for w in waiters:
+            w.wake()
+
+    def _idle_waiter(self) -> Wakeup | None:
+        """A waiter woken when no request is in flight, or None if none is now."""
+        with self._reqs_mutex:
+            if not self._active:
+                return None
+            w = Wakeup()
+            self._idle_waiters.append(w)
+            return w
 
     async def _drain(self) -> None:
-        """Wait until no request is in flight: none registered, no write step running."""
-        while self._active or self._background:
-            if self._background:
-                await asyncio.gather(*list(self._background), return_exceptions=True)
-                continue
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._idle_waiters.append(fut)
-            await fut
+        """Wait until no request is in flight (of any thread or loop), write steps included."""
+        while (w := self._idle_waiter()) is not None:
+            await w.wait_async()
+
+    def _drain_blocking(self, deadline: float) -> None:
+        """:meth:`_drain` for a thread without an event loop, bounded."""
+        while (w := self._idle_waiter()) is not None:
+            if not w.wait_blocking(max(0.0, deadline - time.monotonic())):
+                raise WaitTimeoutError(
+                    f"waited {self.wait_timeout:.1f} s for the requests in flight on "
+                    f"{self.path!r} to finish (one may belong to an event loop that is not "
+                    "running)"
+                )
 
     def retire_epoch(self) -> int:
         """Tag for a cluster being unlinked now: requests up to this epoch may still use it."""
-        ep = self._epoch
-        self._epoch += 1
+        with self._reqs_mutex:
+            ep = self._epoch
+            self._epoch += 1
         return ep
 
     def _oldest_active(self) -> int | None:
-        return min(self._active) if self._active else None
+        with self._reqs_mutex:
+            return min(self._active) if self._active else None
+
+    def _idle(self) -> bool:
+        with self._reqs_mutex:
+            return not self._active
 
     # ------------------------------------------------------- async writes
     async def write(self, offset: int, data: Buffer) -> int:
@@ -677,19 +787,15 @@ class Image:
             data_file = self._data
             if (
                 data_file.plain_writes
-                and not self.lock.locked()
                 and data_file.inline_write_ok(n)
-                and self.inflight.overlapping(offset, n) is None
+                and (host := self._in_place_host(offset, n)) >= 0
             ):
                 # Fast path, as in write_sync: COPIED clusters contiguous on the host
                 # (nothing to link), small enough to write inline (see io.py).
-                host = map_plain(self.meta, offset, n, copied=True)
-                if host >= 0:
-                    self._check_data_write(host, n)
-                    t0 = time.monotonic()
-                    data_file.pwritev([view], host, "data_write")
-                    data_file.note_inline_write(time.monotonic() - t0)
-                    return n
+                t0 = time.monotonic()
+                data_file.pwritev([view], host, "data_write")
+                data_file.note_inline_write(time.monotonic() - t0)
+                return n
             pos = 0
             while pos < n:
                 await self.lock.acquire()
@@ -704,29 +810,73 @@ class Image:
                 chunk = view[pos : pos + step.length]
                 if (
                     data_file.plain_writes
-                    and not self.lock.locked()
                     and data_file.inline_write_ok(step.head_len + step.length + step.tail_len)
                     and plan_is_zero(step.head)
                     and plan_is_zero(step.tail)
                 ):
-                    # Nothing to wait for (COW from zeros, a small write done inline, the
-                    # lock free for the link): finished synchronously, there is no point
-                    # where a cancellation could leave the allocation in flight.
-                    t0 = time.monotonic()
-                    self._finish_step_sync(step, chunk)
-                    data_file.note_inline_write(time.monotonic() - t0)
+                    # COW from zeros and a small write: the data is written inline, and
+                    # the link too when the lock is free (nothing awaited in between, so
+                    # no cancellation can leave the allocation in flight); else the link
+                    # waits for the lock in a shielded task.
+                    await self._write_step_inline(ep, step, chunk)
                 else:
                     # The data phase and the link run to completion even if we are
                     # cancelled: an allocation must be either linked or freed, never left
                     # in flight.
-                    task = asyncio.ensure_future(self._finish_step(step, chunk))
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
-                    await asyncio.shield(task)
+                    await self._shielded(ep, self._finish_step(step, chunk))
                 pos += step.length
         finally:
             self._leave(ep)
         return n
+
+    def _in_place_host(self, offset: int, n: int) -> int:
+        """The host offset of ``[offset, offset+n)`` when it is COPIED clusters
+        contiguous on the host with no allocation in flight (a write there changes no
+        metadata), else -1; also -1 when the lock is taken (then plan it properly)."""
+        if not self.lock.try_acquire():
+            return -1
+        try:
+            if self.inflight.overlapping(offset, n) is not None:
+                return -1
+            host = map_plain(self.meta, offset, n, copied=True)
+            if host >= 0:
+                self._check_data_write(host, n)
+            return host
+        finally:
+            self.lock.release()
+
+    async def _write_step_inline(self, ep: int, step: WriteStep, chunk: memoryview) -> None:
+        data_file = self._data
+        t0 = time.monotonic()
+        try:
+            bufs, reads, start = self._step_buffers(step, chunk)
+            assert not reads
+            data_file.pwritev(bufs, start, _write_event(step))
+        except BaseException:
+            if not self._settle_now(step, ok=False):
+                await self._shielded(ep, self._settle(step, ok=False))
+            raise
+        data_file.note_inline_write(time.monotonic() - t0)
+        if not self._settle_now(step, ok=True):
+            await self._shielded(ep, self._settle(step, ok=True))
+
+    async def _shielded(self, ep: int, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task that finishes even if the caller is cancelled,
+        registered (at the caller's epoch) until it has: a close waits for it."""
+        self._enter_at(ep)
+        task = asyncio.ensure_future(coro)
+        with self._reqs_mutex:
+            self._background.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            with self._reqs_mutex:
+                self._background.discard(t)
+            if not t.cancelled():
+                t.exception()  # retrieved: the caller (if still there) re-raises it
+            self._leave(ep)
+
+        task.add_done_callback(done)
+        await asyncio.shield(task)
 
     async def writev(self, offset: int, buffers: Sequence[Buffer]) -> int:
         """Gather ``buffers`` and write them at guest ``offset``."""
@@ -772,18 +922,34 @@ class Image:
                 await self._run_plan(plan, view, base, "cow_read")
             await self._data.apwritev(bufs, start, _write_event(step))
         except BaseException:
-            await self.lock.acquire()
-            try:
-                abort_step(self, step)
-            finally:
-                self.lock.release()
+            await self._settle(step, ok=False)
             raise
+        await self._settle(step, ok=True)
+
+    def _settle_locked(self, step: WriteStep, ok: bool) -> None:
+        """Link a step whose data is written (``ok``), or free its clusters."""
+        if not ok:
+            abort_step(self, step)
+            return
+        if self._closed:
+            abort_step(self, step)  # too late to link: fail instead of losing it silently
+            self._check_still_open()
+        commit_step(self, step)
+
+    def _settle_now(self, step: WriteStep, ok: bool) -> bool:
+        """:meth:`_settle_locked` now if the lock is free; False (nothing done) if not."""
+        if not self.lock.try_acquire():
+            return False
+        try:
+            self._settle_locked(step, ok)
+        finally:
+            self.lock.release()
+        return True
+
+    async def _settle(self, step: WriteStep, ok: bool) -> None:
         await self.lock.acquire()
         try:
-            if self._closed:
-                abort_step(self, step)  # too late to link: fail instead of losing it silently
-                self._check_still_open()
-            commit_step(self, step)
+            self._settle_locked(step, ok)
         finally:
             self.lock.release()
 
@@ -884,10 +1050,10 @@ class Image:
             raise Qcow2Error(f"image {self.path!r} is closed")
         if not self.writable:
             return
-        await self.lock.acquire(readers_ok=True)
+        await self.lock.acquire()
         try:
             self._check_still_open()
-            await self._drive_async(self._flush_steps())
+            await self._drive_async(self._flush_steps(), readable=True)
         finally:
             self.lock.release()
 
@@ -900,12 +1066,21 @@ class Image:
         yield from self.meta.writeback.flush_steps()
         self.meta.allocator.apply_frees(self._oldest_active())
 
-    async def _drive_async(self, steps: Iterator[str]) -> None:
+    async def _drive_async(self, steps: Iterator[str], *, readable: bool = False) -> None:
+        """Run writeback steps, awaiting each step's fsyncs with the lock held. With
+        ``readable`` (a flush: metadata is consistent between steps) readers may map
+        while an fsync runs; the next step starts once they are done."""
         try:
             for event in steps:
-                if self._data is not self._file:
-                    await self._data.aflush(event)
-                await self._file.aflush(event)
+                if readable:
+                    self.lock.open_to_readers()
+                try:
+                    if self._data is not self._file:
+                        await self._data.aflush(event)
+                    await self._file.aflush(event)
+                finally:
+                    if readable:
+                        self.lock.close_to_readers()
         except Qcow2Error as exc:
             self._poison(exc)
             raise
@@ -919,43 +1094,71 @@ class Image:
             raise
 
     # -------------------------------------------------------- sync writes
-    def _take_sync(self) -> None:
-        if not self.lock.try_acquire():
-            raise ImageBusyError("metadata lock is held by a suspended request")
+    def _deadline(self) -> float | None:
+        """When a synchronous call must give up waiting: None if it may not wait at all
+        (see :meth:`_sync_wait`)."""
+        wait = self._sync_wait()
+        return None if wait is None else time.monotonic() + wait
+
+    def _take_sync(self, deadline: float | None) -> None:
+        """Take the metadata lock for a synchronous call: at once or ImageBusyError
+        (``deadline`` None), or waiting until ``deadline`` (then WaitTimeoutError)."""
+        if deadline is None:
+            if not self.lock.try_acquire():
+                raise ImageBusyError("metadata lock is held by a suspended request")
+        else:
+            self.lock.acquire_blocking(max(0.0, deadline - time.monotonic()))
 
     def write_sync(self, offset: int, data: Buffer) -> int:
-        """Write without ever awaiting; raises ImageBusyError (having changed nothing)
-        if the lock is held or an in-flight allocation overlaps the range."""
+        """Write without ever awaiting. In a thread running an event loop, raises
+        ImageBusyError (having changed nothing) if the lock is held or an in-flight
+        allocation overlaps the range; in a thread without one, waits for them (up to
+        ``wait_timeout``, then WaitTimeoutError, having changed nothing)."""
         view = memoryview(data).cast("B")
         n = len(view)
         self._check_writable(offset, n)
-        self._take_sync()
-        ep = self._enter()
-        try:
-            if self.inflight.overlapping(offset, n) is not None:
+        deadline = self._deadline()
+        while True:
+            self._take_sync(deadline)
+            try:
+                blocker = self.inflight.overlapping(offset, n)
+                if blocker is None:
+                    ep = self._enter()
+                    try:
+                        self._write_locked_sync(offset, view)
+                    finally:
+                        self._leave(ep)
+                    return n
+            finally:
+                self.lock.release()
+            if deadline is None:
                 raise ImageBusyError(
                     f"an in-flight allocation overlaps the write at {offset} (+{n})"
                 )
-            data_file = self._data
-            if data_file.plain_writes:
-                # Fast path: the range is COPIED clusters contiguous on the host, which
-                # prepare_write would turn into one in-place step with nothing to link
-                # (no metadata change): write it straight away.
-                host = map_plain(self.meta, offset, n, copied=True)
-                if host >= 0:
-                    self._check_data_write(host, n)
-                    data_file.pwritev([view], host, "data_write")
-                    return n
-            pos = 0
-            while pos < n:
-                step = prepare_write(self, offset + pos, n - pos)
-                assert not isinstance(step, L2Meta)
-                self._finish_step_sync(step, view[pos : pos + step.length])
-                pos += step.length
-        finally:
-            self._leave(ep)
-            self.lock.release()
-        return n
+            if not blocker.wait_blocking(max(0.0, deadline - time.monotonic())):
+                raise WaitTimeoutError(
+                    f"waited {self.wait_timeout:.1f} s for an in-flight allocation "
+                    f"overlapping the write at {offset} (+{n}) on {self.path!r}"
+                )
+
+    def _write_locked_sync(self, offset: int, view: memoryview) -> None:
+        n = len(view)
+        data_file = self._data
+        if data_file.plain_writes:
+            # Fast path: the range is COPIED clusters contiguous on the host, which
+            # prepare_write would turn into one in-place step with nothing to link
+            # (no metadata change): write it straight away.
+            host = map_plain(self.meta, offset, n, copied=True)
+            if host >= 0:
+                self._check_data_write(host, n)
+                data_file.pwritev([view], host, "data_write")
+                return
+        pos = 0
+        while pos < n:
+            step = prepare_write(self, offset + pos, n - pos)
+            assert not isinstance(step, L2Meta)
+            self._finish_step_sync(step, view[pos : pos + step.length])
+            pos += step.length
 
     def writev_sync(self, offset: int, buffers: Sequence[Buffer]) -> int:
         if len(buffers) == 1:
@@ -974,13 +1177,15 @@ class Image:
         commit_step(self, step)
 
     def flush_sync(self) -> None:
-        """Synchronous flush; raises ImageBusyError if the metadata lock is held."""
+        """Synchronous flush; waits for the lock as :meth:`write_sync` does, or raises
+        ImageBusyError."""
         if self._closed:
             raise Qcow2Error(f"image {self.path!r} is closed")
         if not self.writable:
             return
-        self._take_sync()
+        self._take_sync(self._deadline())
         try:
+            self._check_still_open()
             self._drive_sync(self._flush_steps())
         finally:
             self.lock.release()
@@ -992,10 +1197,29 @@ class Image:
 
         if repair is not None and not self.writable:
             raise Qcow2ReadOnlyError("repair needs an image opened with mode 'r+'")
-        if self.writable:
-            self.flush_sync()
-        self._take_sync()
+        if self._closed:
+            raise Qcow2Error(f"image {self.path!r} is closed")
+        deadline = self._deadline()
+        # One hold for the flush and the check: another thread's write in between would
+        # leave dirty tables. And no allocation may be in flight (its clusters are counted
+        # but not yet linked: a leak to the check, and repair would free them).
+        while True:
+            self._take_sync(deadline)
+            blocker = self.inflight.items[0] if self.inflight.items else None
+            if blocker is None:
+                break
+            self.lock.release()
+            if deadline is None:
+                raise ImageBusyError("an allocation is in flight: check it when it is linked")
+            if not blocker.wait_blocking(max(0.0, deadline - time.monotonic())):
+                raise WaitTimeoutError(
+                    f"waited {self.wait_timeout:.1f} s for the allocations in flight on "
+                    f"{self.path!r} to be linked before checking it"
+                )
         try:
+            self._check_still_open()
+            if self.writable:
+                self._drive_sync(self._check_steps())
             result = check_image(self.meta, repair=repair)
             if repair is not None:
                 self.meta.reload_refcounts()
@@ -1020,12 +1244,23 @@ class Image:
         self._file.close()
 
     def close(self) -> None:
-        """Flush (a writable image), mark it clean, and close the files."""
+        """Flush (a writable image), mark it clean, and close the files.
+
+        In a thread without a running event loop this drains first, as :meth:`aclose`
+        does (new requests refused, requests of every thread and loop in flight
+        finished), waiting at most ``wait_timeout``. In a thread that runs a loop it
+        cannot wait: if a suspended request holds the lock it closes the files without
+        writing back (a crash-equivalent: leaks at most) and raises ImageBusyError.
+        """
         if self._closed:
+            return
+        deadline = self._deadline()
+        if deadline is not None:
+            self._close_draining(deadline)
             return
         try:
             if self.writable and not self._is_poisoned() and not self.meta.header.corrupt:
-                self._take_sync()
+                self._take_sync(None)
                 try:
                     assert self.meta.writeback is not None
                     self._drive_sync(self._close_steps())
@@ -1034,6 +1269,44 @@ class Image:
         finally:
             self._closed = True
             self._close_files()
+
+    def _close_draining(self, deadline: float) -> None:
+        self._closing = True
+        try:
+            while True:
+                self._drain_blocking(deadline)
+                self._take_sync(deadline)
+                if self._idle():
+                    break
+                self.lock.release()
+        except WaitTimeoutError:
+            # Give up as the loop-thread close does: no writeback, files closed.
+            self._closed = True
+            self._close_files()
+            raise
+        self._write_back_and_close()
+
+    def _write_back_and_close(self) -> None:
+        """The end of a draining close, lock held and nothing in flight."""
+        if self._closed:  # another close finished while we waited for the lock
+            self.lock.release()
+            return
+        try:
+            if self.writable and not self._is_poisoned() and not self.meta.header.corrupt:
+                self._drive_sync(self._close_steps())
+        finally:
+            self._closed = True
+            self.lock.release()
+            self._close_files()
+
+    def _check_steps(self) -> Iterator[str]:
+        """A flush, then the refcount blocks it left dirty (frees it applied; lazy
+        refcounts): the check reads the tables as they are on disk."""
+        assert self.meta.writeback is not None
+        yield from self._flush_steps()
+        if self.meta.refblock_cache.dirty() or self.meta.reftable.dirty:
+            yield from self.meta.writeback.refblock_steps()
+            yield "refblocks"
 
     def _close_steps(self) -> Iterator[str]:
         assert self.meta.writeback is not None and self.meta.allocator is not None
@@ -1044,10 +1317,11 @@ class Image:
         """Drain, then close like :meth:`close`.
 
         As QEMU drains a block device before closing it: from the call on, new
-        requests are refused (``Qcow2Error``: closing); requests already in flight run
-        to completion, their clusters linked and their deferred frees applied, so
-        closing under load neither fails them nor leaks. If ``aclose`` is cancelled
-        while draining, the image stays closing: call it again to finish.
+        requests are refused (``Qcow2Error``: closing); requests already in flight (of
+        every thread and loop) run to completion, their clusters linked and their
+        deferred frees applied, so closing under load neither fails them nor leaks. If
+        ``aclose`` is cancelled while draining, the image stays closing: call it again
+        to finish.
         """
         if self._closed:
             return
@@ -1057,11 +1331,15 @@ class Image:
         # cached metadata nobody will write back.
         while True:
             await self._drain()
-            await self.lock.acquire()
-            if not self._background and not self._active:
+            if self.writable:
+                await self.lock.acquire()
+            else:
+                # Only ever held for a mapping: wait in place, queue behind no coroutine.
+                self.lock.acquire_blocking(self.wait_timeout)
+            if self._idle():
                 break
             self.lock.release()
-        if self._closed:  # another aclose() finished while we waited for the lock
+        if self._closed:  # another close finished while we waited for the lock
             self.lock.release()
             return
         try:

@@ -11,12 +11,21 @@ there, so two requests never wait on each other. Dependencies are tracked
 per cluster, like QEMU's. Unlike QEMU 7.2 there is no exception for in-place
 updates whose COW regions look disjoint: a second in-place update of the same
 cluster would plan its COW from the stale zero flag, so it waits too.
+
+The list itself changes only under the image's metadata lock. Waiting for an
+entry happens outside it, from any thread or loop: ``finish`` (under the lock,
+in whichever thread links) wakes each waiter in its own loop or thread.
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
 from dataclasses import dataclass, field
+
+from .lock import Wakeup
+
+# Guards every L2Meta's done flag and waiter list (waits are rare: one lock for all).
+_WAIT_MUTEX = threading.Lock()
 
 
 @dataclass(eq=False)
@@ -36,7 +45,7 @@ class L2Meta:
     cow_end: tuple[int, int]
     keep_old: bool = False
     cluster_size: int = 0
-    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    _waiters: list[Wakeup] = field(default_factory=list)
     done: bool = False
 
     @property
@@ -44,19 +53,31 @@ class L2Meta:
         """Guest bytes this allocation blocks: whole clusters."""
         return self.guest_start, self.guest_start + self.nb_clusters * self.cluster_size
 
+    def _waiter(self) -> Wakeup | None:
+        with _WAIT_MUTEX:
+            if self.done:
+                return None
+            w = Wakeup()
+            self._waiters.append(w)
+            return w
+
     async def wait(self) -> None:
-        if self.done:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        await fut
+        """Until linked or aborted, in a coroutine of any loop (cancellable)."""
+        w = self._waiter()
+        if w is not None:
+            await w.wait_async()
+
+    def wait_blocking(self, timeout: float) -> bool:
+        """Until linked or aborted, in a thread without a loop; False after ``timeout``."""
+        w = self._waiter()
+        return w is None or w.wait_blocking(timeout)
 
     def finish(self) -> None:
-        self.done = True
-        for fut in self._waiters:
-            if not fut.done():
-                fut.set_result(None)
-        self._waiters.clear()
+        with _WAIT_MUTEX:
+            self.done = True
+            waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.wake()
 
 
 class InflightList:

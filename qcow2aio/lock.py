@@ -1,70 +1,231 @@
-"""The per-image metadata lock (QEMU's ``s->lock``), usable from sync code too.
+"""The per-image metadata lock (QEMU's ``s->lock``), shared by threads and event loops.
 
-A plain ``asyncio.Lock`` cannot serve the synchronous fast path: that path must
-find out *without waiting* whether it could take the lock, and must work with
-no event loop at all. This lock is FIFO with direct hand-off (a releasing
-holder passes ownership to the first waiter, so nobody can barge in between),
-binds to no loop, and records whether its holder keeps the metadata readable
-(a flush does; a table rewrite does not), so reads can proceed during a flush.
+One :class:`Image` may be used from any number of threads at once and its
+coroutines awaited from any number of event loops at once, so this lock is a
+small monitor: every change of its state happens under one ``threading.Lock``
+(``_mutex``, held for a few bytecodes, never across I/O or an ``await``), which
+makes acquiring atomic on a free-threaded build as well as under the GIL.
+
+* **Ownership** is FIFO with direct hand-off: a releasing holder passes the lock
+  to the first waiter, so nobody can barge in between. A waiter is either a
+  coroutine (a future of *its own* loop, completed there with
+  ``call_soon_threadsafe`` when the release happens in another thread: a plain
+  ``set_result`` from a foreign thread would not wake that loop) or a thread with
+  no running loop (a ``threading.Event``, waited on with a bound). The grant is
+  recorded in the waiter under ``_mutex``, so a waiter that is cancelled or times
+  out at the moment it is granted the lock can tell, and passes it on.
+* **Readers** map guest ranges with :meth:`enter_read`: they take the lock when it
+  is free (for the few microseconds of a mapping), or *borrow* it while the holder
+  is suspended with the metadata consistent (a flush waiting for ``fdatasync``:
+  :meth:`open_to_readers` / :meth:`close_to_readers`). Borrowing is exclusive too
+  (the caches change on a lookup), and the holder resumes only after the borrower
+  is done.
+
+Who may wait is the caller's decision (``Image`` makes it): a thread running an
+event loop never waits for a holder that may be a suspended coroutine of its own
+loop; a thread without a loop waits, with a bound.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import threading
+import time
 from collections import deque
+
+from .errors import WaitTimeoutError
+
+# enter_read() answers: the reader took the lock, borrowed it, or neither.
+OWNED = 1
+BORROWED = 2
+BUSY = 0
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, or None (cheap: no exception raised)."""
+    return asyncio._get_running_loop()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Wakeup:
+    """One waiter, woken from any thread: a future of its loop, or a thread's event."""
+
+    __slots__ = ("event", "fut", "loop")
+
+    def __init__(self) -> None:
+        self.loop = running_loop()
+        self.fut: asyncio.Future[None] | None = None
+        self.event: threading.Event | None = None
+        if self.loop is not None:
+            self.fut = self.loop.create_future()
+        else:
+            self.event = threading.Event()
+
+    def wake(self) -> bool:
+        """Wake the waiter; False if its loop is closed (nobody will ever run it)."""
+        if self.event is not None:
+            self.event.set()
+            return True
+        assert self.loop is not None and self.fut is not None
+        if running_loop() is self.loop:
+            _resolve(self.fut)
+            return True
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.fut)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+    async def wait_async(self) -> None:
+        assert self.fut is not None
+        await self.fut
+
+    def wait_blocking(self, timeout: float) -> bool:
+        assert self.event is not None
+        return self.event.wait(timeout)
+
+
+class _Waiter(Wakeup):
+    __slots__ = ("granted",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.granted = False
 
 
 class MetaLock:
-    def __init__(self) -> None:
+    def __init__(self, name: str = "image") -> None:
+        self.name = name
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._held = False
-        self._readers_ok = False
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._readable = False  # the holder is suspended and metadata is consistent
+        self._borrowed = False  # a reader maps meanwhile (see enter_read)
+        self._waiters: deque[_Waiter] = deque()
 
     def locked(self) -> bool:
         return self._held
 
     def blocks_readers(self) -> bool:
-        """True while the holder may leave metadata half-updated."""
-        return self._held and not self._readers_ok
+        """True while readers would have to wait (advisory: it may change at once)."""
+        return self._held and not self._readable
 
-    def try_acquire(self, *, readers_ok: bool = False) -> bool:
+    # ------------------------------------------------------------ ownership
+    def try_acquire(self) -> bool:
         """Take the lock if free, never waiting (the synchronous fast path)."""
-        if self._held:
-            return False
-        self._held = True
-        self._readers_ok = readers_ok
-        return True
-
-    async def acquire(self, *, readers_ok: bool = False) -> None:
-        if not self._held:
+        with self._mutex:
+            if self._held:
+                return False
             self._held = True
-            self._readers_ok = readers_ok
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+            return True
+
+    async def acquire(self) -> None:
+        """Wait (FIFO) for the lock in a coroutine of any loop; safely cancellable."""
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            waiter = _Waiter()
+            self._waiters.append(waiter)
         try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+            await waiter.wait_async()
+        except BaseException:
+            with self._mutex:
+                granted = waiter.granted
+                if not granted:
+                    self._waiters.remove(waiter)
+            if granted:
                 # Ownership was handed to us as we were cancelled: pass it on.
                 self.release()
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
             raise
-        self._readers_ok = readers_ok
+
+    def acquire_blocking(self, timeout: float) -> None:
+        """Wait (FIFO) for the lock in a thread with no running event loop.
+
+        Raises :class:`WaitTimeoutError` after ``timeout`` seconds: the holder may be
+        a suspended coroutine of a loop that is not running, which would never end.
+        """
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+        t0 = time.monotonic()
+        if waiter.wait_blocking(timeout):
+            return
+        with self._mutex:
+            if waiter.granted:
+                return  # granted just as the wait ran out: we hold it
+            self._waiters.remove(waiter)
+        raise WaitTimeoutError(
+            f"waited {time.monotonic() - t0:.1f} s for the metadata lock of {self.name}: its "
+            "holder made no progress (a suspended coroutine of an event loop that is not "
+            "running?)"
+        )
 
     def release(self) -> None:
-        assert self._held, "release of an unlocked MetaLock"
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self._readers_ok = False
-                fut.set_result(None)  # hand-off: the lock stays held by the waiter
+        while True:
+            with self._mutex:
+                assert self._held, "release of an unlocked MetaLock"
+                self._close_locked()
+                if not self._waiters:
+                    self._held = False
+                    return
+                waiter = self._waiters.popleft()
+                waiter.granted = True  # hand-off: the lock stays held, by the waiter
+            if waiter.wake():
                 return
-        self._held = False
-        self._readers_ok = False
+            # Its loop is closed: the waiter will never run. Hand the lock on instead.
+
+    # -------------------------------------------------------------- readers
+    def enter_read(self, wait: float | None = None) -> int:
+        """Admit a reader that maps without awaiting: ``OWNED`` (the lock was free and
+        is now the reader's), ``BORROWED`` (the holder is suspended with metadata
+        consistent), or ``BUSY``. With ``wait`` (seconds) a thread waits for the lock
+        instead of answering ``BUSY`` (only where the holder cannot be a suspended
+        coroutine of the caller's loop). End with :meth:`exit_read`."""
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return OWNED
+            if self._readable:
+                while self._borrowed and self._readable:
+                    self._cond.wait()  # another reader's mapping: microseconds
+                if self._readable:
+                    self._borrowed = True
+                    return BORROWED
+        if wait is None:
+            return BUSY
+        self.acquire_blocking(wait)
+        return OWNED
+
+    def exit_read(self, how: int) -> None:
+        if how == OWNED:
+            self.release()
+        elif how == BORROWED:
+            with self._mutex:
+                self._borrowed = False
+                self._cond.notify_all()
+
+    def open_to_readers(self) -> None:
+        """The holder is about to await with metadata consistent: readers may borrow."""
+        with self._mutex:
+            self._readable = True
+
+    def close_to_readers(self) -> None:
+        """The holder resumes: no new borrower, and wait for the current one to finish."""
+        with self._mutex:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        self._readable = False
+        while self._borrowed:
+            self._cond.wait()
 
 
 class NoLock(MetaLock):
@@ -76,11 +237,26 @@ class NoLock(MetaLock):
     def blocks_readers(self) -> bool:
         return False
 
-    def try_acquire(self, *, readers_ok: bool = False) -> bool:
+    def try_acquire(self) -> bool:
         return True
 
-    async def acquire(self, *, readers_ok: bool = False) -> None:
+    async def acquire(self) -> None:
+        return None
+
+    def acquire_blocking(self, timeout: float) -> None:
         return None
 
     def release(self) -> None:
+        return None
+
+    def enter_read(self, wait: float | None = None) -> int:
+        return BORROWED
+
+    def exit_read(self, how: int) -> None:
+        return None
+
+    def open_to_readers(self) -> None:
+        return None
+
+    def close_to_readers(self) -> None:
         return None
