@@ -3,7 +3,9 @@
 Creates a raw base disk and a qcow2 overlay on it, then lets many async
 writers hammer overlapping clusters of the overlay (copy-on-write from the
 backing file, allocation races resolved by the in-flight list) while the
-synchronous fast path reads in between their steps. It flushes, checks every
+synchronous fast path reads in between their steps, and worker threads with no
+event loop write the same clusters through ``write_sync`` (which waits for the
+lock there instead of raising). It flushes, checks every
 byte against an oracle, and prints what ``qemu-img info`` and ``qemu-img
 check`` would. When QEMU's tools are installed it asks them too.
 """
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +28,8 @@ import qcow2aio
 SIZE = 64 << 20
 WRITERS = 64
 WRITES_PER_WRITER = 40
+THREADS = 4  # worker threads without an event loop, writing through write_sync
+SLOTS = WRITERS + THREADS
 
 
 async def _run(folder: Path) -> int:
@@ -45,15 +50,15 @@ async def _run(folder: Path) -> int:
     async with qcow2aio.open(overlay, "r+") as img:
         # Each writer owns interleaved 4 KiB slots, so writers share clusters (and race
         # to allocate them) but never the same bytes: the oracle stays exact.
-        async def writer(w: int) -> None:
+        async def writer(w: int, phase: int) -> None:
             nonlocal busy, sync_reads, sync_writes
-            wr = random.Random(w)
+            wr = random.Random(w * 1000 + phase)
             for i in range(WRITES_PER_WRITER):
-                slot = wr.randrange(0, SIZE // 4096 // WRITERS) * WRITERS + w
+                slot = wr.randrange(0, SIZE // 4096 // SLOTS) * SLOTS + w
                 off = slot * 4096 + wr.randrange(0, 2048)
                 data = bytes([w + 1]) * wr.randrange(1, 2048)
                 oracle[off : off + len(data)] = data
-                if i % 2:
+                if i % 2 and phase == 1:
                     # The synchronous fast path, between other requests' steps: it
                     # runs to completion or says at once that it would have to wait.
                     try:
@@ -64,18 +69,59 @@ async def _run(folder: Path) -> int:
                         await img.write(off, data)
                 else:
                     await img.write(off, data)
-                got = img.read_sync(off, len(data))
-                assert got == data, "sync read saw stale data"
-                sync_reads += 1
+                if phase == 1:
+                    got = img.read_sync(off, len(data))
+                    sync_reads += 1
+                else:
+                    got = await img.read(off, len(data))
+                assert got == data, "read saw stale data"
+
+        thread_writes = [0] * THREADS
+        errors: list[BaseException] = []
+
+        def worker(t: int) -> None:
+            # No event loop in this thread: write_sync waits for the lock and for
+            # in-flight allocations of the loop's writers instead of raising.
+            w = WRITERS + t
+            wr = random.Random(w)
+            try:
+                for _ in range(WRITES_PER_WRITER * 4):
+                    slot = wr.randrange(0, SIZE // 4096 // SLOTS) * SLOTS + w
+                    off = slot * 4096 + wr.randrange(0, 2048)
+                    data = bytes([w + 1]) * wr.randrange(1, 2048)
+                    oracle[off : off + len(data)] = data
+                    img.write_sync(off, data)
+                    thread_writes[t] += 1
+            except BaseException as exc:
+                errors.append(exc)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(writer(w) for w in range(WRITERS)))
+        await asyncio.gather(*(writer(w, 1) for w in range(WRITERS)))
         await img.flush()
         elapsed = time.perf_counter() - t0
         print(
             f"{WRITERS} writers x {WRITES_PER_WRITER} writes in {elapsed:.2f} s: "
             f"{sync_writes} through write_sync ({busy} more found an in-flight allocation, "
             f"ImageBusyError, and went async), {sync_reads} read_sync checks in between"
+        )
+        # Then threads too: write_sync in threads with no event loop (they wait for the
+        # lock and for the loop's allocations in flight) beside the loop's writers.
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        await asyncio.gather(*(writer(w, 2) for w in range(WRITERS)))
+        for th in threads:
+            await asyncio.to_thread(th.join)
+        if errors:
+            raise errors[0]
+        await img.flush()
+        elapsed = time.perf_counter() - t0
+        print(
+            f"{WRITERS} writers x {WRITES_PER_WRITER} writes on the loop beside {THREADS} "
+            f"threads x {WRITES_PER_WRITER * 4} write_sync in {elapsed:.2f} s: "
+            f"{sum(thread_writes)} write_sync in the threads, each waiting its turn "
+            "instead of raising ImageBusyError"
         )
         ok = await img.read(0, SIZE) == bytes(oracle)
         print("every byte matches the oracle:", "yes" if ok else "NO")
