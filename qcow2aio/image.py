@@ -70,6 +70,12 @@ _NO_FAST: tuple[FileBackend | None, int] = (None, -1)  # take the general path (
 _LOCATED_MAX = 1 << 15
 _LOC_ZERO = -2
 _LOC_OTHER = -1
+# A read's mapping and, when it is a page-cache hit this small, its data too, in one
+# admission (no registration needed: see Image._map_now). Larger reads register and
+# move their data after the admission, not to hold the lock for a long copy.
+_INLINE_READ_MAX = 64 << 10
+# _map_now's answer: (epoch or -1, file, host, plan, inline result).
+Mapped = tuple[int, "FileBackend | None", int, "list[Extent] | None", Any]
 # How long a synchronous call in a thread without an event loop waits (for the metadata
 # lock, an overlapping in-flight allocation, a drain) before WaitTimeoutError: long
 # enough for any flush, short enough that a holder that can never finish (a coroutine
@@ -254,38 +260,56 @@ class Image:
         return self.wait_timeout
 
     def _map_now(
-        self, offset: int, length: int, wait: float | None
-    ) -> tuple[int, FileBackend | None, int, list[Extent] | None] | None:
-        """Register a read and map it, admitted as a reader (``lock.enter_read``).
+        self,
+        offset: int,
+        length: int,
+        wait: float | None,
+        into: memoryview | None = None,
+        inline: bool = False,
+    ) -> Mapped | None:
+        """Map a read, admitted as a reader (``lock.enter_read``), and register it.
 
-        Returns ``(epoch, file, host, plan)``: ``file`` and ``host`` as
-        :meth:`_fast_source` answers, and when that is not a one-file run or zeros,
-        the plan. None, having registered nothing, when the lock is busy and ``wait``
-        is None. The caller reads the data after this returns and then ``_leave``s:
+        Returns ``(epoch, file, host, plan, done)``: ``file`` and ``host`` as
+        :meth:`_fast_source` answers, and when that is not a one-file run or zeros, the
+        plan. The caller reads the data after this returns and then ``_leave``s:
         registered, none of the clusters named can be reused meanwhile, whatever other
-        threads do.
+        threads do. With ``inline``, a small one-file run is first read while still
+        admitted if it is all in the page cache (``RWF_NOWAIT``: it cannot block, and
+        no free can happen meanwhile, so nothing needs registering): into ``into``, or
+        as new bytes; that comes back as ``done`` (True for ``into`` or zeros), with
+        epoch -1. None, having registered nothing, when the lock is busy and ``wait``
+        is None.
         """
-        how = self.lock.enter_read(wait)
+        lock = self.lock
+        how = lock.enter_read(wait)
         if how == BUSY:
             return None
         try:
-            ep = self._enter()
-            try:
-                src, host = self._fast_source(offset, length)
-                plan = None
-                if src is None and host != 0:
-                    plan = map_read(self.meta, offset, length, self.backing is not None)
-            except BaseException:
-                self._leave(ep)
-                raise
+            if self._closed:
+                self._check_still_open()
+            src, host = self._fast_source(offset, length)
+            plan = None
+            if src is not None:
+                if inline and length <= _INLINE_READ_MAX:
+                    if into is None:
+                        data = src.pread_nowait(host, length, "data_read")
+                        if data is not None:
+                            return -1, src, host, None, data
+                    elif src.readinto_nowait(into, host, "data_read"):
+                        return -1, src, host, None, True
+            elif host == 0:
+                if inline:
+                    return -1, None, 0, None, True
+            else:
+                plan = map_read(self.meta, offset, length, self.backing is not None)
+            return self._enter(), src, host, plan, None
         finally:
-            self.lock.exit_read(how)
-        return ep, src, host, plan
+            lock.exit_read(how)
 
-    def _map_sync(
-        self, offset: int, length: int
-    ) -> tuple[int, FileBackend | None, int, list[Extent] | None]:
-        mapped = self._map_now(offset, length, self._sync_wait())
+    def _map_sync(self, offset: int, length: int, into: memoryview | None = None) -> Mapped:
+        # A thread running a loop never waits on a writable image (see _sync_wait).
+        wait = None if self.writable and running_loop() is not None else self.wait_timeout
+        mapped = self._map_now(offset, length, wait, into, True)
         if mapped is None:
             raise ImageBusyError("metadata is being changed by a suspended request")
         return mapped
@@ -299,9 +323,7 @@ class Image:
         finally:
             self.lock.exit_read(how)
 
-    async def _map_later(
-        self, offset: int, length: int
-    ) -> tuple[int, FileBackend | None, int, list[Extent] | None]:
+    async def _map_later(self, offset: int, length: int) -> Mapped:
         """:meth:`_map_now` for a coroutine that found the lock busy: wait for it (FIFO)."""
         ep = self._enter()
         try:
@@ -314,13 +336,15 @@ class Image:
         except BaseException:
             self._leave(ep)
             raise
-        return ep, None, -1, plan
+        return ep, None, -1, plan, None
 
     # ----------------------------------------------------------- sync reads
     def read_sync(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` without ever awaiting."""
         self._check_range(offset, length)
-        ep, src, host, plan = self._map_sync(offset, length)
+        ep, src, host, plan, done = self._map_sync(offset, length)
+        if ep < 0:
+            return done if done is not True else bytes(length)
         try:
             # Fast path: no plan built. Plain bytes contiguous in one file (this image's,
             # or a backing file's for a range unallocated here) are one pread straight
@@ -345,7 +369,11 @@ class Image:
     def readinto_sync(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from guest ``offset`` without awaiting."""
         self._check_range(offset, len(buf))
-        ep, src, host, plan = self._map_sync(offset, len(buf))
+        ep, src, host, plan, _ = self._map_sync(offset, len(buf), buf)
+        if ep < 0:
+            if src is None:
+                _zero(buf)
+            return
         try:
             if src is not None:
                 src.readinto(buf, host, "data_read")
@@ -391,27 +419,33 @@ class Image:
         """
         if self.writable or self._closed:
             return _NO_FAST
-        how = self.lock.enter_read(self.wait_timeout)
-        try:
-            return self._locate(offset, length)
-        finally:
-            self.lock.exit_read(how)
-
-    def _locate(self, offset: int, length: int) -> tuple[FileBackend | None, int]:
         cb = self.meta.cluster_bits
         c = offset >> cb
-        if (offset + length - 1) >> cb != c:
-            return self._fast_source(offset, length)
-        code = self._located.get(c)
+        code = self._located.get(c) if (offset + length - 1) >> cb == c else None
         if code is None:
-            code = self._locate_cluster(c)
+            # A miss (or a range over two clusters) walks this image's tables: admitted.
+            # A hit needs no lock: entries are only ever added (or all dropped), each
+            # a final answer, and a dict lookup is atomic.
+            how = self.lock.enter_read(self.wait_timeout)
+            try:
+                if (offset + length - 1) >> cb != c:
+                    return self._fast_source(offset, length)
+                code = self._located.get(c)
+                if code is None:
+                    code = self._locate_cluster(c)
+            finally:
+                self.lock.exit_read(how)
         if code >= 0:
             host = (code & ~511) + (offset & self.meta.cluster_mask)
             return self._located_files[code & 511], host
         if code == _LOC_ZERO:
             return _ZERO_RUN
         # The cluster as a whole is not one plain run; this part of it may still be.
-        return self._fast_source(offset, length)
+        how = self.lock.enter_read(self.wait_timeout)
+        try:
+            return self._fast_source(offset, length)
+        finally:
+            self.lock.exit_read(how)
 
     def _locate_cluster(self, c: int) -> int:
         """Find and cache where guest cluster ``c`` (up to the disk's end) lies."""
@@ -553,14 +587,16 @@ class Image:
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at guest ``offset``."""
         self._check_range(offset, length)
-        mapped = self._map_now(offset, length, self._reader_wait)
+        mapped = self._map_now(offset, length, self._reader_wait, None, True)
         if mapped is None:
             mapped = await self._map_later(offset, length)
-        ep, src, host, plan = mapped
+        ep, src, host, plan, done = mapped
+        if ep < 0:
+            return done if done is not True else bytes(length)
         try:
             if src is not None:
-                # Fast path: no plan. Inline on a page-cache hit (RWF_NOWAIT), else one
-                # os.pread in a thread, straight into the bytes returned.
+                # No plan: inline on a page-cache hit (RWF_NOWAIT), else one os.pread in
+                # a thread, straight into the bytes returned.
                 return await src.apread(host, length, "data_read")
             if plan is None:
                 return bytes(length)
@@ -603,12 +639,16 @@ class Image:
     async def readinto(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from guest ``offset``."""
         self._check_range(offset, len(buf))
-        # Registered from mapping to the end of the data phase: clusters this plan
-        # names are not reused until we are done (see docs/concurrency.md).
-        mapped = self._map_now(offset, len(buf), self._reader_wait)
+        mapped = self._map_now(offset, len(buf), self._reader_wait, buf, True)
         if mapped is None:
             mapped = await self._map_later(offset, len(buf))
-        ep, src, host, plan = mapped
+        ep, src, host, plan, _ = mapped
+        if ep < 0:
+            if src is None:
+                _zero(buf)
+            return
+        # Registered from mapping to the end of the data phase: clusters this plan
+        # names are not reused until we are done (see docs/concurrency.md).
         try:
             if src is not None:
                 await src.areadinto(buf, host, "data_read")

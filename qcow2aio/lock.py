@@ -14,12 +14,16 @@ makes acquiring atomic on a free-threaded build as well as under the GIL.
   no running loop (a ``threading.Event``, waited on with a bound). The grant is
   recorded in the waiter under ``_mutex``, so a waiter that is cancelled or times
   out at the moment it is granted the lock can tell, and passes it on.
-* **Readers** map guest ranges with :meth:`enter_read`: they take the lock when it
-  is free (for the few microseconds of a mapping), or *borrow* it while the holder
-  is suspended with the metadata consistent (a flush waiting for ``fdatasync``:
-  :meth:`open_to_readers` / :meth:`close_to_readers`). Borrowing is exclusive too
-  (the caches change on a lookup), and the holder resumes only after the borrower
-  is done.
+* **Readers** map guest ranges with :meth:`enter_read`: when the lock is free, or
+  its holder is suspended with the metadata consistent (a flush waiting for
+  ``fdatasync``: :meth:`open_to_readers` / :meth:`close_to_readers`), a reader maps
+  *holding* ``_mutex`` (``SHARED``): one acquire and one release, where taking and
+  giving back ownership would cost two of each. Nobody changes the lock's state
+  meanwhile, so no owner can start (or resume) changing metadata under the reader,
+  and readers exclude each other (a lookup may load or evict cache entries). A
+  mapping takes microseconds (a table read on a cache miss: one ``pread``), so the
+  threads that find ``_mutex`` taken simply block that long. Code run while
+  ``SHARED`` must not call this lock's methods (``_mutex`` is not reentrant).
 
 Who may wait is the caller's decision (``Image`` makes it): a thread running an
 event loop never waits for a holder that may be a suspended coroutine of its own
@@ -35,10 +39,11 @@ from collections import deque
 
 from .errors import WaitTimeoutError
 
-# enter_read() answers: the reader took the lock, borrowed it, or neither.
+# enter_read() answers: the reader took the lock, holds the monitor's mutex, or neither.
 OWNED = 1
-BORROWED = 2
+SHARED = 2
 BUSY = 0
+UNLOCKED = 3  # NoLock's answer: nothing was taken, nothing to give back
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:
@@ -101,10 +106,8 @@ class MetaLock:
     def __init__(self, name: str = "image") -> None:
         self.name = name
         self._mutex = threading.Lock()
-        self._cond = threading.Condition(self._mutex)
         self._held = False
         self._readable = False  # the holder is suspended and metadata is consistent
-        self._borrowed = False  # a reader maps meanwhile (see enter_read)
         self._waiters: deque[_Waiter] = deque()
 
     def locked(self) -> bool:
@@ -172,7 +175,7 @@ class MetaLock:
         while True:
             with self._mutex:
                 assert self._held, "release of an unlocked MetaLock"
-                self._close_locked()
+                self._readable = False
                 if not self._waiters:
                     self._held = False
                     return
@@ -184,48 +187,37 @@ class MetaLock:
 
     # -------------------------------------------------------------- readers
     def enter_read(self, wait: float | None = None) -> int:
-        """Admit a reader that maps without awaiting: ``OWNED`` (the lock was free and
-        is now the reader's), ``BORROWED`` (the holder is suspended with metadata
-        consistent), or ``BUSY``. With ``wait`` (seconds) a thread waits for the lock
-        instead of answering ``BUSY`` (only where the holder cannot be a suspended
-        coroutine of the caller's loop). End with :meth:`exit_read`."""
-        with self._mutex:
-            if not self._held:
-                self._held = True
-                return OWNED
-            if self._readable:
-                while self._borrowed and self._readable:
-                    self._cond.wait()  # another reader's mapping: microseconds
-                if self._readable:
-                    self._borrowed = True
-                    return BORROWED
+        """Admit a reader that maps without awaiting: ``SHARED`` (it holds ``_mutex``:
+        the lock was free or its holder is suspended with metadata consistent),
+        ``OWNED`` (it waited for the lock and holds it), or ``BUSY``. It waits only
+        with ``wait`` (seconds), where the holder cannot be a suspended coroutine of
+        the caller's loop. End with :meth:`exit_read`."""
+        mutex = self._mutex
+        mutex.acquire()
+        if not self._held or self._readable:
+            return SHARED
+        mutex.release()
         if wait is None:
             return BUSY
         self.acquire_blocking(wait)
         return OWNED
 
     def exit_read(self, how: int) -> None:
-        if how == OWNED:
+        if how == SHARED:
+            self._mutex.release()
+        elif how == OWNED:
             self.release()
-        elif how == BORROWED:
-            with self._mutex:
-                self._borrowed = False
-                self._cond.notify_all()
 
     def open_to_readers(self) -> None:
-        """The holder is about to await with metadata consistent: readers may borrow."""
+        """The holder is about to await with metadata consistent: readers may map."""
         with self._mutex:
             self._readable = True
 
     def close_to_readers(self) -> None:
-        """The holder resumes: no new borrower, and wait for the current one to finish."""
+        """The holder resumes: once the reader mapping now (holding ``_mutex``) is done,
+        no other may start."""
         with self._mutex:
-            self._close_locked()
-
-    def _close_locked(self) -> None:
-        self._readable = False
-        while self._borrowed:
-            self._cond.wait()
+            self._readable = False
 
 
 class NoLock(MetaLock):
@@ -250,7 +242,7 @@ class NoLock(MetaLock):
         return None
 
     def enter_read(self, wait: float | None = None) -> int:
-        return BORROWED
+        return UNLOCKED
 
     def exit_read(self, how: int) -> None:
         return None

@@ -22,7 +22,7 @@ import pytest
 from conftest import Qemu
 
 import qcow2aio
-from qcow2aio.lock import BORROWED, OWNED, MetaLock
+from qcow2aio.lock import BUSY, SHARED, MetaLock
 
 CS = 65536
 SIZE = 4 << 20
@@ -224,28 +224,28 @@ def test_try_acquire_is_atomic_between_threads(lock_class: type[MetaLock]) -> No
     assert not lock.locked()
 
 
-def test_readers_borrow_only_while_the_holder_is_suspended_readable() -> None:
+def test_readers_map_only_while_free_or_the_holder_is_suspended_readable() -> None:
     lock = MetaLock()
-    assert lock.enter_read() == OWNED
-    lock.exit_read(OWNED)
+    assert lock.enter_read() == SHARED
+    lock.exit_read(SHARED)
     assert lock.try_acquire()
-    assert lock.enter_read() == 0  # held by someone changing metadata: busy
+    assert lock.enter_read() == BUSY  # held by someone changing metadata
     lock.open_to_readers()
-    assert lock.enter_read() == BORROWED
+    assert lock.enter_read() == SHARED  # a flush waiting for its fsync
     finished = threading.Event()
 
     def holder_resumes() -> None:
-        lock.close_to_readers()  # must wait for the borrower
+        lock.close_to_readers()  # must wait for the reader's mapping
         finished.set()
 
     t = threading.Thread(target=holder_resumes, daemon=True)
     t.start()
     time.sleep(0.05)
     assert not finished.is_set(), "the holder resumed while a reader was mapping"
-    lock.exit_read(BORROWED)
+    lock.exit_read(SHARED)
     t.join(JOIN)
     assert finished.is_set()
-    assert lock.enter_read() == 0
+    assert lock.enter_read() == BUSY
     lock.release()
     assert not lock.locked()
 
