@@ -53,14 +53,17 @@ test: venv qemu
 	QCOW2AIO_REQUIRE_QEMU=1 $(PY) -m pytest -q -n 2 --timeout=600 -p tests.sim_report $(PYTEST_ARGS)
 
 # The full race, fault and power-cut sets (issue 4): >= 10,000 seeds per scenario, every
-# fault point x error kind, >= 20,000 crash states. Takes a long while; prints the counts.
+# fault point x error kind, >= 20,000 crash states; and the thread scenarios (issue 10):
+# 10,000 seeds per scenario and driver, real threads and event loops on one image.
+# Takes a long while; prints the counts.
 # --maxschedchunk 1: xdist hands out tests one at a time, so the 30 long interleaving
 # tests (first in collection order) do not all land on one worker while the other idles.
 stress: venv qemu
 	QCOW2AIO_REQUIRE_QEMU=1 QCOW2AIO_STRESS=1 $(PY) -m pytest -q -s -n 2 --maxschedchunk 1 \
 		-p no:cacheprovider \
 		-p tests.sim_report -p tests.crashsim \
-		tests/test_interleavings.py tests/test_faults.py tests/test_powercut.py
+		tests/test_interleavings.py tests/test_thread_interleavings.py \
+		tests/test_faults.py tests/test_powercut.py
 
 lint: venv
 	$(VENV)/bin/ruff check qcow2aio tests
