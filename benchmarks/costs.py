@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import qcow2aio
-from qcow2aio.io import BackendFactory, FastFileBackend
+from qcow2aio.io import BackendFactory
 
 from . import qemu
 from .runner import write_compressible
@@ -254,10 +254,8 @@ def costs(workdir: str, quick: bool) -> Iterator[Cost]:
     yield _best("write_sync 4K in place", n4k, lambda: write_sync4k, reps)
 
     img.close()
-    engines: tuple[tuple[str, BackendFactory | None], ...] = (
-        ("aiofiles", None),
-        ("FastFileBackend", FastFileBackend),
-    )
+    # One engine now (FastFileBackend is the default FileBackend under its old name).
+    engines: tuple[tuple[str, BackendFactory | None], ...] = (("default engine", None),)
     for engine, backend in engines:
 
         async def awrite4k(im: qcow2aio.Image) -> None:

@@ -5,10 +5,11 @@ completion of the last. Opening the image, computing the offsets and closing
 (which flushes a writable image) are outside it; nothing inside it flushes,
 because ``qemu-img bench -t writeback`` without ``--flush-interval`` does not.
 The async run keeps ``depth`` requests in flight: ``depth`` coroutines pull the
-next offset from one shared iterator and ``await`` one request at a time; it runs
-once with the default I/O engine (aiofiles) and once with ``FastFileBackend``.
-Read streams also run through ``await readinto`` (default engine), each coroutine
-reading into its own buffer: the API for bulk reads, which returns no new ``bytes``.
+next offset from one shared iterator and ``await`` one request at a time, with the
+I/O engine users get (``qcow2aio.open(path)``: small writes and cached reads inline,
+the rest in the module's I/O threads; ``FastFileBackend`` is now the same class).
+Read streams also run through ``await readinto``, each coroutine reading into its
+own buffer: the API for bulk reads, which returns no new ``bytes``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import gc
 import time
 
 import qcow2aio
-from qcow2aio.io import FastFileBackend
 
 from .qemu import PATTERN
 from .stream import Stream
@@ -47,12 +47,10 @@ def run_sync(path: str, stream: Stream) -> float:
         img.close()
 
 
-async def _run_async(path: str, stream: Stream, depth: int, fast: bool, into: bool) -> float:
+async def _run_async(path: str, stream: Stream, depth: int, into: bool) -> float:
     offsets = iter(stream.offset_list())
     size = stream.size
-    img = qcow2aio.open(
-        path, "r+" if stream.write else "r", io_backend=FastFileBackend if fast else None
-    )
+    img = qcow2aio.open(path, "r+" if stream.write else "r")
     try:
         if stream.write:
             data = bytes([PATTERN]) * size
@@ -88,14 +86,11 @@ async def _run_async(path: str, stream: Stream, depth: int, fast: bool, into: bo
         await img.aclose()
 
 
-def run_async(
-    path: str, stream: Stream, depth: int, *, fast: bool = False, into: bool = False
-) -> float:
+def run_async(path: str, stream: Stream, depth: int, *, into: bool = False) -> float:
     """``await read/write`` with ``depth`` requests in flight; seconds of the request loop.
 
-    ``fast`` opens the image with ``io_backend=FastFileBackend`` (own thread pool, small
-    writes inline) instead of the default engine (aiofiles); ``into`` reads with
-    ``await readinto`` into a buffer per coroutine instead of ``await read``."""
+    ``into`` reads with ``await readinto`` into a buffer per coroutine instead of
+    ``await read``."""
     if into and stream.write:
         raise ValueError("readinto is for read streams")
-    return asyncio.run(_run_async(path, stream, depth, fast, into))
+    return asyncio.run(_run_async(path, stream, depth, into))

@@ -227,3 +227,32 @@ async def test_large_async_reads_into_new_bytes(tmp_path: Path) -> None:
         assert results == [payload[k * 8192 : k * 8192 + 100000] for k in range(8)]
     finally:
         b.close()
+
+
+async def test_blocking_io_never_waits_for_the_default_executor(tmp_path: Path) -> None:
+    """Users run ``asyncio.to_thread(img.write_sync, ...)`` in the loop's default
+    executor, and those calls may wait for the metadata lock: our own blocking I/O
+    (large writes, flushes, reads that miss) must not queue behind them."""
+    import concurrent.futures
+    import threading
+
+    path = _image(tmp_path)
+    loop = asyncio.get_running_loop()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    loop.set_default_executor(pool)
+    gate = threading.Event()
+    blocker = loop.run_in_executor(None, gate.wait)  # the only default worker, busy
+    try:
+        img = qcow2aio.open(path, "r+")
+        try:
+            img._data._nowait = False  # reads hop too
+            big = b"w" * (4 * CLUSTER)
+            await asyncio.wait_for(img.write(0, big), 10)
+            await asyncio.wait_for(img.flush(), 10)
+            assert await asyncio.wait_for(img.read(0, len(big)), 10) == big
+        finally:
+            await img.aclose()
+        assert not blocker.done()
+    finally:
+        gate.set()
+        await blocker
