@@ -872,8 +872,10 @@ class Image:
     def _in_place_host(self, offset: int, n: int) -> int:
         """The host offset of ``[offset, offset+n)`` when it is COPIED clusters
         contiguous on the host with no allocation in flight (a write there changes no
-        metadata), else -1; also -1 when the lock is taken (then plan it properly)."""
-        if not self.lock.try_acquire():
+        metadata), else -1; also -1 when the lock's holder is changing metadata (then
+        plan it properly). A lookup only, so admitted as a reader (``SHARED``)."""
+        how = self.lock.enter_read(None)
+        if how == BUSY:
             return -1
         try:
             if self.inflight.overlapping(offset, n) is not None:
@@ -883,7 +885,7 @@ class Image:
                 self._check_data_write(host, n)
             return host
         finally:
-            self.lock.release()
+            self.lock.exit_read(how)
 
     async def _write_step_inline(self, ep: int, step: WriteStep, chunk: memoryview) -> None:
         data_file = self._data
