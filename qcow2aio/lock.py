@@ -126,14 +126,21 @@ class MetaLock:
             self._held = True
             return True
 
-    async def acquire(self) -> None:
-        """Wait (FIFO) for the lock in a coroutine of any loop; safely cancellable."""
+    def _take_or_queue(self) -> _Waiter | None:
+        """Take the lock if free (None), else queue a waiter of the calling thread's kind."""
         with self._mutex:
             if not self._held:
                 self._held = True
-                return
+                return None
             waiter = _Waiter()
             self._waiters.append(waiter)
+            return waiter
+
+    async def acquire(self) -> None:
+        """Wait (FIFO) for the lock in a coroutine of any loop; safely cancellable."""
+        waiter = self._take_or_queue()
+        if waiter is None:
+            return
         try:
             await waiter.wait_async()
         except BaseException:
@@ -152,12 +159,9 @@ class MetaLock:
         Raises :class:`WaitTimeoutError` after ``timeout`` seconds: the holder may be
         a suspended coroutine of a loop that is not running, which would never end.
         """
-        with self._mutex:
-            if not self._held:
-                self._held = True
-                return
-            waiter = _Waiter()
-            self._waiters.append(waiter)
+        waiter = self._take_or_queue()
+        if waiter is None:
+            return
         t0 = time.monotonic()
         if waiter.wait_blocking(timeout):
             return

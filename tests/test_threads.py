@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Qemu
+from threadsim import switch_interval
 
 import qcow2aio
 from qcow2aio.lock import BUSY, SHARED, MetaLock
@@ -29,15 +29,9 @@ SIZE = 4 << 20
 JOIN = 60.0  # seconds: far above any of these runs, far below the suite's timeout
 
 
-@contextlib.contextmanager
-def fast_switching(interval: float = 1e-6) -> Iterator[None]:
+def fast_switching(interval: float = 1e-6) -> contextlib.AbstractContextManager[None]:
     """Make the interpreter switch threads as often as it can (races show up)."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(interval)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
+    return switch_interval(interval)
 
 
 def run_threads(targets: list[Callable[[], Any]], timeout: float = JOIN) -> list[Any]:
