@@ -550,14 +550,19 @@ class FileBackend:
         try:
             # Straight into the bytes returned (a bytearray copied out would cost two
             # large allocations, which glibc turns into page faults on every call).
-            return self._pread_full(length, offset, event)
+            data = self._sys_pread(length, offset, event)
+            if len(data) == length:
+                return data
+            return data + self._pread_full(length - len(data), offset + len(data), event)
         except OSError as exc:
             raise _ioerror(f"read ({event})", self.path, exc) from exc
 
     def readinto(self, buf: memoryview, offset: int, event: str = "read") -> None:
         """Fill ``buf`` from ``offset``; the part past end of file is zero-filled."""
         try:
-            self._fill(buf, 0, offset, event)
+            done = self._sys_preadv([buf], offset, event)
+            if done < len(buf):
+                self._fill(buf, done, offset, event)
         except OSError as exc:
             raise _ioerror(f"read ({event})", self.path, exc) from exc
 
