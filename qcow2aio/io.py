@@ -100,13 +100,17 @@ class _Inbox:
     """Results for one event loop: workers append, one ``call_soon_threadsafe`` drains.
 
     While a drain is already scheduled, further results only join the queue, so a
-    worker that completes several jobs before the loop runs costs one wake-up.
+    worker that completes several jobs before the loop runs costs one wake-up. The
+    inbox refers to its loop weakly: it is the value of a ``WeakKeyDictionary`` keyed
+    by that loop, and a strong reference would keep every loop that ever used the
+    threads alive (one per ``asyncio.run`` in a thread: a leak found by the thread
+    scenarios of issue 10).
     """
 
     __slots__ = ("__weakref__", "items", "lock", "loop", "scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop = weakref.ref(loop)
         self.items: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = (
             collections.deque()
         )
@@ -119,9 +123,12 @@ class _Inbox:
             if self.scheduled:
                 return
             self.scheduled = True
+        loop = self.loop()
+        if loop is None:  # the loop is gone, and with it everyone who waited
+            return
         # RuntimeError: the loop was closed meanwhile, and nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.drain)
+            loop.call_soon_threadsafe(self.drain)
 
     def drain(self) -> None:
         with self.lock:

@@ -404,3 +404,24 @@ def test_check_waits_for_allocations_in_flight(tmp_path: Path) -> None:
     for r in reports:
         assert r.get("leaks", 0) == 0 and r["check-errors"] == 0, r
     img.close()
+
+
+def test_loops_that_used_the_io_threads_are_not_kept_alive(tmp_path: Path) -> None:
+    """Each asyncio.run in a thread is a new loop; the I/O threads' per-loop inbox must
+    not keep it (and its selector) alive once it is gone."""
+    import gc
+
+    from qcow2aio import io
+
+    path = new_image(tmp_path)
+    img = qcow2aio.open(path, "r+")
+
+    async def one(k: int) -> None:
+        await img.write(k * CS, b"z" * 4096)
+        await img.flush()  # fdatasync: through the I/O threads, so an inbox for this loop
+
+    for k in range(20):
+        run_threads([lambda k=k: asyncio.run(one(k))])
+    gc.collect()
+    assert len(io._THREADS._inboxes) <= 2
+    img.close()
