@@ -20,18 +20,19 @@ when it cannot block for long, and in a worker thread otherwise:
   buffered writes is refused by ext4 here: ``EOPNOTSUPP``), and slow ones (two in
   a row over 2 ms: dirty-page throttling, a page under writeback) send that
   file's writes back to threads for a second.
-* the rest (``fdatasync``, ``ftruncate``, large writes, cache misses) goes to
-  :class:`IOThreads`, a pool of a few daemon threads owned by this module (a
-  forked child gets a fresh one). Never the loop's default executor: users run
-  ``asyncio.to_thread(img.write_sync, ...)`` there, and such calls may block
-  waiting for the image's metadata lock, which a request of ours holds until its
-  own I/O (queued behind them) is done. ``IOThreads`` rather than ``aiofiles``
-  with an executor of our own: timed here (2 vCPUs), a hop through it costs
-  45-50 us at depth 1 and 5-8 us per request at depth 16 (a worker that
-  finishes several jobs before the loop runs completes them all in one loop
-  wake-up), against 65-75 and 24-25 us through ``aiofiles`` (``run_in_executor``,
-  one ``call_soon_threadsafe`` per job) with a dedicated ``ThreadPoolExecutor``;
-  1 MiB writes were the same either way within the noise (``docs/performance.md``).
+* the rest (``fdatasync``, ``ftruncate``, large writes, cache misses) goes through
+  ``aiofiles``, the project's async file library, to a ``ThreadPoolExecutor`` owned
+  by this module (:func:`blocking_executor`; a forked child gets a fresh one). Never
+  the loop's default executor: users run ``asyncio.to_thread(img.write_sync, ...)``
+  there, and such calls may block waiting for the image's metadata lock, which a
+  request of ours holds until its own I/O (queued behind them) is done. Only the
+  blocking rest pays a thread hop at all, and each of those calls is long (an
+  ``fdatasync``, a 1 MiB copy, a disk read), so the hop's cost does not show: timed
+  here (2 vCPUs), a hop costs 65-75 us at depth 1 and 24-25 us per request at depth 16
+  this way, against 45-50 and 5-8 us through :class:`IOThreads` (which batches the
+  completions of one worker into one loop wake-up), and 1 MiB writes were the same
+  either way within the noise (``docs/performance.md``). :class:`IOThreads` stays for
+  CPU work helpers (:func:`parallel_map`: the inflates of compressed reads).
 
 **Hooks for test backends.** Every mode (sync, async inline, async in a thread)
 ends in the same few methods, one system call each: :meth:`FileBackend._sys_pread`,
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import errno as _errno
 import mmap
@@ -60,6 +62,8 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
+
+import aiofiles.os
 
 from .errors import Qcow2IOError
 
@@ -224,6 +228,41 @@ if hasattr(os, "register_at_fork"):
 def to_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
     """Run a blocking call in the I/O threads from a coroutine: ``await to_thread(f, x)``."""
     return _THREADS.submit(fn, *args)
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+# aiofiles' wrapper: ``await _aio_call(fn, *args, executor=...)`` runs fn(*args) there.
+_aio_call: Any = aiofiles.os.wrap(_call)
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def blocking_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """qcow2aio's executor for the engine's blocking calls (made on first use)."""
+    global _EXECUTOR
+    ex = _EXECUTOR
+    if ex is None:
+        with _EXECUTOR_LOCK:
+            ex = _EXECUTOR
+            if ex is None:
+                ex = _EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=_THREADS.max_threads, thread_name_prefix="qcow2aio-io"
+                )
+    return ex
+
+
+def _forget_executor() -> None:
+    """In a forked child: the parent's workers do not exist here; make a new one."""
+    global _EXECUTOR, _EXECUTOR_LOCK
+    _EXECUTOR = None
+    _EXECUTOR_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_executor)
 
 
 def parallel_map(fn: Callable[[Any], T], items: Sequence[Any], helpers: int = 1) -> list[T]:
@@ -457,8 +496,9 @@ class FileBackend:
 
     # ---------------------------------------------------------------- engine
     def offload(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
-        """Run a blocking call off the event loop (in :class:`IOThreads`)."""
-        return to_thread(fn, *args)
+        """Run a blocking call off the event loop: aiofiles, on :func:`blocking_executor`."""
+        result: Awaitable[T] = _aio_call(fn, *args, executor=blocking_executor())
+        return result
 
     def inline_write_ok(self, nbytes: int) -> bool:
         """Whether an async write of ``nbytes`` may be done inline now: small, and no
