@@ -7,7 +7,7 @@ because ``qemu-img bench -t writeback`` without ``--flush-interval`` does not.
 The async run keeps ``depth`` requests in flight: ``depth`` coroutines pull the
 next offset from one shared iterator and ``await`` one request at a time, with the
 I/O engine users get (``qcow2aio.open(path)``: small writes and cached reads inline,
-the rest in the module's I/O threads; ``FastFileBackend`` is now the same class).
+the rest through aiofiles on qcow2aio's own executor; ``FastFileBackend`` is now the same class).
 Read streams also run through ``await readinto``, each coroutine reading into its
 own buffer: the API for bulk reads, which returns no new ``bytes``.
 """

@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         "Throughput: medians [min-max] over the repetitions; ratio = ours / QEMU (higher is "
         "better). QEMU = better of -i threads / -i io_uring at the same depth; sync and every "
         "d1 row compare with QEMU at depth 1. async = await read/write with the default I/O "
-        "engine (small writes and cached reads inline, the rest in qcow2aio's I/O threads); "
+        "engine (small writes and cached reads inline, the rest through aiofiles on qcow2aio's executor); "
         "readinto = await readinto a buffer per coroutine (no new bytes per read). "
         "Timed window = first request to last completion, no "
         "flush (qemu-img bench -t writeback); convert includes create, open and the closing "
