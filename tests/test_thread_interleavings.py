@@ -36,6 +36,7 @@ every 10th under stress; failing seeds of the serialized driver always).
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from collections import Counter
@@ -302,3 +303,20 @@ def test_a_stuck_test_thread_is_a_hang(sim_env: SimEnv, monkeypatch: pytest.Monk
     out = run_seed(ThreadScenario("stuck-main", body, variants=("64k",)), "serialized", 1, sim_env)
     assert out.hung and out.failures[0].kind == "hang", out.failures
     assert time.monotonic() - t0 < body_seconds + 4
+
+
+def test_sys_jitter_backend_keeps_the_fast_paths(tmp_path: Path) -> None:
+    """The system-call jitter backend overrides no public method: the image under it
+    takes the same fast paths as under the plain backend."""
+    from threadsim import SysJitterBackend, ThreadJitterBackend
+
+    path = tmp_path / "f"
+    path.write_bytes(bytes(4096))
+    fb = SysJitterBackend(str(path), True, rng=random.Random(0))
+    assert fb.plain_reads and fb.plain_writes
+    fb.pwritev([memoryview(b"abc")], 10)
+    assert fb.pread(10, 3) == b"abc"
+    fb.close()
+    tb = ThreadJitterBackend(str(path), False, rng=random.Random(0))
+    assert not tb.plain_reads
+    tb.close()

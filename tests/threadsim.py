@@ -10,10 +10,10 @@ switch interval), not the interleaving; running many seeds is what explores.
 To make threads interleave inside the driver's metadata code, every seed runs with
 ``sys.setswitchinterval`` forced to 10-100 us (restored afterwards), callers sleep a
 seeded tiny amount (``time.sleep(0)``, up to 200 us, or nothing) between requests,
-and on half of the seeds the image's files are a :class:`ThreadJitterBackend`, whose
-every read, write and fdatasync releases the GIL before and after the system call
-(a real ``FileBackend`` underneath; the other half keeps the plain backend and so its
-fast paths, which a subclass disables).
+and the image's files are, a third of the seeds each, the plain backend, a
+:class:`SysJitterBackend` (every system call releases the GIL before and after it;
+the engine's fast paths are kept), or a :class:`ThreadJitterBackend` (the public
+methods jitter too, async ones with loop turns; the fast paths are off).
 
 The oracle is :class:`sim.History` with a lock (:class:`ThreadHistory`): a request's
 invocation and response times are ticks of one global counter taken just before the
@@ -128,9 +128,11 @@ class ThreadHistory(History):
 
 
 # ----------------------------------------------------------------- backend
-class ThreadJitterBackend(FileBackend):
-    """A real file whose every sync and async I/O lets other threads (and, for async
-    I/O, other tasks) run just before and just after it."""
+class SysJitterBackend(FileBackend):
+    """A real file whose every system call (the engine's ``_sys_*`` hooks, reached from
+    sync calls, inline async calls and I/O threads alike) lets other threads run just
+    before and just after it. No public method is overridden, so the image keeps every
+    fast path of the plain backend."""
 
     def __init__(self, path: str, writable: bool = False, *, rng: random.Random) -> None:
         super().__init__(path, writable)
@@ -142,6 +144,35 @@ class ThreadJitterBackend(FileBackend):
             time.sleep(0)
         elif r < 0.6:
             time.sleep(self.rng.random() * 50e-6)
+
+    def _sys_pread(self, length: int, offset: int, event: str) -> bytes:
+        self._jitter()
+        data = super()._sys_pread(length, offset, event)
+        self._jitter()
+        return data
+
+    def _sys_preadv(self, buffers: list[Any], offset: int, event: str, flags: int = 0) -> int:
+        self._jitter()
+        n = super()._sys_preadv(buffers, offset, event, flags)
+        self._jitter()
+        return n
+
+    def _sys_pwritev(self, buffers: list[memoryview], offset: int, event: str) -> int:
+        self._jitter()
+        n = super()._sys_pwritev(buffers, offset, event)
+        self._jitter()
+        return n
+
+    def _sys_fdatasync(self, event: str) -> None:
+        self._jitter()
+        super()._sys_fdatasync(event)
+        self._jitter()
+
+
+class ThreadJitterBackend(SysJitterBackend):
+    """:class:`SysJitterBackend` that also jitters at its public methods, async ones
+    with loop turns (other tasks of the loop run mid-request). Overriding them turns
+    the image's fast paths off: only some seeds use it."""
 
     async def _ajitter(self) -> None:
         r = self.rng.random()
@@ -193,7 +224,7 @@ class ThreadJitterBackend(FileBackend):
         await self._ajitter()
 
 
-def thread_jitter_factory(seed: int) -> BackendFactory:
+def thread_jitter_factory(seed: int, cls: type[SysJitterBackend]) -> BackendFactory:
     count = Counter[str]()
     mutex = threading.Lock()
 
@@ -202,7 +233,7 @@ def thread_jitter_factory(seed: int) -> BackendFactory:
         with mutex:
             n = count[name]
             count[name] += 1
-        return ThreadJitterBackend(path, writable, rng=random.Random(f"tj:{seed}:{name}:{n}"))
+        return cls(path, writable, rng=random.Random(f"tj:{seed}:{name}:{n}"))
 
     return factory
 
@@ -804,8 +835,14 @@ class ThreadScenario:
 
 
 def _open(setup: ThreadSetup, driver: str, seed: int) -> qcow2aio.Image:
-    use_jitter = random.Random(f"backend:{seed}").random() < 0.5
-    factory = thread_jitter_factory(seed) if use_jitter else None
+    # A third of the seeds each: the plain backend, jitter at every system call (fast
+    # paths kept), jitter at the public methods too (fast paths off, loop turns).
+    kind = random.Random(f"backend:{seed}").randrange(3)
+    factory = (
+        None
+        if kind == 0
+        else thread_jitter_factory(seed, SysJitterBackend if kind == 1 else ThreadJitterBackend)
+    )
     kwargs = open_kwargs()
     if driver == "unserialized":
         with testing.unserialized():
