@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import random
 import shlex
@@ -49,7 +50,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import qcow2aio
 import qcow2aio.io
@@ -107,6 +108,51 @@ def replay_command(nodeid: str, seed: int) -> str:
     )
 
 
+class FailingSeed(Protocol):
+    """What :func:`publish_seeds` needs of a failing seed's outcome."""
+
+    seed: int
+
+    def summary(self) -> str: ...
+
+    @property
+    def failures(self) -> Sequence[Any]: ...
+
+
+def publish_seeds(request: Any, row: dict[str, Any], failing: Sequence[FailingSeed]) -> str:
+    """Record a scenario's row for the report (tests/sim_report.py) and print it; when
+    replaying one seed, print every failure in full. Returns the summary and replay
+    line of the first failing seeds, for the test's assertion message."""
+    request.node.user_properties.append(("qcow2aio_sim", json.dumps(row)))
+    print(json.dumps(row))
+    if replay_seed() is not None:
+        for out in failing:
+            for f in out.failures:
+                print(f"--- [{f.kind}] {f.detail}")
+    lines = []
+    for out in failing[:5]:
+        lines.append(out.summary())
+        lines.append(f"  replay: {replay_command(request.node.nodeid, out.seed)}")
+    return "\n".join(lines)
+
+
+def tasks_waiting(loop: asyncio.AbstractEventLoop, limit: int | None = None) -> str:
+    """Where every unfinished task of ``loop`` is suspended (innermost frames)."""
+    lines = []
+    for task in asyncio.all_tasks(loop):
+        chain: list[str] = []
+        obj: Any = task.get_coro()
+        while obj is not None and len(chain) < 12:
+            frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+            if frame is None:
+                chain.append(type(obj).__name__)
+                break
+            chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+        lines.append(f"  {task.get_name()}: {' -> '.join(chain)}")
+    return "\n".join(sorted(lines)[:limit])
+
+
 # ----------------------------------------------------------- seeded loop
 class SimDeadlock(RuntimeError):
     """Every task waits and nothing can wake any of them."""
@@ -146,19 +192,7 @@ class SeededEventLoop(asyncio.SelectorEventLoop):
 
     def waiting(self) -> str:
         """Where every unfinished task is suspended (innermost frames)."""
-        lines = []
-        for task in asyncio.all_tasks(self):
-            chain: list[str] = []
-            obj: Any = task.get_coro()
-            while obj is not None and len(chain) < 12:
-                frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
-                if frame is None:
-                    chain.append(type(obj).__name__)
-                    break
-                chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
-                obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
-            lines.append(f"  {task.get_name()}: {' -> '.join(chain)}")
-        return "\n".join(sorted(lines))
+        return tasks_waiting(self)
 
     def _run_once(self) -> None:
         self.turns += 1

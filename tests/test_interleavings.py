@@ -34,7 +34,6 @@ otherwise. Scenario 7 covers refcount-table growth only.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 from collections import Counter
@@ -54,7 +53,7 @@ from sim import (
     SimEnv,
     cancelled_at,
     iter_chunks,
-    replay_command,
+    publish_seeds,
     replay_seed,
     run_seed,
     seed_list,
@@ -677,10 +676,6 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 # ------------------------------------------------------------------- tests
-def _record(request: pytest.FixtureRequest, row: dict[str, Any]) -> None:
-    request.node.user_properties.append(("qcow2aio_sim", json.dumps(row)))
-
-
 @pytest.fixture
 def sim_env(qemu: Qemu, tmp_path: Path) -> Iterator[SimEnv]:
     env = SimEnv(tmp_path, qemu)
@@ -714,17 +709,7 @@ def test_scenario(name: str, driver: str, sim_env: SimEnv, request: pytest.Fixtu
         "qemu": qemu_runs,
         "catchable": scn.unserialized_catchable,
     }
-    _record(request, row)
-    print(json.dumps(row))
-    if replay_seed() is not None:
-        for out in failing:
-            for f in out.failures:
-                print(f"--- [{f.kind}] {f.detail}")
-    lines = []
-    for out in failing[:5]:
-        lines.append(out.summary())
-        lines.append(f"  replay: {replay_command(request.node.nodeid, out.seed)}")
-    detail = "\n".join(lines)
+    detail = publish_seeds(request, row, failing)
     if driver == "unserialized":
         if replay_seed() is None and scn.unserialized_catchable:
             assert failing, (

@@ -35,18 +35,16 @@ every 10th under stress; failing seeds of the serialized driver always).
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import Qemu
-from sim import Op, SimEnv, replay_command, replay_seed, seed_list
+from sim import Op, SimEnv, publish_seeds, replay_seed, seed_list
 from threadsim import (
     DRIVERS,
     Failure,
@@ -180,10 +178,6 @@ def sim_env(qemu: Qemu, tmp_path: Path) -> Iterator[SimEnv]:
     env.cleanup()
 
 
-def _record(request: pytest.FixtureRequest, row: dict[str, Any]) -> None:
-    request.node.user_properties.append(("qcow2aio_sim", json.dumps(row)))
-
-
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_thread_scenario(
@@ -219,17 +213,7 @@ def test_thread_scenario(
         "qemu": qemu_runs,
         "catchable": True,
     }
-    _record(request, row)
-    print(json.dumps(row))
-    if replay_seed() is not None:
-        for out in failing:
-            for f in out.failures:
-                print(f"--- [{f.kind}] {f.detail}")
-    lines = []
-    for out in failing[:5]:
-        lines.append(out.summary())
-        lines.append(f"  replay: {replay_command(request.node.nodeid, out.seed)}")
-    detail = "\n".join(lines)
+    detail = publish_seeds(request, row, failing)
     if driver == "unserialized":
         if replay_seed() is not None:
             return

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sim import NEVER, History, Op, SimEnv, replay_seed
+from sim import NEVER, History, Op, SimEnv, replay_seed, tasks_waiting
 
 import qcow2aio
 from qcow2aio import testing
@@ -315,23 +315,6 @@ class Outcome:
         )
 
 
-def tasks_waiting(loop: asyncio.AbstractEventLoop) -> str:
-    """Where every unfinished task of ``loop`` is suspended (innermost frames)."""
-    lines = []
-    for task in asyncio.all_tasks(loop):
-        chain: list[str] = []
-        obj: Any = task.get_coro()
-        while obj is not None and len(chain) < 12:
-            frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
-            if frame is None:
-                chain.append(type(obj).__name__)
-                break
-            chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
-            obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
-        lines.append(f"  {task.get_name()}: {' -> '.join(chain)}")
-    return "\n".join(sorted(lines)[:20])
-
-
 def in_loop_thread() -> bool:
     try:
         asyncio.get_running_loop()
@@ -433,7 +416,7 @@ class Run:
 
             def snapshot() -> None:
                 nonlocal waiting
-                waiting = tasks_waiting(loop)
+                waiting = tasks_waiting(loop, 20)
 
             # Take the picture of the stuck tasks just before wait_for cancels them.
             loop.call_later(max(0.0, self.remaining() - 0.05), snapshot)
