@@ -307,9 +307,7 @@ class Image:
             lock.exit_read(how)
 
     def _map_sync(self, offset: int, length: int, into: memoryview | None = None) -> Mapped:
-        # A thread running a loop never waits on a writable image (see _sync_wait).
-        wait = None if self.writable and running_loop() is not None else self.wait_timeout
-        mapped = self._map_now(offset, length, wait, into, True)
+        mapped = self._map_now(offset, length, self._sync_wait(), into, True)
         if mapped is None:
             raise ImageBusyError("metadata is being changed by a suspended request")
         return mapped

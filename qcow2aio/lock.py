@@ -113,10 +113,6 @@ class MetaLock:
     def locked(self) -> bool:
         return self._held
 
-    def blocks_readers(self) -> bool:
-        """True while readers would have to wait (advisory: it may change at once)."""
-        return self._held and not self._readable
-
     # ------------------------------------------------------------ ownership
     def try_acquire(self) -> bool:
         """Take the lock if free, never waiting (the synchronous fast path)."""
@@ -228,9 +224,6 @@ class NoLock(MetaLock):
     """A lock that never excludes anyone: for ``qcow2aio.testing.unserialized()`` only."""
 
     def locked(self) -> bool:
-        return False
-
-    def blocks_readers(self) -> bool:
         return False
 
     def try_acquire(self) -> bool:
