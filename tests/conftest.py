@@ -196,3 +196,13 @@ def qemu_tools() -> dict[str, str]:
 def qemu(qemu_tools: dict[str, str], tmp_path: Path) -> Qemu:
     """Helper running qemu-img / qemu-io; see :class:`Qemu`."""
     return Qemu(qemu_tools["qemu-img"], qemu_tools["qemu-io"], tmp_path)
+
+
+@pytest.fixture
+def sim_env(qemu: Qemu, tmp_path: Path) -> Any:
+    """A folder and QEMU's tools for the seeded race harnesses (tests/sim.py, threadsim.py)."""
+    from sim import SimEnv
+
+    env = SimEnv(tmp_path, qemu)
+    yield env
+    env.cleanup()

@@ -37,7 +37,7 @@ import asyncio
 import os
 import random
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -676,13 +676,6 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 # ------------------------------------------------------------------- tests
-@pytest.fixture
-def sim_env(qemu: Qemu, tmp_path: Path) -> Iterator[SimEnv]:
-    env = SimEnv(tmp_path, qemu)
-    yield env
-    env.cleanup()
-
-
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_scenario(name: str, driver: str, sim_env: SimEnv, request: pytest.FixtureRequest) -> None:

@@ -39,11 +39,9 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Qemu
 from sim import Op, SimEnv, publish_seeds, replay_seed, seed_list
 from threadsim import (
     DRIVERS,
@@ -171,13 +169,6 @@ SCENARIOS: dict[str, ThreadScenario] = {
 
 
 # ------------------------------------------------------------------ tests
-@pytest.fixture
-def sim_env(qemu: Qemu, tmp_path: Path) -> Iterator[SimEnv]:
-    env = SimEnv(tmp_path, qemu)
-    yield env
-    env.cleanup()
-
-
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_thread_scenario(
