@@ -29,6 +29,11 @@ class Qcow2UnsupportedError(Qcow2Error):
     """The image uses a feature this version does not implement (e.g. encryption)."""
 
 
+class Qcow2PassphraseError(Qcow2Error):
+    """An encrypted image was opened (or a keyslot changed) with a wrong or missing
+    passphrase. Nothing was written. The message never contains the passphrase."""
+
+
 class Qcow2ReadOnlyError(Qcow2Error):
     """A write was attempted on an image opened read-only, or on one that refuses writes."""
 
