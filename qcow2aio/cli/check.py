@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .check import check_image
-from .errors import Qcow2Error
-from .io import FileBackend
-from .metadata import Metadata
+from ..check import check_image
+from ..errors import Qcow2Error
+from ..io import FileBackend
+from ..metadata import Metadata
 
 USAGE = "check [-q] [-f qcow2] [-r leaks|all] [--output=human|json] [-U] FILE"
 

@@ -1,0 +1,79 @@
+"""``qcow2aio info``: the text ``qemu-img info`` prints, human or JSON, chain or not."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from ..backing import RAW_FORMATS, RawImage, probe_format
+from ..errors import Qcow2FormatError, Qcow2UnsupportedError
+from ..image import Image
+from ..info import format_human, format_json, full_backing_filename, image_info, raw_image_info
+from .options import UsageError, take_value
+
+
+def _chain_infos(filename: str, fmt: str | None, chain: bool) -> list[dict[str, object]]:
+    infos: list[dict[str, object]] = []
+    seen: set[str] = set()
+    path = filename
+    while True:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise Qcow2FormatError(f"Backing file '{path}' creates an infinite loop.")
+        seen.add(real)
+        kind = fmt if fmt is not None else probe_format(path)
+        if kind in RAW_FORMATS:
+            raw = RawImage(path)
+            try:
+                infos.append(raw_image_info(raw, path))
+            finally:
+                raw.close()
+            return infos
+        if kind != "qcow2":
+            raise Qcow2UnsupportedError(f"Unsupported image format: {kind}")
+        with Image(path, "r", open_backing=False) as img:
+            info = image_info(img)
+            hdr = img.meta.header
+        infos.append(info)
+        if not chain or not hdr.backing_file:
+            return infos
+        path = full_backing_filename(path, hdr.backing_file)
+        fmt = hdr.backing_format or None
+
+
+def cmd_info(argv: Sequence[str]) -> int:
+    """``info [-f qcow2] [--output=human|json] [--backing-chain] [-U] FILE``."""
+    output = "human"
+    chain = False
+    fmt: str | None = None
+    files: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--output"):
+            output, i = take_value(argv, i, "--output")
+        elif arg == "--backing-chain":
+            chain = True
+            i += 1
+        elif arg in ("-U", "--force-share"):
+            i += 1  # reading never takes QEMU's locks
+        elif arg.startswith("-f"):
+            fmt, i = take_value(argv, i, "-f")
+        elif arg.startswith("-") and arg != "-":
+            raise UsageError(f"invalid option -- '{arg.lstrip('-')}'")
+        else:
+            files.append(arg)
+            i += 1
+    if output not in ("human", "json"):
+        raise UsageError(f"--output must be used with human or json as argument: {output}")
+    if len(files) != 1:
+        raise UsageError("Expecting one image file name")
+    infos = _chain_infos(files[0], fmt, chain)
+    if output == "json":
+        text = format_json(infos if chain else infos[0]) + "\n"
+    else:
+        text = "\n".join(format_human(info) for info in infos)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return 0
