@@ -201,15 +201,53 @@ def _format_specific(img: Image) -> dict[str, Any]:
     return qdict([("type", "qcow2"), ("data", qdict(members))])
 
 
+# QCryptoBlockInfoLUKS and QCryptoBlockInfoLUKSSlot members in QAPI schema order: the
+# order QEMU's visitor inserts them into its QDicts (``format``, the union's
+# discriminator, comes first).
+_LUKS_INFO_MEMBERS = (
+    "format",
+    "cipher-alg",
+    "cipher-mode",
+    "ivgen-alg",
+    "ivgen-hash-alg",
+    "hash-alg",
+    "payload-offset",
+    "master-key-iters",
+    "uuid",
+    "slots",
+)
+_LUKS_SLOT_MEMBERS = ("active", "iters", "stripes", "key-offset")
+# The LUKS1 header: what qemu-img info reports needs no key material beyond it.
+_LUKS_HEADER_BYTES = 592
+
+
+def _schema_qdict(members: dict[str, Any], order: tuple[str, ...]) -> dict[str, Any]:
+    """``qdict`` of ``members`` inserted in schema ``order`` (absent optionals skipped)."""
+    return qdict((name, members[name]) for name in order if name in members)
+
+
 def _encrypt(img: Image) -> dict[str, Any] | None:
-    method = img.meta.header.crypt_method
+    """``qcrypto_block_get_info``: the ``encrypt`` member (needs no passphrase).
+
+    LUKS reports its header (algorithms, keyslots, offsets), legacy AES only its
+    format. The LUKS header is read from the image's encryption area.
+    """
+    hdr = img.meta.header
+    method = hdr.crypt_method
     if method == C.CRYPT_NONE:
         return None
     if method == C.CRYPT_AES:
         return qdict([("format", "aes")])
-    raise Qcow2UnsupportedError(
-        f"info for LUKS-encrypted images is not supported: crypt_method={method}"
-    )
+    if method != C.CRYPT_LUKS or hdr.crypto_area is None:
+        raise Qcow2UnsupportedError(f"Unsupported encryption method: crypt_method={method}")
+    from .crypto.luks import LuksHeader  # only LUKS images need the crypto package
+
+    offset, length = hdr.crypto_area
+    raw = img._file.pread(offset, _LUKS_HEADER_BYTES, "luks_header")
+    members = dict(LuksHeader.parse(raw, length).info())
+    members["format"] = "luks"
+    members["slots"] = [_schema_qdict(slot, _LUKS_SLOT_MEMBERS) for slot in members["slots"]]
+    return _schema_qdict(members, _LUKS_INFO_MEMBERS)
 
 
 def _snapshots(img: Image) -> list[dict[str, Any]]:

@@ -4,6 +4,11 @@ Like ``qemu-img check`` it opens the metadata directly, without the
 read-write open's automatic repair of a dirty (lazy refcounts) image and
 without refusing a corrupt one: a check must see the image as it is. With
 ``-r leaks`` or ``-r all`` the file is opened writable and repaired.
+
+Before that it opens the image and its backing chain as qemu-img does (see
+:mod:`.unlock`), so an encrypted image needs its secret (``--object secret,...``
+and ``--image-opts ...,encrypt.key-secret=ID``) and fails with QEMU's message
+without it, although the check itself reads no guest data.
 """
 
 from __future__ import annotations
@@ -15,8 +20,15 @@ from ..check import check_image
 from ..errors import Qcow2Error
 from ..io import FileBackend
 from ..metadata import Metadata
+from .imageopts import could_not_open, image_spec
+from .options import take_value
+from .secrets import Secrets
+from .unlock import open_chain
 
-USAGE = "check [-q] [-f qcow2] [-r leaks|all] [--output=human|json] [-U] FILE"
+USAGE = (
+    "check [-q] [--object OBJ] [--image-opts] [-f qcow2] [-r leaks|all] "
+    "[--output=human|json] [-U] FILE"
+)
 
 
 class CheckUsageError(Qcow2Error):
@@ -28,6 +40,9 @@ def cmd_check(argv: Sequence[str]) -> int:
     repair: str | None = None
     output = "human"
     quiet = False
+    fmt: str | None = None
+    image_opts = False
+    secrets = Secrets()
     files: list[str] = []
     args = list(argv)
     i = 0
@@ -43,6 +58,14 @@ def cmd_check(argv: Sequence[str]) -> int:
             quiet = quiet or a == "-q"
             i += 1
             continue
+        elif a == "--object" or a.startswith("--object="):
+            text, i = take_value(args, i, "--object")
+            secrets.add_object(text)
+            continue
+        elif a == "--image-opts":
+            image_opts = True
+            i += 1
+            continue
         elif a.startswith("-") and a != "-":
             raise CheckUsageError(f"check: unknown option {a!r}; usage: {USAGE}")
         else:
@@ -55,15 +78,20 @@ def cmd_check(argv: Sequence[str]) -> int:
                     f"Unknown option value for -r (expecting 'leaks' or 'all'): {value}"
                 )
             repair = value
-        elif a == "-f" and value != "qcow2":
-            raise CheckUsageError(f"check: only the qcow2 format is supported, not {value!r}")
+        elif a == "-f":
+            if value != "qcow2":
+                raise CheckUsageError(f"check: only the qcow2 format is supported, not {value!r}")
+            fmt = value
         elif a == "--output":
             if value not in ("human", "json"):
                 raise CheckUsageError("--output must be used with human or json as argument.")
             output = value
     if len(files) != 1:
         raise CheckUsageError(f"Expecting one image file name; usage: {USAGE}")
-    path = files[0]
+    spec = image_spec(files[0], fmt, image_opts, backing_allowed=True)
+    with could_not_open(spec.name):
+        open_chain(spec, secrets)
+    path = spec.path
     file = FileBackend(path, repair is not None)
     try:
         meta = Metadata(file, writable=repair is not None)
@@ -77,6 +105,7 @@ def cmd_check(argv: Sequence[str]) -> int:
             sys.stderr.write(f"qemu-img: Check failed: {result.error}\n")
         return 1
     if not quiet:
-        sys.stdout.write(result.json_text(path) if output == "json" else result.human_text(path))
+        text = result.json_text(spec.name) if output == "json" else result.human_text(spec.name)
+        sys.stdout.write(text)
     sys.stdout.flush()
     return result.exit_code()

@@ -1,12 +1,21 @@
-"""``qcow2aio create``: ``qemu-img create -f qcow2`` with the same options and output."""
+"""``qcow2aio create``: ``qemu-img create -f qcow2`` with the same options and output.
+
+Errors come in qemu-img's order and words: argument errors first (an
+``--object`` as soon as it is read), then, prefixed with the image's name,
+``bdrv_img_create``'s (option syntax, backing file; then the Formatting line),
+then the qcow2 driver's: the ``encrypt.*`` options as QEMU's QAPI visitor
+checks them (:func:`encryption_kwargs`), the image options, and last the
+secret, which QEMU looks up only when it sets the encryption up.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from ..backing import probe_format, resolve_name
 from ..create import backing_size, create
-from ..errors import Qcow2FormatError, Qcow2UnsupportedError
+from ..errors import Qcow2Error, Qcow2FormatError, Qcow2PassphraseError, Qcow2UnsupportedError
 from .options import (
     INT64_MAX,
     CreateOpts,
@@ -17,15 +26,41 @@ from .options import (
     split_options,
     take_value,
 )
+from .secrets import SecretError, Secrets
+
+_KEY_SECRET_REQUIRED = "Parameter 'encrypt.key-secret' is required for cipher"
+# QAPI enums of QCryptoBlockCreateOptionsLUKS's members (QEMU 7.2), in the order the
+# visitor checks them.
+_LUKS_ENUMS: dict[str, tuple[str, ...]] = {
+    "cipher-alg": (
+        "aes-128",
+        "aes-192",
+        "aes-256",
+        "des",
+        "3des",
+        "cast5-128",
+        "serpent-128",
+        "serpent-192",
+        "serpent-256",
+        "twofish-128",
+        "twofish-192",
+        "twofish-256",
+    ),
+    "cipher-mode": ("ecb", "cbc", "xts", "ctr"),
+    "ivgen-alg": ("plain", "plain64", "essiv"),
+    "ivgen-hash-alg": ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"),
+    "hash-alg": ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"),
+}
 
 
 def cmd_create(argv: Sequence[str]) -> int:
-    """``create [-q] [-f qcow2] [-b BACKING [-F FMT]] [-o OPTS] FILE [SIZE]``."""
+    """``create [-q] [--object OBJ] [-f qcow2] [-b BACKING [-F FMT]] [-o OPTS] FILE [SIZE]``."""
     fmt = "raw"
     options: list[str] = []
     backing: str | None = None
     backing_fmt: str | None = None
     quiet = False
+    secrets = Secrets()
     positional: list[str] = []
     i = 0
     while i < len(argv):
@@ -45,6 +80,9 @@ def cmd_create(argv: Sequence[str]) -> int:
         elif arg == "-q":
             quiet = True
             i += 1
+        elif arg == "--object" or arg.startswith("--object="):
+            text, i = take_value(argv, i, "--object")
+            secrets.add_object(text)
         elif arg.startswith("-") and arg != "-":
             raise UsageError(f"invalid option -- '{arg.lstrip('-')}'")
         else:
@@ -69,6 +107,25 @@ def cmd_create(argv: Sequence[str]) -> int:
         if size > INT64_MAX:
             raise UsageError(f"Invalid image size specified. Must be between 0 and {INT64_MAX}.")
 
+    try:
+        _img_create(filename, fmt, size, options, backing, backing_fmt, quiet, secrets)
+    except (Qcow2Error, UsageError) as exc:
+        # bdrv_img_create's errors: qemu-img prefixes them with the image's name.
+        raise UsageError(f"{filename}: {exc}") from None
+    return 0
+
+
+def _img_create(
+    filename: str,
+    fmt: str,
+    size: int | None,
+    options: list[str],
+    backing: str | None,
+    backing_fmt: str | None,
+    quiet: bool,
+    secrets: Secrets,
+) -> None:
+    """``bdrv_img_create``: options, backing file, the Formatting line, then the driver."""
     opts = CreateOpts()
     if options:
         for name, value in split_options(",".join(options)):
@@ -82,14 +139,6 @@ def cmd_create(argv: Sequence[str]) -> int:
         opts.set("backing_file", backing)
     if backing_fmt is not None:
         opts.set("backing_fmt", backing_fmt)
-
-    for name in ("encrypt", "encrypt.format"):
-        if name in opts.raw and (name != "encrypt" or opts.value[name]):
-            raise Qcow2UnsupportedError(
-                f"Encrypted images are not supported: {name}={opts.raw[name]}"
-            )
-    if any(k.startswith("encrypt.") and k != "encrypt.format" for k in opts.raw):
-        raise Qcow2UnsupportedError("Encrypted images are not supported")
 
     bfile = opt_str(opts, "backing_file")
     bfmt = opt_str(opts, "backing_fmt")
@@ -118,6 +167,27 @@ def cmd_create(argv: Sequence[str]) -> int:
     if not quiet:
         print(opts.formatting_line(filename, fmt), flush=True)
 
+    encryption = encryption_kwargs(opts)
+    passphrase, secret_error = _passphrase(opts, secrets)
+    if encryption:
+        encryption["passphrase"] = passphrase
+    try:
+        _create(opts, filename, image_size, bfile, bfmt, encryption)
+    except Qcow2PassphraseError:
+        # Raised (before anything is written) when the secret is missing, after every
+        # other check: the place qemu-img looks the secret up and reports on it.
+        raise UsageError(secret_error or _KEY_SECRET_REQUIRED) from None
+
+
+def _create(
+    opts: CreateOpts,
+    filename: str,
+    image_size: int,
+    bfile: str | None,
+    bfmt: str | None,
+    encryption: dict[str, Any],
+) -> None:
+    """``qcow2aio.create`` with the parsed options."""
     create(
         filename,
         image_size,
@@ -132,5 +202,67 @@ def cmd_create(argv: Sequence[str]) -> int:
         data_file=opt_str(opts, "data_file"),
         data_file_raw=bool(opts.get("data_file_raw")),
         preallocation=opt_str(opts, "preallocation") or "off",
+        **encryption,
     )
-    return 0
+
+
+def encryption_kwargs(opts: CreateOpts) -> dict[str, Any]:
+    """The ``encrypt_*`` keywords of :func:`qcow2aio.create` for ``-o`` options.
+
+    Follows ``qcow2_co_create_opts``: the legacy ``encryption`` option is an
+    alias of ``encrypt.format`` (literally ``on`` means the AES format, ``off``
+    nothing; any other boolean spelling is kept as a format name and refused),
+    ``aes`` is QEMU's ``qcow`` format, and the QAPI visitor then wants a format
+    for any ``encrypt.*`` option, accepts only ``key-secret`` for AES and checks
+    LUKS's enums in schema order.
+    """
+    legacy = opts.raw.get("encryption")
+    if legacy == "on":
+        legacy = "qcow"
+    elif legacy == "off":
+        legacy = None
+    fmt = opts.raw.get("encrypt.format")
+    if legacy is not None and fmt is not None:
+        raise UsageError(
+            "'encrypt.format' and its alias 'encryption' can't be used at the same time"
+        )
+    fmt = "qcow" if fmt == "aes" else fmt if fmt is not None else legacy
+    members = [k for k in opts.raw if k.startswith("encrypt.") and k != "encrypt.format"]
+    if fmt is None:
+        if members:
+            raise UsageError("Parameter 'encrypt.format' is missing")
+        return {}
+    if fmt not in ("qcow", "luks"):
+        raise UsageError(f"Parameter 'format' does not accept value '{fmt}'")
+    if fmt == "qcow":
+        unexpected = [k for k in members if k != "encrypt.key-secret"]
+        if unexpected:
+            raise UsageError(f"Parameter '{unexpected[0]}' is unexpected")
+        return {"encrypt_format": "aes"}
+    kwargs: dict[str, Any] = {"encrypt_format": "luks"}
+    for name, allowed in _LUKS_ENUMS.items():
+        value = opts.raw.get("encrypt." + name)
+        if value is None:
+            continue
+        if value not in allowed:
+            raise UsageError(f"Parameter '{name}' does not accept value '{value}'")
+        kwargs["encrypt_" + name.replace("-", "_")] = value
+    iter_time = opts.get("encrypt.iter-time")
+    if isinstance(iter_time, int):
+        kwargs["encrypt_iter_time"] = iter_time
+    return kwargs
+
+
+def _passphrase(opts: CreateOpts, secrets: Secrets) -> tuple[bytes | None, str | None]:
+    """The passphrase ``encrypt.key-secret`` names, or why there is none.
+
+    The error is not raised here: qemu-img reports it only after the image
+    options passed their checks, so it waits for :func:`qcow2aio.create` to ask.
+    """
+    secret_id = opts.raw.get("encrypt.key-secret")
+    if secret_id is None:
+        return None, None
+    try:
+        return secrets.passphrase(secret_id), None
+    except SecretError as exc:
+        return None, str(exc)

@@ -1,4 +1,10 @@
-"""``qcow2aio info``: the text ``qemu-img info`` prints, human or JSON, chain or not."""
+"""``qcow2aio info``: the text ``qemu-img info`` prints, human or JSON, chain or not.
+
+Like qemu-img, info opens images without doing I/O on guest data, so an
+encrypted image needs no secret: ``--object`` and ``encrypt.key-secret`` are
+accepted (and checked for syntax) but never looked up. With ``--image-opts``
+the top image is reported under QEMU's ``bs->filename`` for those options.
+"""
 
 from __future__ import annotations
 
@@ -10,31 +16,40 @@ from ..backing import RAW_FORMATS, RawImage, probe_format
 from ..errors import Qcow2FormatError, Qcow2UnsupportedError
 from ..image import Image
 from ..info import format_human, format_json, full_backing_filename, image_info, raw_image_info
+from .imageopts import ImageSpec, could_not_open, image_spec
 from .options import UsageError, take_value
+from .secrets import Secrets
+from .unlock import check_encrypt_options, ensure_readable
 
 
-def _chain_infos(filename: str, fmt: str | None, chain: bool) -> list[dict[str, object]]:
+def _chain_infos(spec: ImageSpec, chain: bool) -> list[dict[str, object]]:
+    """The info of the image (and with ``chain`` of its backing files), QEMU's order."""
     infos: list[dict[str, object]] = []
     seen: set[str] = set()
-    path = filename
+    path, fmt = spec.path, spec.fmt
     while True:
         real = os.path.realpath(path)
         if real in seen:
             raise Qcow2FormatError(f"Backing file '{path}' creates an infinite loop.")
         seen.add(real)
+        ensure_readable(path)
         kind = fmt if fmt is not None else probe_format(path)
         if kind in RAW_FORMATS:
             raw = RawImage(path)
             try:
-                infos.append(raw_image_info(raw, path))
+                infos.append(raw_image_info(raw, path if infos else spec.filename))
             finally:
                 raw.close()
             return infos
         if kind != "qcow2":
             raise Qcow2UnsupportedError(f"Unsupported image format: {kind}")
         with Image(path, "r", open_backing=False) as img:
-            info = image_info(img)
             hdr = img.meta.header
+            if not infos:
+                check_encrypt_options(spec.level(0), hdr.crypt_method)
+            info = image_info(img)
+        if not infos:
+            info["filename"] = spec.filename
         infos.append(info)
         if not chain or not hdr.backing_file:
             return infos
@@ -43,9 +58,12 @@ def _chain_infos(filename: str, fmt: str | None, chain: bool) -> list[dict[str, 
 
 
 def cmd_info(argv: Sequence[str]) -> int:
-    """``info [-f qcow2] [--output=human|json] [--backing-chain] [-U] FILE``."""
+    """``info [--object OBJ] [--image-opts] [-f FMT] [--output=human|json] [--backing-chain]
+    [-U] FILE``."""
     output = "human"
     chain = False
+    image_opts = False
+    secrets = Secrets()
     fmt: str | None = None
     files: list[str] = []
     i = 0
@@ -58,6 +76,12 @@ def cmd_info(argv: Sequence[str]) -> int:
             i += 1
         elif arg in ("-U", "--force-share"):
             i += 1  # reading never takes QEMU's locks
+        elif arg == "--object" or arg.startswith("--object="):
+            text, i = take_value(argv, i, "--object")
+            secrets.add_object(text)
+        elif arg == "--image-opts":
+            image_opts = True
+            i += 1
         elif arg.startswith("-f"):
             fmt, i = take_value(argv, i, "-f")
         elif arg.startswith("-") and arg != "-":
@@ -69,7 +93,9 @@ def cmd_info(argv: Sequence[str]) -> int:
         raise UsageError(f"--output must be used with human or json as argument: {output}")
     if len(files) != 1:
         raise UsageError("Expecting one image file name")
-    infos = _chain_infos(files[0], fmt, chain)
+    spec = image_spec(files[0], fmt, image_opts, backing_allowed=False)
+    with could_not_open(spec.name):
+        infos = _chain_infos(spec, chain)
     if output == "json":
         text = format_json(infos if chain else infos[0]) + "\n"
     else:

@@ -112,7 +112,7 @@ class OptDesc:
 # qcow2's create options followed by file-posix's (qemu_opts_append order); the
 # Formatting line lists them in exactly this order.
 CREATE_OPTIONS: tuple[OptDesc, ...] = (
-    OptDesc("encrypt", "bool"),
+    OptDesc("encryption", "bool"),
     OptDesc("encrypt.format", "str"),
     OptDesc("encrypt.key-secret", "str"),
     OptDesc("encrypt.cipher-alg", "str"),
