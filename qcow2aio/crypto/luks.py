@@ -159,6 +159,11 @@ def _material_length(key_bytes: int, stripes: int) -> int:
     return _round_up(key_bytes * stripes, SECTOR_SIZE)
 
 
+def _slot_span(key_bytes: int, stripes: int) -> int:
+    """The room QEMU reserves for a keyslot: its material rounded up to 4096 bytes."""
+    return _round_up(key_bytes * stripes, LUKS_ALIGN)
+
+
 @dataclass(frozen=True)
 class _Suite:
     """The algorithms a header names, in QEMU's terms."""
@@ -344,11 +349,14 @@ class LuksHeader:
         _suite(cipher_name, cipher_mode_spec, hash_spec, key_bytes)
 
         payload_bytes = payload_offset * SECTOR_SIZE
-        header_end = _round_up(LUKS_HEADER_SIZE, SECTOR_SIZE)
+        # QEMU reserves the first 4096 bytes for the header and gives each keyslot a
+        # 4096-aligned span (what it, and cryptsetup, write); it refuses a payload or a
+        # keyslot inside the former and keyslot spans that overlap.
+        header_end = LUKS_ALIGN
         if payload_bytes < header_end:
             raise Qcow2FormatError(
                 f"LUKS payload is overlapping with the header: payload_offset={payload_offset} "
-                f"sectors ({payload_bytes} bytes; the header takes {LUKS_HEADER_SIZE})"
+                f"sectors ({payload_bytes} bytes; the header takes the first {LUKS_ALIGN})"
             )
         if payload_bytes > area_length:
             raise Qcow2FormatError(
@@ -383,7 +391,7 @@ class LuksHeader:
                     )
                 _check_iterations(iterations, f"slots[{i}].iterations")
             slot = LuksSlot(active, iterations, salt, key_offset, stripes)
-            start, length = slot.material_range(key_bytes)
+            start, length = key_offset * SECTOR_SIZE, _slot_span(key_bytes, stripes)
             if start < header_end:
                 raise Qcow2FormatError(
                     f"Keyslot {i} is overlapping with the LUKS header: "
@@ -392,16 +400,18 @@ class LuksHeader:
             if start + length > payload_bytes:
                 raise Qcow2FormatError(
                     f"Keyslot {i} is overlapping with the encrypted payload: "
-                    f"slots[{i}].key_offset={key_offset} sectors, material {length} bytes, "
-                    f"payload_offset={payload_offset} sectors"
+                    f"slots[{i}].key_offset={key_offset} sectors, span {length} bytes "
+                    f"(material rounded up to {LUKS_ALIGN}), payload_offset={payload_offset} "
+                    "sectors"
                 )
             for j, other in enumerate(slots):
-                o_start, o_length = other.material_range(key_bytes)
+                o_start = other.key_offset * SECTOR_SIZE
+                o_length = _slot_span(key_bytes, other.stripes)
                 if start < o_start + o_length and o_start < start + length:
                     raise Qcow2FormatError(
                         f"Keyslots {j} and {i} are overlapping in the header: "
                         f"slots[{j}].key_offset={other.key_offset}, "
-                        f"slots[{i}].key_offset={key_offset} sectors, material {length} bytes"
+                        f"slots[{i}].key_offset={key_offset} sectors, span {length} bytes"
                     )
             slots.append(slot)
         return cls(
@@ -830,7 +840,7 @@ def format_area(
             "QEMU 7.2 cannot create or open"
         )
     mode_spec = f"{cipher_mode}-{ivgen_alg}" + (f":{ivgen_hash_alg}" if ivgen_hash_alg else "")
-    slot_span = _round_up(key_bytes * LUKS_STRIPES, LUKS_ALIGN)
+    slot_span = _slot_span(key_bytes, LUKS_STRIPES)
     payload_bytes = LUKS_ALIGN + LUKS_NUM_SLOTS * slot_span
 
     master_key = secrets.token_bytes(key_bytes)
