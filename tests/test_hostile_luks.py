@@ -346,4 +346,4 @@ def test_oddities_qemu_accepts(
     if name in ("inactive-slot-huge-iterations", "inactive-slot-garbage-salt", "bytes-after-nul"):
         # The key material is still valid: both open it.
         assert qemu_verdict(path) == ("accepts", "")
-        assert unlock(header, lambda o, n: bad[o : o + n], PW)[1] == 0
+        assert unlock(header, lambda o, n: bytes(bad[o : o + n]), PW)[1] == 0

@@ -267,7 +267,7 @@ def data_host_offset(image: QemuImage) -> int:
     mask = 0x00FFFFFFFFFFFE00
     (l1_entry,) = struct.unpack_from(">Q", data, l1_offset)
     (l2_entry,) = struct.unpack_from(">Q", data, l1_entry & mask)
-    offset = l2_entry & mask
+    offset: int = l2_entry & mask
     assert offset and not l2_entry & (1 << 62), hex(l2_entry)  # allocated, not compressed
     return offset
 
@@ -526,7 +526,7 @@ def test_erase_like_qemu(two_slot_file: tuple[Path, bytes], tmp_path: Path) -> N
     assert_qemu_refuses(ours, PW0)
     assert_qemu_opens(ours, PW1)
 
-    # Forced: every slot PW0 opens... here only slot 0, so erase both by index + force.
+    # Forced: erasing both slots by index; the last one needs force, as in QEMU.
     theirs = copy(src, tmp_path, "theirsf.luks")
     ours = copy(src, tmp_path, "oursf.luks")
     for slot in (0, 1):

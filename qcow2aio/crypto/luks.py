@@ -33,11 +33,28 @@ what QEMU 7.2's tools do (tests/test_luks.py, tests/test_hostile_luks.py):
   (observed 52178 vs 13088 at iter-time 10). We time :func:`hashlib.pbkdf2_hmac`
   (about 1.75x slower than QEMU's nettle here), so our counts are lower for the same
   ``iter_time_ms``: the *time* to unlock matches, as QEMU intends.
+* **Placement** (what QEMU checks at open): the header owns the first 4096 bytes
+  (a payload or keyslot there is refused, though the header is 592 bytes), each keyslot
+  owns its material rounded up to 4096 bytes (spans may not overlap, nor reach the
+  payload), and stripes must be 4000. aes-192 outside xts (96000 bytes of material, not
+  whole sectors) makes QEMU 7.2 abort both at create and at open: we read such headers
+  (padding the material to whole sectors, as cryptsetup does) but do not create them.
 * **Keyslot changes** (``qemu-img amend``): adding writes the material first and the
   header last; erasing writes the header first (slot inactive, iterations 0, zero salt)
   and then overwrites the material with random bytes. QEMU overwrites it 40 times; we
   overwrite it once: on files (often copy-on-write or on SSDs) repeated passes over
   the same offsets add nothing, and a caller who wants more can apply the write again.
+  Refusals carry QEMU's messages: :class:`Qcow2KeyslotError` for the rules (active slot,
+  last slot, no free slot, bad index), :class:`Qcow2PassphraseError` for a wrong (old)
+  passphrase.
+
+**Secrets.** Passphrases, master keys and salts never appear in a ``repr`` or an
+exception message. Buffers this module owns (decrypted key material, the split key,
+merged key candidates) are ``bytearray`` and zeroed after use, and the slot ciphers are
+wiped. What Python does not let us clear: the caller's ``bytes`` passphrase, the ``bytes``
+that :func:`hashlib.pbkdf2_hmac` returns (slot keys, digests), the ``int`` temporaries of
+the anti-forensic XOR, and the master key :func:`unlock` returns (``bytes``, as the API
+promises); their memory is freed, not overwritten.
 """
 
 from __future__ import annotations
@@ -64,6 +81,8 @@ __all__ = [
     "Qcow2KeyslotError",
     "ReadFn",
     "add_keyslot",
+    "af_merge",
+    "af_split",
     "erase_keyslots",
     "format_area",
     "unlock",
@@ -568,7 +587,10 @@ def _pbkdf2_rate(hash_alg: str, password: bytes, salt: bytes, length: int) -> fl
         elapsed = time.thread_time_ns() - start
         if elapsed >= _BENCH_NS:
             return iterations * 1_000_000 / elapsed
-        iterations *= 2 if elapsed > _BENCH_NS // 8 else 8
+        if elapsed < 1_000_000:  # too short to extrapolate from
+            iterations *= 10
+        else:  # aim a little past the target so the next run is the last
+            iterations = int(iterations * 1.25 * _BENCH_NS / elapsed) + 1
 
 
 def _iterations(rate_per_ms: float, iter_time_ms: int, divisor: int, what: str) -> int:
