@@ -110,9 +110,11 @@ def _secrets(**named: bytes) -> list[str]:
 
 
 def _run(argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a QEMU tool; retries only QEMU's LUKS PBKDF timing flake (it can repeat a few
-    times in a row for fast ciphers, hence more attempts than conftest's helper)."""
-    for _ in range(12):
+    """Run a QEMU tool; retries only QEMU's LUKS PBKDF timing flake. On a busy machine
+    it hits most attempts (26 of 30 creates of the essiv image failed so while other
+    test runs shared the CPUs), but a failing attempt costs ~30 ms: it gives up in its
+    first timing round. Hence many more attempts than conftest's helper makes."""
+    for _ in range(100):
         proc = subprocess.run(
             argv, capture_output=True, text=True, errors="replace", timeout=300, check=False
         )
