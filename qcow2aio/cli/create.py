@@ -167,7 +167,7 @@ def _img_create(
     if not quiet:
         print(opts.formatting_line(filename, fmt), flush=True)
 
-    encryption = encryption_kwargs(opts)
+    encryption = qapi_visit(opts)
     passphrase, secret_error = _passphrase(opts, secrets)
     if encryption:
         encryption["passphrase"] = passphrase
@@ -204,6 +204,28 @@ def _create(
         preallocation=opt_str(opts, "preallocation") or "off",
         **encryption,
     )
+
+
+def qapi_visit(opts: CreateOpts) -> dict[str, Any]:
+    """The checks of QEMU's QAPI visit of ``BlockdevCreateOptionsQcow2``, in schema order.
+
+    They come before the qcow2 driver's own checks (those of
+    :func:`qcow2aio.create`): the ``version`` enum, the ``encrypt`` options, the
+    ``preallocation`` and ``compression-type`` enums. Returns the encryption
+    keywords of :func:`qcow2aio.create` (see :func:`encryption_kwargs`).
+    """
+    compat = opts.raw.get("compat")
+    if compat is not None and compat not in ("0.10", "1.1", "v2", "v3"):
+        raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
+    kwargs = encryption_kwargs(opts)
+    for option, member, allowed in (
+        ("preallocation", "preallocation", ("off", "metadata", "falloc", "full")),
+        ("compression_type", "compression-type", ("zlib", "zstd")),
+    ):
+        value = opts.raw.get(option)
+        if value is not None and value not in allowed:
+            raise UsageError(f"Parameter '{member}' does not accept value '{value}'")
+    return kwargs
 
 
 def encryption_kwargs(opts: CreateOpts) -> dict[str, Any]:

@@ -17,8 +17,11 @@ import os
 from .. import constants as C
 from ..backing import RAW_FORMATS, RawImage, probe_format
 from ..errors import Qcow2Error, Qcow2PassphraseError, Qcow2UnsupportedError
+from ..header import Header
 from ..image import Image
 from ..info import full_backing_filename
+from ..io import FileBackend
+from ..metadata import Metadata
 from .imageopts import ImageSpec, LevelOptions, OpenError
 from .secrets import SecretError, Secrets
 
@@ -35,6 +38,15 @@ def ensure_readable(path: str) -> None:
             pass
     except OSError as exc:
         raise OpenError(f"Could not open '{path}': {exc.strerror}") from None
+
+
+def read_header(path: str) -> Header:
+    """The image's parsed header, with no decision about its encryption made yet."""
+    file = FileBackend(path, False)
+    try:
+        return Metadata(file, writable=False).header
+    finally:
+        file.close()
 
 
 def check_encrypt_options(level: LevelOptions, crypt_method: int) -> None:
@@ -68,8 +80,7 @@ def _passphrase(level: LevelOptions, secrets: Secrets) -> bytes:
 
 def _open_level(path: str, level: LevelOptions, secrets: Secrets) -> tuple[str | None, str | None]:
     """Open one qcow2 image as QEMU would for I/O; its (backing file, backing format)."""
-    with Image(path, "r", open_backing=False) as img:
-        hdr = img.meta.header
+    hdr = read_header(path)
     check_encrypt_options(level, hdr.crypt_method)
     if hdr.crypt_method:
         passphrase = _passphrase(level, secrets)
