@@ -525,7 +525,9 @@ def _check_iterations(count: int, field_name: str) -> None:
 # -- key derivation and the anti-forensic splitter ----------------------------------
 
 
-def _pbkdf2(hash_alg: str, password: bytes, salt: bytes, iterations: int, length: int) -> bytes:
+def _pbkdf2(
+    hash_alg: str, password: bytes | bytearray, salt: bytes, iterations: int, length: int
+) -> bytes:
     return hashlib.pbkdf2_hmac(hash_alg, password, salt, iterations, length)
 
 
@@ -653,7 +655,7 @@ def _open_slot(header: LuksHeader, read: ReadFn, index: int, passphrase: bytes) 
 def _digest_matches(header: LuksHeader, master_key: bytes | bytearray) -> bool:
     digest = _pbkdf2(
         header.hash_alg,
-        bytes(master_key),
+        master_key,
         header.mk_digest_salt,
         header.mk_digest_iter,
         LUKS_DIGEST_SIZE,
