@@ -58,9 +58,15 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 USAGE = (
     f"usage: {PROG} COMMAND [ARGS]\n"
     "commands:\n"
-    "  create [-q] [-f qcow2] [-b BACKING [-F FMT]] [-o OPTIONS] FILE [SIZE]\n"
-    "  info [-f FMT] [--output=human|json] [--backing-chain] FILE\n"
-    "  check [-q] [-f qcow2] [-r leaks|all] [--output=human|json] FILE\n"
+    "  create [-q] [--object OBJECTDEF] [-f qcow2] [-b BACKING [-F FMT]] [-o OPTIONS]\n"
+    "         FILE [SIZE]\n"
+    "  info [--object OBJECTDEF] [--image-opts] [-f FMT] [--output=human|json]\n"
+    "       [--backing-chain] FILE\n"
+    "  check [-q] [--object OBJECTDEF] [--image-opts] [-f qcow2] [-r leaks|all]\n"
+    "        [--output=human|json] FILE\n"
+    "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
+    "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
+    "              [,backing.encrypt.key-secret=ID] (check only: backing.*)\n"
 )
 
 

@@ -26,6 +26,7 @@ from .options import (
     split_options,
     take_value,
 )
+from .qapi import first_unexpected, visit_order
 from .secrets import SecretError, Secrets
 
 _KEY_SECRET_REQUIRED = "Parameter 'encrypt.key-secret' is required for cipher"
@@ -257,9 +258,7 @@ def encryption_kwargs(opts: CreateOpts) -> dict[str, Any]:
     if fmt not in ("qcow", "luks"):
         raise UsageError(f"Parameter 'format' does not accept value '{fmt}'")
     if fmt == "qcow":
-        unexpected = [k for k in members if k != "encrypt.key-secret"]
-        if unexpected:
-            raise UsageError(f"Parameter '{unexpected[0]}' is unexpected")
+        _refuse_unexpected(opts, legacy is not None)
         return {"encrypt_format": "aes"}
     kwargs: dict[str, Any] = {"encrypt_format": "luks"}
     for name, allowed in _LUKS_ENUMS.items():
@@ -273,6 +272,22 @@ def encryption_kwargs(opts: CreateOpts) -> dict[str, Any]:
     if isinstance(iter_time, int):
         kwargs["encrypt_iter_time"] = iter_time
     return kwargs
+
+
+def _refuse_unexpected(opts: CreateOpts, alias: bool) -> None:
+    """AES takes no ``encrypt.*`` but ``key-secret``: name the one QEMU names.
+
+    The flat options QDict (``encrypt.format`` added last when it comes from the
+    ``encryption`` alias), crumpled twice into the ``encrypt`` dict, then the
+    visitor's hash table less the members it visited.
+    """
+    flat = [k for k in opts.raw if k.startswith("encrypt.")]
+    if alias:
+        flat.append("encrypt.format")
+    members = visit_order((k.removeprefix("encrypt.") for k in visit_order(flat, 1)), 2)
+    unexpected = first_unexpected(members, [m for m in ("format", "key-secret") if m in members])
+    if unexpected is not None:
+        raise UsageError(f"Parameter 'encrypt.{unexpected}' is unexpected")
 
 
 def _passphrase(opts: CreateOpts, secrets: Secrets) -> tuple[bytes | None, str | None]:

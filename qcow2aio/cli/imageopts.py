@@ -91,8 +91,9 @@ class LevelOptions:
 
     key_secret: str | None = None
     encrypt_format: str | None = None
-    # encrypt.* keys other than format/key-secret: refused when the image is encrypted.
-    other_encrypt: tuple[str, ...] = ()
+    # Every encrypt.* key given for this image (without "encrypt."), in the given order:
+    # those other than format/key-secret are refused when the image is encrypted.
+    encrypt_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -195,10 +196,8 @@ def _encrypt_levels(opts: dict[str, str], backing_allowed: bool) -> tuple[LevelO
         found.setdefault(depth, {})[rest[len("encrypt.") :]] = opts.pop(key)
     levels = []
     for depth in range(max(found, default=0) + 1):
-        values = dict(found.get(depth, {}))
-        key_secret = values.pop("key-secret", None)
-        encrypt_format = values.pop("format", None)
-        levels.append(LevelOptions(key_secret, encrypt_format, tuple(values)))
+        values = found.get(depth, {})
+        levels.append(LevelOptions(values.get("key-secret"), values.get("format"), tuple(values)))
     return tuple(levels)
 
 

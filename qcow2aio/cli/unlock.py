@@ -23,6 +23,7 @@ from ..info import full_backing_filename
 from ..io import FileBackend
 from ..metadata import Metadata
 from .imageopts import ImageSpec, LevelOptions, OpenError
+from .qapi import first_unexpected, visit_order
 from .secrets import SecretError, Secrets
 
 __all__ = ["check_encrypt_options", "ensure_readable", "open_chain"]
@@ -64,8 +65,13 @@ def check_encrypt_options(level: LevelOptions, crypt_method: int) -> None:
             f"Header reported '{name}' encryption format but options specify "
             f"'{level.encrypt_format}'"
         )
-    if level.other_encrypt:
-        raise OpenError(f"Parameter '{level.other_encrypt[0]}' is unexpected")
+    # block_crypto_open_opts_init: the image's encrypt.* options (in the QDict order of
+    # the image's options) plus "format"; its visitor consumes format and key-secret.
+    keys = visit_order(level.encrypt_keys, 1)
+    members = visit_order([*keys, "format"] if "format" not in keys else keys, 2)
+    unexpected = first_unexpected(members, [m for m in ("format", "key-secret") if m in members])
+    if unexpected is not None:
+        raise OpenError(f"Parameter '{unexpected}' is unexpected")
 
 
 def _passphrase(level: LevelOptions, secrets: Secrets) -> bytes:
