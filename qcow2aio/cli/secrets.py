@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .options import UsageError
+from .qapi import first_unexpected, visit_order
 
 __all__ = ["SecretError", "Secrets", "b64decode_glib", "parse_keyval"]
 
@@ -261,9 +262,11 @@ class Secrets:
             if name == "format" and value not in ("raw", "base64"):
                 raise UsageError(f"Parameter 'format' does not accept value '{value}'")
             strings[name] = value
-        for name in props:
-            if name not in strings:
-                raise UsageError(f"Parameter '{name}' is unexpected")
+        # The visitor's hash table of the keyval QDict's keys, less those visited.
+        members = visit_order(["qom-type", "id", *props], 1)
+        unexpected = first_unexpected(members, ["qom-type", "id", *strings])
+        if unexpected is not None:
+            raise UsageError(f"Parameter '{unexpected}' is unexpected")
         return strings
 
     def _load(self, secret: _Secret) -> bytes:
