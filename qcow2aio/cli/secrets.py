@@ -108,6 +108,7 @@ def parse_keyval(text: str, implied_key: str | None) -> dict[str, KeyvalValue]:
 
 
 def _keyval_one(out: dict[str, KeyvalValue], text: str, pos: int, implied: str | None) -> int:
+    """``keyval_parse_one``: one ``key=value`` at ``pos``; where the next one starts."""
     end = pos
     while end < len(text) and text[end] not in "=,":
         end += 1
@@ -137,6 +138,7 @@ def _keyval_one(out: dict[str, KeyvalValue], text: str, pos: int, implied: str |
 
 
 def _keyval_put(out: dict[str, KeyvalValue], fragments: list[str], value: str, key: str) -> None:
+    """``keyval_parse_put``: a dotted key makes nested dicts; a key is a value or a dict."""
     cur = out
     for depth, fragment in enumerate(fragments[:-1]):
         nxt = cur.setdefault(fragment, {})
