@@ -7,6 +7,9 @@ are the floor (the system calls alone, no qcow2 work); the difference between a
 qcow2aio row and its floor is what the Python layer costs. CPU time is the
 steadier figure on a shared machine: it does not count time spent waiting for
 a CPU or for another thread.
+
+The last rows are encrypted images (LUKS aes-256-xts and legacy AES, made by
+``qemu-img``), after the sector ciphers alone on the same sizes (their floor).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import qcow2aio
+from qcow2aio.crypto.ciphers import SectorCipher, legacy_aes_cipher, make_cipher
 from qcow2aio.io import BackendFactory
 
 from . import qemu
@@ -395,6 +399,106 @@ def costs(workdir: str, quick: bool) -> Iterator[Cost]:
         reps,
     )
     os.close(fd)
+    yield from encrypted_costs(workdir, quick)
+
+
+def _cipher_loop(
+    transform: Callable[[memoryview, int], None], buf: mmap.mmap, n: int
+) -> Callable[[], None]:
+    """``n`` in-place transforms of ``buf`` (page aligned), sector numbers 0, 1, ..."""
+
+    def run() -> None:
+        view = memoryview(buf)
+        for k in range(n):
+            transform(view, k)
+
+    return run
+
+
+def _read_loop(
+    read: Callable[[int, int], object], offsets: list[int], size: int
+) -> Callable[[], None]:
+    def run() -> None:
+        for o in offsets:
+            read(o, size)
+
+    return run
+
+
+def _readinto_loop(
+    readinto: Callable[[memoryview, int], object], view: memoryview, offsets: list[int]
+) -> Callable[[], None]:
+    def run() -> None:
+        for o in offsets:
+            readinto(view, o)
+
+    return run
+
+
+def _fixed(run: Callable[[], None]) -> Callable[[], Callable[[], None]]:
+    """A :data:`Setup` with nothing to prepare."""
+    return lambda: run
+
+
+def encrypted_costs(workdir: str, quick: bool) -> Iterator[Cost]:
+    """The read/write calls on encrypted images, after the sector ciphers alone."""
+    size = 64 * MiB if quick else 128 * MiB
+    reps = 3
+    n4k = 4096 if quick else 16384
+    n1m = size // MiB
+    offs4k = Stream(4 * KiB, n4k, size, step=RANDOM_STEP_4K).offset_list()
+    offs1m = Stream(MiB, n1m, size).offset_list()
+    buf4k = mmap.mmap(-1, 4 * KiB)
+    buf1m = mmap.mmap(-1, MiB)
+    ciphers: tuple[tuple[str, SectorCipher], ...] = (
+        ("aes-256-xts", make_cipher("aes-256", "xts", "plain64", None, os.urandom(64))),
+        ("aes-128-cbc", legacy_aes_cipher(b"qcow2aio-bench")),
+    )
+    for label, cipher in ciphers:
+        for op, transform in (("decrypt", cipher.decrypt), ("encrypt", cipher.encrypt)):
+            for name, buf, n in (("4K", buf4k, n4k), ("1M", buf1m, n1m)):
+                run = _cipher_loop(transform, buf, n)
+                yield _best(f"{label} {op} {name} (cipher alone)", n, _fixed(run), reps)
+
+    data1m = b"\xa5" * MiB
+    for enc in (qemu.Encryption("luks"), qemu.Encryption("aes")):
+        fmt = enc.format
+        template = qemu.create(os.path.join(workdir, f"{fmt}_new.qcow2"), size, encryption=enc)
+        path = os.path.join(workdir, f"{fmt}.qcow2")
+        shutil.copyfile(template, path)
+        fill = Stream(MiB, n1m, size, write=True)
+        qemu.io_bench(path, fill, aio="threads", depth=16, encryption=enc, cache="unsafe")
+        img = qcow2aio.open(path, passphrase=enc.passphrase)
+        _read_loop(img.read_sync, offs1m, MiB)()  # warm the page cache
+        run4k = _read_loop(img.read_sync, offs4k, 4096)
+        yield _best(f"read_sync 4K, {fmt}", n4k, _fixed(run4k), reps)
+        run1m = _read_loop(img.read_sync, offs1m, MiB)
+        yield _best(f"read_sync 1M, {fmt}", n1m, _fixed(run1m), reps)
+        into1m = _readinto_loop(img.readinto_sync, memoryview(buf1m), offs1m)
+        yield _best(f"readinto_sync 1M, {fmt}", n1m, _fixed(into1m), reps)
+        img.close()
+
+        def write_fresh(
+            template: str = template, passphrase: str = enc.passphrase
+        ) -> tuple[Callable[[], None], Callable[[], None]]:
+            fresh = os.path.join(workdir, "fresh_enc.qcow2")
+            shutil.copyfile(template, fresh)
+            im = qcow2aio.open(fresh, "r+", passphrase=passphrase)
+
+            def run() -> None:
+                ws = im.write_sync
+                for o in offs1m:
+                    ws(o, data1m)
+
+            def done() -> None:
+                im.close()
+                os.unlink(fresh)
+
+            return run, done
+
+        yield _best(f"write_sync 1M allocating, {fmt}", n1m, write_fresh, reps)
+        os.unlink(path)
+        os.unlink(template)
 
 
 def main(argv: list[str] | None = None) -> int:

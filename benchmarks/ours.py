@@ -10,6 +10,7 @@ I/O engine users get (``qcow2aio.open(path)``: small writes and cached reads inl
 the rest through aiofiles on qcow2aio's own executor; ``FastFileBackend`` is now the same class).
 Read streams also run through ``await readinto``, each coroutine reading into its
 own buffer: the API for bulk reads, which returns no new ``bytes``.
+An encrypted image is opened with its ``passphrase`` (unlocking is outside the window).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from .qemu import PATTERN
 from .stream import Stream
 
 
-def run_sync(path: str, stream: Stream) -> float:
+def run_sync(path: str, stream: Stream, *, passphrase: str | None = None) -> float:
     """``read_sync``/``write_sync`` over the stream; returns the seconds of the request loop."""
     offsets = stream.offset_list()
     size = stream.size
-    img = qcow2aio.open(path, "r+" if stream.write else "r")
+    img = qcow2aio.open(path, "r+" if stream.write else "r", passphrase=passphrase)
     try:
         gc.collect()
         if stream.write:
@@ -47,10 +48,12 @@ def run_sync(path: str, stream: Stream) -> float:
         img.close()
 
 
-async def _run_async(path: str, stream: Stream, depth: int, into: bool) -> float:
+async def _run_async(
+    path: str, stream: Stream, depth: int, into: bool, passphrase: str | None
+) -> float:
     offsets = iter(stream.offset_list())
     size = stream.size
-    img = qcow2aio.open(path, "r+" if stream.write else "r")
+    img = qcow2aio.open(path, "r+" if stream.write else "r", passphrase=passphrase)
     try:
         if stream.write:
             data = bytes([PATTERN]) * size
@@ -86,11 +89,13 @@ async def _run_async(path: str, stream: Stream, depth: int, into: bool) -> float
         await img.aclose()
 
 
-def run_async(path: str, stream: Stream, depth: int, *, into: bool = False) -> float:
+def run_async(
+    path: str, stream: Stream, depth: int, *, into: bool = False, passphrase: str | None = None
+) -> float:
     """``await read/write`` with ``depth`` requests in flight; seconds of the request loop.
 
     ``into`` reads with ``await readinto`` into a buffer per coroutine instead of
     ``await read``."""
     if into and stream.write:
         raise ValueError("readinto is for read streams")
-    return asyncio.run(_run_async(path, stream, depth, into))
+    return asyncio.run(_run_async(path, stream, depth, into, passphrase))

@@ -4,12 +4,17 @@ Every workload runs QEMU and qcow2aio in the same process run, alternating
 within each repetition, on the same image layout (all images are made by
 ``qemu-img``; fresh images are re-created before every run). QEMU's figure is
 the better of ``-i threads`` and ``-i io_uring`` at the same queue depth.
+
+The encrypted workloads (``luks_*``, ``aes_*``) run the same request streams on
+encrypted images: QEMU through ``qemu-io`` with the secret (``qemu-img bench`` takes
+none; see :mod:`benchmarks.qemu`), ours opened with the passphrase.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
 import shutil
@@ -24,6 +29,7 @@ from . import ours, qemu
 from .convert import convert_raw_to_qcow2
 from .machine import describe
 from .memory import measure as measure_rss
+from .qemu import Encryption
 from .report import Row, read_json, render, render_markdown, write_json
 from .stream import RANDOM_STEP_4K, GiB, KiB, MiB, Stream, TiB
 
@@ -45,6 +51,8 @@ class Config:
     compressed_size: int
     convert_size: int
     mem_reads: int
+    crypt_size: int  # encrypted images: virtual size (the fresh writes fill it once)
+    crypt_rand_reads: int
     reps: int
 
     @staticmethod
@@ -57,6 +65,10 @@ class Config:
             compressed_size=256 * MiB,
             convert_size=1 * GiB,
             mem_reads=100_000,
+            # QEMU decrypts at a third of our rate or less: its runs are most of the
+            # time these rows take.
+            crypt_size=192 * MiB,
+            crypt_rand_reads=16384,
             reps=3,
         )
 
@@ -70,6 +82,8 @@ class Config:
             compressed_size=64 * MiB,
             convert_size=256 * MiB,
             mem_reads=20_000,
+            crypt_size=64 * MiB,
+            crypt_rand_reads=4096,
             reps=2,
         )
 
@@ -107,6 +121,33 @@ class Context:
 
         return self.fixture("allocated.qcow2", make)
 
+    def encrypted_image(self, enc: Encryption) -> str:
+        """A fully allocated encrypted image of ``crypt_size``: the ``qemu-img create`` of
+        :meth:`fresh_template` (copied), filled with 1 MiB writes by qemu-io (``-t unsafe``:
+        set-up only)."""
+
+        def make(path: str) -> None:
+            size = self.cfg.crypt_size
+            shutil.copyfile(self.fresh_template(enc, size), path)
+            stream = Stream(MiB, size // MiB, size, write=True)
+            qemu.io_bench(
+                path, stream, aio=self.engines[-1], depth=16, encryption=enc, cache="unsafe"
+            )
+
+        return self.fixture(f"allocated_{enc.format}.qcow2", make)
+
+    def fresh_template(self, enc: Encryption, size: int) -> str:
+        """A new encrypted image made by ``qemu-img create``, copied for every fresh run.
+
+        A LUKS create spends about 2 s timing PBKDF2 whatever ``iter-time`` is; a
+        copy is the same bytes (its key and salts are random anyway), in ~1 ms.
+        """
+
+        def make(path: str) -> None:
+            qemu.create(path, size, encryption=enc)
+
+        return self.fixture(f"fresh_{enc.format}_{size}.qcow2", make)
+
 
 def warm(path: str) -> None:
     """Read a whole file once, so the page cache is warm."""
@@ -125,9 +166,12 @@ def warm(path: str) -> None:
 
 
 @contextlib.contextmanager
-def fresh_image(ctx: Context, size: int) -> Iterator[str]:
+def fresh_image(ctx: Context, size: int, encryption: Encryption | None = None) -> Iterator[str]:
     path = ctx.path("fresh.qcow2")
-    qemu.create(path, size)
+    if encryption is None:
+        qemu.create(path, size)
+    else:
+        shutil.copyfile(ctx.fresh_template(encryption, size), path)
     try:
         yield path
     finally:
@@ -152,21 +196,34 @@ def stream_workload(
     async_targets: tuple[float | None, float | None],
     note: str = "",
     warm_files: Callable[[], list[str]] | None = None,
+    encryption: Encryption | None = None,
+    depths: tuple[int, ...] = (1, 16),
+    readinto: bool = True,
 ) -> list[Row]:
-    """Depth 1 and 16 through QEMU (each engine), read_sync/write_sync, and await read/write
-    (with each engine; reads also through await readinto).
+    """Each depth through QEMU (each engine), read_sync/write_sync, and await read/write
+    (with each engine; reads also through await readinto unless ``readinto`` is False).
 
     ``image`` gives the persistent image to use; ``None`` means a fresh image per run.
+    ``async_targets`` are for depths 1 and 16. ``encryption`` is the image kind: an
+    encrypted image is made with it (fresh ones copied from one ``qemu-img create``),
+    QEMU runs through qemu-io with its secret, ours opens it with its passphrase.
     """
+    if 1 not in depths:
+        raise ValueError("the sync row compares with depth 1: depths must include 1")
+    depth_targets = {1: async_targets[0], 16: async_targets[1]}
+    passphrase = None if encryption is None else encryption.passphrase
+    run_qemu = functools.partial(qemu.bench, encryption=encryption)
+    run_sync = functools.partial(ours.run_sync, passphrase=passphrase)
+    run_async = functools.partial(ours.run_async, passphrase=passphrase)
     # Async variants at each depth: (row kind, readinto?). One engine: the default.
     variants = [("async", False)]
-    if not stream.write:
+    if readinto and not stream.write:
         variants.append(("readinto", True))
     rows = {"sync": Row(name, "sync", unit, target=sync_target, note=note)}
     for kind, _ in variants:
-        for depth, depth_target in ((1, async_targets[0]), (16, async_targets[1])):
+        for depth in depths:
             mode = f"{kind} d{depth}"
-            rows[mode] = Row(name, mode, unit, target=depth_target, note=note)
+            rows[mode] = Row(name, mode, unit, target=depth_targets.get(depth), note=note)
     persistent = image() if image is not None else None
     if warm_files is not None:
         for f in warm_files():
@@ -177,29 +234,29 @@ def stream_workload(
         if persistent is not None:
             yield persistent
         else:
-            with fresh_image(ctx, stream.image_size) as p:
+            with fresh_image(ctx, stream.image_size, encryption) as p:
                 yield p
 
     for rep in range(ctx.cfg.reps):
-        for depth in (1, 16):
+        for depth in depths:
             same_depth = [f"{kind} d{depth}" for kind, _ in variants]
             if depth == 1:
                 same_depth.append("sync")
             for engine in ctx.engines:
                 with target() as p:
-                    secs = qemu.bench(p, stream, aio=engine, depth=depth)
+                    secs = run_qemu(p, stream, aio=engine, depth=depth)
                 value = _rate(stream, secs, unit)
                 for mode in same_depth:
                     rows[mode].qemu.setdefault(engine, []).append(value)
                 ctx.log(f"  rep {rep + 1} qemu {engine:8} d{depth:<2}  {value:12.1f} {unit}")
             if depth == 1:
                 with target() as p:
-                    value = _rate(stream, ours.run_sync(p, stream), unit)
+                    value = _rate(stream, run_sync(p, stream), unit)
                 rows["sync"].ours.append(value)
                 ctx.log(f"  rep {rep + 1} ours sync         {value:12.1f} {unit}")
             for kind, into in variants:
                 with target() as p:
-                    secs = ours.run_async(p, stream, depth, into=into)
+                    secs = run_async(p, stream, depth, into=into)
                 value = _rate(stream, secs, unit)
                 rows[f"{kind} d{depth}"].ours.append(value)
                 ctx.log(f"  rep {rep + 1} ours {kind:8} d{depth:<2}    {value:12.1f} {unit}")
@@ -364,6 +421,106 @@ def w_compressed(ctx: Context) -> list[Row]:
     )
 
 
+# ------------------------------------------------------------------ encrypted images
+LUKS = Encryption("luks")  # QEMU's default LUKS: aes-256-xts, plain64
+LEGACY_AES = Encryption("aes")  # legacy qcow2 AES: aes-128-cbc, plain64 (guest sector)
+
+
+Targets = tuple[float | None, float | None, float | None]  # sync, async d1, async d16
+
+
+def _encrypted_seqread(
+    ctx: Context,
+    enc: Encryption,
+    name: str,
+    *,
+    passes: int,
+    depths: tuple[int, ...],
+    targets: Targets,
+) -> list[Row]:
+    size = ctx.cfg.crypt_size
+    # Passes (offsets wrap), so that our side's run lasts about 0.2-0.3 s.
+    stream = Stream(MiB, passes * size // MiB, size)
+    return stream_workload(
+        ctx,
+        name,
+        stream,
+        unit="MiB/s",
+        image=lambda: ctx.encrypted_image(enc),
+        sync_target=targets[0],
+        async_targets=(targets[1], targets[2]),
+        note=f"{enc.format}: {passes} passes over a fully allocated image",
+        warm_files=lambda: [ctx.encrypted_image(enc)],
+        encryption=enc,
+        depths=depths,
+        readinto=False,
+    )
+
+
+def _encrypted_seqwrite(
+    ctx: Context, enc: Encryption, name: str, *, depths: tuple[int, ...], targets: Targets
+) -> list[Row]:
+    size = ctx.cfg.crypt_size
+    stream = Stream(MiB, size // MiB, size, write=True)
+    return stream_workload(
+        ctx,
+        name,
+        stream,
+        unit="MiB/s",
+        image=None,
+        sync_target=targets[0],
+        async_targets=(targets[1], targets[2]),
+        note=f"{enc.format}: 1 MiB writes filling a fresh image (allocation, encryption)",
+        encryption=enc,
+        depths=depths,
+    )
+
+
+def w_luks_seqread(ctx: Context) -> list[Row]:
+    return _encrypted_seqread(
+        ctx, LUKS, "luks_seqread_1M", passes=2, depths=(1, 16), targets=(1.0, 0.8, 0.8)
+    )
+
+
+def w_luks_seqwrite_fresh(ctx: Context) -> list[Row]:
+    return _encrypted_seqwrite(
+        ctx, LUKS, "luks_seqwrite_1M_fresh", depths=(1, 16), targets=(1.0, 0.8, 0.8)
+    )
+
+
+def w_luks_randread(ctx: Context) -> list[Row]:
+    size = ctx.cfg.crypt_size
+    stream = Stream(4 * KiB, ctx.cfg.crypt_rand_reads, size, step=RANDOM_STEP_4K)
+    return stream_workload(
+        ctx,
+        "luks_randread_4K",
+        stream,
+        unit="IOPS",
+        image=lambda: ctx.encrypted_image(LUKS),
+        sync_target=1.0,
+        async_targets=(None, None),
+        note="luks: fully allocated image, stride 40009 x 4 KiB; depth 1 only",
+        warm_files=lambda: [ctx.encrypted_image(LUKS)],
+        encryption=LUKS,
+        depths=(1,),
+        readinto=False,
+    )
+
+
+# Legacy AES: depth 1 only (its targets are for the sync rows; the async d1 row is shown).
+def w_aes_seqread(ctx: Context) -> list[Row]:
+    # CBC decryption is one ECB call and an XOR, twice XTS's rate here: twice the passes.
+    return _encrypted_seqread(
+        ctx, LEGACY_AES, "aes_seqread_1M", passes=4, depths=(1,), targets=(1.0, None, None)
+    )
+
+
+def w_aes_seqwrite_fresh(ctx: Context) -> list[Row]:
+    return _encrypted_seqwrite(
+        ctx, LEGACY_AES, "aes_seqwrite_1M_fresh", depths=(1,), targets=(0.5, None, None)
+    )
+
+
 def _half_zero_raw(ctx: Context) -> str:
     def make(path: str) -> None:
         rng = random.Random(7)
@@ -459,6 +616,11 @@ WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "randwrite_alloc_4K": w_randwrite_alloc,
     "chain3_randread_4K": w_chain_randread,
     "compressed_seqread_1M": w_compressed,
+    "luks_seqread_1M": w_luks_seqread,
+    "luks_seqwrite_1M_fresh": w_luks_seqwrite_fresh,
+    "luks_randread_4K": w_luks_randread,
+    "aes_seqread_1M": w_aes_seqread,
+    "aes_seqwrite_1M_fresh": w_aes_seqwrite_fresh,
     "convert_raw2qcow2": w_convert,
     "memory_4T_randread": w_memory,
 }
@@ -541,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:17} {v}")
         print(
             f"config: {'quick' if args.quick else 'full'}, {cfg.reps} reps, "
-            f"image {cfg.image_size // MiB} MiB, workloads: {', '.join(selected)}",
+            f"image {cfg.image_size // MiB} MiB (encrypted {cfg.crypt_size // MiB} MiB), "
+            f"workloads: {', '.join(selected)}",
             flush=True,
         )
         ctx = Context(cfg, workdir, engines, log)
@@ -573,6 +736,13 @@ def main(argv: list[str] | None = None) -> int:
         "flush (qemu-img bench -t writeback); convert includes create, open and the closing "
         "fdatasync on both sides."
     )
+    if any(name.startswith(("luks_", "aes_")) for name in selected):
+        print(
+            "Encrypted rows (luks_*, aes_*): QEMU through qemu-io with the secret (qemu-img "
+            "bench takes no --object): depth 1 = the sum of qemu-io's per-request times, "
+            "depth 16 = groups of 16 aio requests, marker to marker, glibc malloc tuned "
+            "(which flatters QEMU); see docs/performance.md, Encryption."
+        )
     meta = {
         "command": " ".join(
             ["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]
