@@ -30,6 +30,11 @@ Three pieces, each deterministic for a given seed:
 :func:`run_seed` runs one scenario body for one seed and one driver, closes
 the image, reopens it read-only with plain I/O and checks the oracle, our own
 ``check()``, and (on sampled seeds) ``qemu-img check`` and ``qemu-img compare``.
+
+Every harness (this one, tests/threadsim.py, tests/faults.py, tests/test_powercut.py)
+also runs on encrypted images: :data:`CRYPTS` names the image kinds, and
+:func:`crypt_create`, :func:`crypt_open` and :func:`qemu_image` give what creating,
+opening and QEMU's tools need for each (the passphrase, QEMU's secret object).
 """
 
 from __future__ import annotations
@@ -106,6 +111,112 @@ def replay_command(nodeid: str, seed: int) -> str:
     return (
         f"QCOW2AIO_SEED={seed} .venv/bin/python -m pytest -p no:cacheprovider {shlex.quote(nodeid)}"
     )
+
+
+# ------------------------------------------------------- encrypted images
+# Image kinds every harness runs on: plain, LUKS (IV = host sector: a cluster written
+# at a new host offset is re-encrypted there) and legacy AES (IV = guest sector).
+CRYPTS = ("plain", "luks", "aes")
+PASSPHRASE = "pw"
+# Seeds per scenario and driver for an encrypted kind in a quick run (``make test``);
+# ``QCOW2AIO_STRESS=1`` runs the full count for every kind.
+ENCRYPTED_SEEDS = 10
+# A known driver bug (test_interleavings.py::RMW_RACE): a sub-sector write to an
+# encrypted image writes back the rest of its partial sectors as it read them, undoing
+# a request that completed in between. While it is open, a seed that fails only by
+# such bytes (History.check with ``rmw_stale``) is counted ("known RMW race"), not
+# failed; everything else is still judged. ``QCOW2AIO_STRICT_RMW=1`` fails them too.
+# When the driver is fixed (the strict xfail test passes), set this to False.
+TOLERATE_RMW_RACE = os.environ.get("QCOW2AIO_STRICT_RMW", "").strip() in ("", "0")
+KNOWN_RMW = "known RMW race (seeds)"
+# A second one (test_interleavings.py::RMW_BUSY): a sub-sector write_sync refused as
+# busy may already have read its partial sectors, and with them loaded L2 tables and
+# written back evicted ones. Counted ("known RMW busy change"), not failed, while open;
+# QCOW2AIO_STRICT_RMW=1 fails it too. Set to False when the driver is fixed.
+TOLERATE_RMW_BUSY = TOLERATE_RMW_RACE
+
+
+def crypt_create(crypt: str) -> dict[str, Any]:
+    """``qcow2aio.create`` keywords making an image of kind ``crypt`` (LUKS with a
+    10 ms PBKDF2: fast, and without QEMU's iteration-timing flake)."""
+    if crypt == "plain":
+        return {}
+    assert crypt in CRYPTS, crypt
+    extra = {"encrypt_iter_time": 10} if crypt == "luks" else {}
+    return {"encrypt_format": crypt, "passphrase": PASSPHRASE, **extra}
+
+
+def crypt_open(crypt: str) -> dict[str, Any]:
+    """``qcow2aio.open`` keywords for an image of kind ``crypt``."""
+    return {} if crypt == "plain" else {"passphrase": PASSPHRASE}
+
+
+def image_opts(path: str | os.PathLike[str], driver: str = "qcow2") -> str:
+    """``path`` as a QEMU ``--image-opts`` string (a comma in a file name is doubled)."""
+    name = os.fspath(path).replace(",", ",,")
+    secret = ",encrypt.key-secret=sec0" if driver == "qcow2" else ""
+    return f"driver={driver},file.filename={name}{secret}"
+
+
+def qemu_image(path: str | os.PathLike[str], crypt: str) -> tuple[list[str], str]:
+    """(options, image name) for qemu-img/qemu-io: the path as it is for a plain image;
+    for an encrypted one the passphrase as a secret object, ``--image-opts``, and an
+    option string naming the secret. The backing file is opened from the header (the
+    harnesses' backing files are plain)."""
+    if crypt == "plain":
+        return [], os.fspath(path)
+    return ["--object", f"secret,id=sec0,data={PASSPHRASE}", "--image-opts"], image_opts(path)
+
+
+def qemu_compare_argv(
+    qemu_img: str, path: str | os.PathLike[str], raw: str | os.PathLike[str], crypt: str
+) -> list[str]:
+    """``qemu-img compare`` of a qcow2 image of kind ``crypt`` with a raw file."""
+    if crypt == "plain":
+        return [qemu_img, "compare", "-q", "-f", "qcow2", "-F", "raw", str(path), str(raw)]
+    opts, name = qemu_image(path, crypt)
+    return [qemu_img, "compare", "-q", *opts, name, image_opts(raw, "raw")]
+
+
+# (passphrase, header, bytes read, result) of recent unlocks, newest last.
+_UNLOCKS: list[tuple[bytes, Any, list[tuple[int, int, bytes]], tuple[bytes, int]]] = []
+
+
+@contextlib.contextmanager
+def memoized_unlock() -> Iterator[None]:
+    """Unlock each distinct LUKS area once (PBKDF2 and the anti-forensic merge take
+    20-30 ms, and a crash state's image is opened three times).
+
+    Sound: unlocking is a function of the passphrase, the parsed header and the bytes
+    it reads, so an entry is reused only when the header is equal and every byte it
+    read reads the same again (re-read and compared at each use): a state whose
+    keyslots a stray write reached is unlocked for real.
+    """
+    from qcow2aio.crypto import payload
+
+    real = payload.unlock
+
+    def unlock(header: Any, read: Callable[[int, int], bytes], secret: bytes) -> tuple[bytes, int]:
+        for sec, hdr, reads, result in reversed(_UNLOCKS):
+            if sec == secret and hdr == header and all(read(o, n) == b for o, n, b in reads):
+                return result
+        seen: list[tuple[int, int, bytes]] = []
+
+        def recording_read(offset: int, length: int) -> bytes:
+            data = read(offset, length)
+            seen.append((offset, length, data))
+            return data
+
+        result = real(header, recording_read, secret)
+        _UNLOCKS.append((secret, header, seen, result))
+        del _UNLOCKS[:-4]
+        return result
+
+    payload.unlock = unlock  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        payload.unlock = real
 
 
 class FailingSeed(Protocol):
@@ -452,6 +563,9 @@ class History:
         self.initial = initial
         self.clock = 0
         self.ops: list[Op] = []
+        # An encrypted image: writes not aligned to 512-byte sectors read-modify-write
+        # their partial sectors (see TOLERATE_RMW_RACE).
+        self.sector_rmw = False
 
     def tick(self) -> int:
         self.clock += 1
@@ -479,11 +593,22 @@ class History:
     def writes(self) -> list[Op]:
         return [o for o in self.ops if o.kind in WRITE_KINDS]
 
-    def check(self, actual: bytes, lo: int, *, start: int = NEVER, end: int = NEVER) -> str | None:
+    def check(
+        self,
+        actual: bytes,
+        lo: int,
+        *,
+        start: int = NEVER,
+        end: int = NEVER,
+        rmw_stale: bool = False,
+    ) -> str | None:
         """Check bytes observed at guest ``[lo, lo+len)`` during ``[start, end]``.
 
         ``start=end=NEVER`` checks a final state (everything finished). Returns
         None, or a description of the first byte no allowed write explains.
+        ``rmw_stale`` (an encrypted image, the known bug of TOLERATE_RMW_RACE): a byte
+        in the partial sector of a sub-sector write, outside that write, may also
+        hold any value it could have held while that write ran.
         """
         hi = lo + len(actual)
         writes = [w for w in self.writes() if w.off < hi and lo < w.off + w.length and w.length]
@@ -491,6 +616,9 @@ class History:
         for w in writes:
             cuts.add(max(lo, w.off))
             cuts.add(min(hi, w.off + w.length))
+        stale = self._rmw_partials(lo, hi) if rmw_stale else []
+        for _, a, b in stale:
+            cuts.update(min(hi, max(lo, x)) for x in (a, b))
         points = sorted(cuts)
         for a, b in itertools.pairwise(points):
             cover = [w for w in writes if w.off <= a and b <= w.off + w.length]
@@ -511,9 +639,52 @@ class History:
                 cands.append((w.label(), w.bytes_at(a, b)))
             if any(got == c for _, c in cands):
                 continue
+            for r, pa, pb in stale:
+                if pa <= a and b <= pb and r.start < end:
+                    cands += self._stale(r, cover, a, b)
+            if any(got == c for _, c in cands):
+                continue
             for i in range(b - a):
                 if not any(c[i] == got[i] for _, c in cands):
                     return self._mismatch(got[i:], a + i, [(n, c[i:]) for n, c in cands])
+        return None
+
+    def _rmw_partials(self, lo: int, hi: int) -> list[tuple[Op, int, int]]:
+        """(request, a, b): the parts ``[a, b)`` of partial sectors that sub-sector writes
+        read and wrote back without covering them, overlapping ``[lo, hi)``. Unaligned
+        write-zeroes count: their unaligned ends are written as zeros (a write)."""
+        out = []
+        for r in self.writes():
+            if r.kind == "discard" or not r.length or not (r.off | r.length) & 511:
+                continue
+            r_end = r.off + r.length
+            for a, b in ((r.off & ~511, r.off), (r_end, (r_end + 511) & ~511)):
+                if a < b and a < hi and lo < b:
+                    out.append((r, a, b))
+        return out
+
+    def _stale(self, r: Op, cover: list[Op], a: int, b: int) -> list[tuple[str, bytes]]:
+        """What ``[a, b)`` may have held when the sub-sector write ``r`` read it: any
+        version not superseded before ``r`` started, invoked before ``r`` ended."""
+        dom = [d for d in cover if d.status == "ok" and d.end < r.start]
+        out = [] if dom else [(f"initial, rewritten by {r.label()}", self.initial[a:b])]
+        for w in cover:
+            if w.start < r.end and not any(d.start > w.end for d in dom):
+                out.append((f"{w.label()}, rewritten by {r.label()}", w.bytes_at(a, b)))
+        return out
+
+    def judge(
+        self, actual: bytes, lo: int, stats: Counter[str], *, start: int = NEVER, end: int = NEVER
+    ) -> str | None:
+        """:meth:`check`; with the known RMW race tolerated (TOLERATE_RMW_RACE), bytes
+        only it explains are counted in ``stats`` instead of reported."""
+        bad = self.check(actual, lo, start=start, end=end)
+        if bad is None or not (self.sector_rmw and TOLERATE_RMW_RACE):
+            return bad
+        if self.check(actual, lo, start=start, end=end, rmw_stale=True) is not None:
+            return bad
+        stats["known RMW race (observations)"] += 1
+        stats[KNOWN_RMW] = 1  # per seed (Outcome stats are summed over seeds)
         return None
 
     @staticmethod
@@ -599,8 +770,9 @@ class ImageSetup:
 
     path: Path  # the qcow2 image the seed works on (a fresh copy of a template)
     initial: bytes  # guest contents at the start
-    open_kwargs: dict[str, Any] = field(default_factory=dict)
+    open_kwargs: dict[str, Any] = field(default_factory=dict)  # passphrase included
     info: dict[str, Any] = field(default_factory=dict)  # scenario-specific facts
+    crypt: str = "plain"  # image kind (CRYPTS)
 
 
 class Ctx:
@@ -623,6 +795,7 @@ class Ctx:
         self.path = setup.path
         self.driver = driver
         self.seed = seed
+        self.crypt = setup.crypt
         self.cs = img.cluster_size
         self.size = img.size
         self.outcome = outcome
@@ -630,6 +803,12 @@ class Ctx:
         self.wrng = random.Random(f"{scenario}:{seed}:workload")
         # Which requests take the synchronous path (sync driver only).
         self.srng = random.Random(f"{scenario}:{seed}:sync")
+        # Encrypted images: which writes are trimmed to whole sectors (see sectors()).
+        self.sector_mode = (
+            None
+            if self.crypt == "plain"
+            else random.Random(f"{scenario}:{seed}:crypt").randrange(3)
+        )
         self.expect_errors = False  # Qcow2Error from requests is a normal outcome (close)
         self.tasks: list[asyncio.Task[Any]] = []
         self.flush_copies: list[tuple[Path, int, int]] = []  # (copy, flush start, copy time)
@@ -637,6 +816,26 @@ class Ctx:
         self.notes: dict[str, Any] = {}
 
     # ------------------------------------------------------------ plumbing
+    def sectors(self, off: int, data: bytes) -> tuple[int, bytes]:
+        """A write as an encrypted image's seed sends it. Scenarios draw most writes at
+        any byte offset, which on an encrypted image makes every one of them a sector
+        read-modify-write (serialized among themselves). So a third of the seeds each
+        send every write as drawn, every write trimmed to the whole sectors inside it
+        (no read-modify-write: the writes race in allocation and COW), or each write
+        one way or the other (both kinds race in one cluster, and on shared sectors).
+        Trimmed, a write stays inside its drawn range: scenarios keep their invariants.
+        The choice depends on the seed and the write only (the same for every driver)."""
+        mode = self.sector_mode
+        if not mode:
+            return off, data
+        if mode == 2 and random.Random(f"sectors:{self.seed}:{off}:{len(data)}").random() < 0.5:
+            return off, data
+        a = (off + 511) & ~511
+        b = (off + len(data)) & ~511
+        if a >= b:
+            return off, data
+        return a, data[a - off : b - off]
+
     def fit(self, off: int, n: int) -> int:
         """``n`` shortened so that ``[off, off+n)`` stays inside the virtual disk."""
         return min(n, self.size - off)
@@ -684,7 +883,12 @@ class Ctx:
                 self.hist.ops.remove(op)
                 self.outcome.stats["sync busy"] += 1
                 if fingerprint(self.img) != before:
-                    self.fail("busy", f"{op.label()} raised ImageBusyError after changing state")
+                    if TOLERATE_RMW_BUSY and self.crypt != "plain" and (op.off | op.length) & 511:
+                        self.outcome.stats["known RMW busy change"] += 1
+                    else:
+                        self.fail(
+                            "busy", f"{op.label()} raised ImageBusyError after changing state"
+                        )
             await asyncio.sleep(0)
         raise AssertionError(f"{op.label()}: busy forever")
 
@@ -722,6 +926,7 @@ class Ctx:
         tag: str = "",
     ) -> Op:
         await turns(delay)
+        off, data = self.sectors(off, data)
         op = Op("write", off, len(data), data, tag=tag)
         op.sync = self.use_sync(sync_p) if sync is None else sync
         ok, _ = await self._request(
@@ -795,6 +1000,9 @@ class Scenario:
     body: Callable[[Ctx], Awaitable[None]]
     verify: Callable[[Ctx, qcow2aio.Image, bytes, dict[str, Any]], None] | None = None
     unserialized_catchable: bool = True
+    # On encrypted images (sub-sector writes serialized by their own lock, which the
+    # unserialized control keeps, may be all that races).
+    catchable_encrypted: bool = True
     default_seeds: int = 30
     note: str = ""
 
@@ -809,6 +1017,8 @@ class SimEnv:
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
         # fdatasync on tmpfs is free; on a disk it would dominate every seed.
         self.dir = Path(tempfile.mkdtemp(prefix="qcow2aio-sim-", dir=base))
+        # The kind of image (CRYPTS) the setups make: a test sets it before its seeds.
+        self.crypt = "plain"
         self.templates: dict[str, tuple[Path, bytes]] = {}
         self.templates_info: dict[str, dict[str, Any]] = {}
         # Files a template's image refers to by name (an external data file): restored
@@ -862,7 +1072,9 @@ def run_seed(scn: Scenario, driver: str, seed: int, env: SimEnv) -> Outcome:
     out = Outcome(scn.name, driver, seed)
     setup = scn.setup(env, seed)
     hist = History(setup.initial)
-    img = _open(setup.path, driver, jitter_factory(seed), setup.open_kwargs)
+    hist.sector_rmw = setup.crypt != "plain"
+    with memoized_unlock():
+        img = _open(setup.path, driver, jitter_factory(seed), setup.open_kwargs)
     ctx = Ctx(
         img=img, hist=hist, setup=setup, driver=driver, seed=seed, scenario=scn.name, outcome=out
     )
@@ -886,7 +1098,8 @@ def run_seed(scn: Scenario, driver: str, seed: int, env: SimEnv) -> Outcome:
             img.close()
         except Exception as exc:
             ctx.fail("exception", f"close() after the run raised {type(exc).__name__}: {exc}")
-    _verify(scn, ctx, out, env)
+    with memoized_unlock():
+        _verify(scn, ctx, out, env)
     if replay_seed() is not None:
         print(f"--- {scn.name}/{driver} seed {seed}: requests (t = logical invoke..answer)")
         for op in hist.ops:
@@ -899,16 +1112,16 @@ def _verify(scn: Scenario, ctx: Ctx, out: Outcome, env: SimEnv) -> None:
     # Reads answered during the run.
     for op in hist.ops:
         if op.kind == "read" and op.status == "ok" and op.result is not None:
-            bad = hist.check(op.result, op.off, start=op.start, end=op.end)
+            bad = hist.judge(op.result, op.off, out.stats, start=op.start, end=op.end)
             if bad is not None:
                 out.failures.append(Failure("read", f"{op.label()} saw\n{bad}"))
     report: dict[str, Any] = {}
     final = b""
     try:
-        with qcow2aio.open(ctx.path, "r") as img:
+        with qcow2aio.open(ctx.path, "r", **crypt_open(ctx.crypt)) as img:
             final = img.read_sync(0, img.size)
             report = img.check()
-            bad = hist.check(final, 0)
+            bad = hist.judge(final, 0, out.stats)
             if bad is not None:
                 out.failures.append(Failure("final", bad))
             if scn.verify is not None:
@@ -944,7 +1157,7 @@ def _verify_flush_copy(
     """A copy of the file taken right after a flush returned: consistent (leaks at most),
     and every write acknowledged before that flush started is in it."""
     try:
-        with qcow2aio.open(copy, "r") as img:
+        with qcow2aio.open(copy, "r", **crypt_open(ctx.crypt)) as img:
             rep = img.check()
             data = img.read_sync(0, img.size)
     except Exception as exc:
@@ -952,11 +1165,12 @@ def _verify_flush_copy(
         return
     if rep.get("corruptions", 0) or rep.get("check-errors", 0):
         out.failures.append(Failure("flushcopy", f"{copy.name} (flush t={start}): {rep}"))
-    bad = ctx.hist.check(data, 0, start=start, end=at)
+    bad = ctx.hist.judge(data, 0, out.stats, start=start, end=at)
     if bad is not None:
         out.failures.append(Failure("flushcopy", f"{copy.name} (flush t={start}):\n{bad}"))
     if env.qemu is not None and _wants_qemu(ctx, out):
-        proc = env.qemu.img("check", "--output=json", str(copy), check=False)
+        opts, name = qemu_image(copy, ctx.crypt)
+        proc = env.qemu.img("check", "--output=json", *opts, name, check=False)
         if proc.returncode not in (0, 3):
             out.failures.append(
                 Failure(
@@ -968,7 +1182,8 @@ def _verify_flush_copy(
 def _qemu_checks(ctx: Ctx, out: Outcome, env: SimEnv, final: bytes) -> None:
     if env.qemu is None:
         return
-    proc = env.qemu.img("check", "--output=json", str(ctx.path), check=False)
+    opts, name = qemu_image(ctx.path, ctx.crypt)
+    proc = env.qemu.img("check", "--output=json", *opts, name, check=False)
     if proc.returncode != 0:
         out.failures.append(
             Failure("qemu", f"qemu-img check: exit {proc.returncode}\n{proc.stdout}{proc.stderr}")
@@ -977,17 +1192,7 @@ def _qemu_checks(ctx: Ctx, out: Outcome, env: SimEnv, final: bytes) -> None:
     raw.write_bytes(final)
     try:
         cmp = subprocess.run(
-            [
-                env.qemu.qemu_img,
-                "compare",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                str(ctx.path),
-                str(raw),
-            ],
+            qemu_compare_argv(env.qemu.qemu_img, ctx.path, raw, ctx.crypt),
             capture_output=True,
             text=True,
             check=False,

@@ -19,6 +19,11 @@ A second sweep fails the Nth I/O operation of a whole run (SQLite style).
 
 ``QCOW2AIO_STRESS=1`` runs every point on every workload where it occurs, with
 several skip counts and seeds, and the Nth-operation sweep over every N.
+
+Every workload also runs on LUKS and legacy-AES encrypted images (``NAME-luks``,
+``NAME-aes``; short writes then tear at 512-byte sectors, see ``faults.short_part``):
+in a quick run every point x kind once on each (LUKS: transient faults, AES:
+persistent ones), under ``QCOW2AIO_STRESS=1`` the same full grid as plain images.
 """
 
 from __future__ import annotations
@@ -48,17 +53,24 @@ from faults import (
     Templates,
     Workload,
     copy_image,
+    encrypted,
     make_ops,
     run_async,
     run_sync,
     templates_fixture,
     writes_read_back,
 )
+from sim import crypt_open
 
 import qcow2aio
 
 STRESS = os.environ.get("QCOW2AIO_STRESS") == "1"
-ALL_WORKLOADS: dict[str, Workload] = {**WORKLOADS, **EXTRA_WORKLOADS}
+PLAIN_WORKLOADS: dict[str, Workload] = {**WORKLOADS, **EXTRA_WORKLOADS}
+CRYPTS = ("luks", "aes")
+ALL_WORKLOADS: dict[str, Workload] = {
+    **PLAIN_WORKLOADS,
+    **{f"{n}-{c}": encrypted(wl, c) for c in CRYPTS for n, wl in PLAIN_WORKLOADS.items()},
+}
 
 
 templates = templates_fixture("fault-templates", ALL_WORKLOADS)
@@ -84,7 +96,7 @@ def run_case(
     """Run one workload under ``fault`` and return (state, result, problems found)."""
     wl = tpl.workload
     path = copy_image(tpl, tmp_path / f"case-{driver}-{seed}.qcow2")
-    state = FaultState(fault)
+    state = FaultState(fault, sector_atomic=wl.crypt != "plain")
     oracle = Oracle(tpl.content, wl.unit)
     ops = make_ops(wl, seed, tpl.hot)
     if driver == "sync":
@@ -97,12 +109,13 @@ def run_case(
         problems.append(f"the fault never fired (events seen: {sorted(state.events)})")
     if state.fired and not res.errors:
         problems.append(f"fault fired {state.fired}x but no request failed (error swallowed)")
-    code, rep = qemu.check(path)
+    q_opts, q_name = wl.qemu(path)
+    code, rep = qemu.check(q_name, extra_args=q_opts)
     if code not in (0, 3):
         problems.append(f"qemu-img check after the run: exit {code}: {rep}")
         return state, res, problems
     mix = fault is not None and fault.kind == "short"
-    with qcow2aio.open(path) as img:
+    with qcow2aio.open(path, **crypt_open(wl.crypt)) as img:
         data = img.read_sync(0, wl.size)
     problems += [f"after the run: {p}" for p in oracle.problems(0, data, disk=True, mix=mix)]
     # The image reopens read-write (plain backend) and takes writes.
@@ -117,7 +130,7 @@ def run_case(
                 problems.append("reopened image: the disk does not read as written")
     except qcow2aio.Qcow2Error as exc:
         problems.append(f"reopen read-write and write failed: {exc!r}")
-    code, rep = qemu.check(path)
+    code, rep = qemu.check(q_name, extra_args=q_opts)
     if code not in (0, 3):
         problems.append(f"qemu-img check after reopen+write: exit {code}: {rep}")
     return state, res, problems
@@ -128,16 +141,21 @@ def _grid() -> list[tuple[str, str, str, bool, str, int]]:
     """(point, workload, kind, persistent, driver, skip) cases.
 
     Quick: every point x kind x once/persistent on the point's workload, the driver
-    alternating so that each point and each kind runs on both. Stress: the full cross
-    product with both drivers, on every workload, skipping 0, 1 and 4 matches first.
+    alternating so that each point and each kind runs on both; on its encrypted
+    workloads every point x kind, transient on LUKS, persistent on AES. Stress: the full
+    cross product with both drivers, on every workload (encrypted ones included),
+    skipping 0, 1 and 4 matches first.
     """
     cases = []
     for point in FAULT_POINTS:
-        wls = list(ALL_WORKLOADS) if STRESS else [POINT_WORKLOAD[point]]
+        wls = [POINT_WORKLOAD[point], *(f"{POINT_WORKLOAD[point]}-{c}" for c in CRYPTS)]
         skips = [0, 1, 4] if STRESS else [0]
-        for wl in wls:
+        for wl in list(ALL_WORKLOADS) if STRESS else wls:
+            crypt = ALL_WORKLOADS[wl].crypt
             for k, kind in enumerate(KINDS):
                 for persistent in (False, True):
+                    if not STRESS and crypt != "plain" and persistent != (crypt == "aes"):
+                        continue
                     drivers = ["sync", "async"]
                     if not STRESS:
                         drivers = [drivers[(k + persistent) % 2]]
@@ -163,7 +181,7 @@ def test_fault_point(
 ) -> None:
     point, wl_name, kind, persistent, driver, skip = case
     fault = Fault(point, kind, persistent, skip)
-    designated = POINT_WORKLOAD[point] == wl_name and skip == 0
+    designated = POINT_WORKLOAD[point] == wl_name.split("-")[0] and skip == 0
     seed = FAULT_POINTS.index(point) * 7 + (3 if persistent else 0)
     state, res, problems = run_case(
         qemu, templates(wl_name), tmp_path, fault, driver, seed, must_fire=designated
@@ -187,7 +205,7 @@ def _count_ops(templates: Templates, tmp_path: Path, wl_name: str, seed: int) ->
     return state.ops
 
 
-NTH_WORKLOADS = list(ALL_WORKLOADS) if STRESS else ["mixed", "snap"]
+NTH_WORKLOADS = list(ALL_WORKLOADS) if STRESS else ["mixed", "snap", "mixed-luks", "snap-aes"]
 
 
 @pytest.mark.parametrize("driver", ["sync", "async"])

@@ -22,6 +22,13 @@ L2 tables written before refcount blocks, the same harness must find violations.
 ``QCOW2AIO_STRESS=1``: more workloads, seeds and drivers, longer runs, every state
 (the reftable-growth runs sampled to 2,000 each; over 20,000 in all), and 48 control
 runs for the catch rate; run with ``-p tests.crashsim`` for the summary tables.
+
+Encrypted images (``NAME-luks``, ``NAME-aes``: every workload, under stress all of
+them): every state is read back through qcow2aio with the passphrase (a sector
+encrypted for another offset than the one it is read from decrypts to garbage, which
+the content check reports), and the sampled ``qemu-img check``/``convert`` get the
+secret. A control (``test_wrong_iv_control_is_caught``) records runs whose LUKS
+sectors are encrypted by guest offset: the states must show it.
 """
 
 from __future__ import annotations
@@ -58,13 +65,16 @@ from faults import (
     Workload,
     batches,
     build_template,
+    encrypted,
     make_ops,
     templates_fixture,
     writes_read_back,
 )
+from sim import crypt_create, crypt_open, memoized_unlock
 
 import qcow2aio
 from qcow2aio.check import check_image
+from qcow2aio.crypto.payload import PayloadCrypto
 from qcow2aio.writeback import Writeback
 
 STRESS = os.environ.get("QCOW2AIO_STRESS") == "1"
@@ -98,9 +108,13 @@ PC_EXTRA: dict[str, Workload] = {
     "lazy512": Workload("lazy512", 1 * MiB, 512, lazy=True, backing=True, prefill=True, nops=24),
 }
 ALL_PC: dict[str, Workload] = {**PC_WORKLOADS, **PC_EXTRA}
+CRYPTS = ("luks", "aes")
+ENCRYPTED_PC: dict[str, Workload] = {
+    f"{n}-{c}": encrypted(wl, c) for c in CRYPTS for n, wl in ALL_PC.items()
+}
 
 
-templates = templates_fixture("powercut-templates", ALL_PC)
+templates = templates_fixture("powercut-templates", {**ALL_PC, **ENCRYPTED_PC})
 
 
 # --------------------------------------------------------------- recording
@@ -217,6 +231,10 @@ class Verifier:
 
     def verify(self, state: CrashState, *, stop_early: bool = False) -> list[str]:
         """Check one state; returns its problems (also counted)."""
+        with memoized_unlock():
+            return self._verify(state, stop_early=stop_early)
+
+    def _verify(self, state: CrashState, *, stop_early: bool) -> list[str]:
         c = self.counts
         wl = self.rec.template.workload
         c.states += 1
@@ -230,7 +248,7 @@ class Verifier:
             Path(self.rec.data_file).write_bytes(data)
         problems: list[str] = []
         try:
-            with qcow2aio.open(self.path) as img:
+            with qcow2aio.open(self.path, **crypt_open(wl.crypt)) as img:
                 res = check_image(img.meta)
                 dirty = img.meta.header.dirty
                 got = img.read_sync(0, wl.size)
@@ -268,7 +286,8 @@ class Verifier:
     ) -> list[str]:
         c = self.counts
         out: list[str] = []
-        code, rep = self.qemu.check(self.path)
+        q_opts, q_name = self.rec.template.workload.qemu(self.path)
+        code, rep = self.qemu.check(q_name, extra_args=q_opts)
         c.qemu_checked += 1
         theirs = (code, rep.get("corruptions", 0), rep.get("leaks", 0))
         if theirs == (ours, corruptions, leaks):
@@ -277,13 +296,14 @@ class Verifier:
             out.append(f"qemu-img check says {theirs}, qcow2aio {(ours, corruptions, leaks)}")
         if sample:
             c.qemu_convert += 1
-            if self.qemu.convert_raw(self.path) != got:
+            if self.qemu.convert_raw(q_name, extra_args=q_opts) != got:
                 out.append("qemu-img convert reads other data than qcow2aio")
         if dirty and sample:
             # What QEMU's own repair makes of a dirty lazy-refcounts state (reported only).
             copy = self.folder / "qemu-repair.qcow2"
             shutil.copyfile(self.path, copy)
-            proc = self.qemu.img("check", "-r", "all", str(copy), check=False)
+            c_opts, c_name = self.rec.template.workload.qemu(copy)
+            proc = self.qemu.img("check", "-r", "all", *c_opts, c_name, check=False)
             if proc.returncode != 0:
                 c.qemu_repair_failed += 1
         return out
@@ -299,13 +319,14 @@ class Verifier:
         ]
         writes = [(o, b[: wl.size - o]) for o, b in writes]
         out: list[str] = []
+        key = crypt_open(wl.crypt)
         try:
-            with qcow2aio.open(self.path, "r+") as img:
+            with qcow2aio.open(self.path, "r+", **key) as img:
                 if img.read_sync(0, wl.size) != got:
                     out.append("the read-write open changed the guest content")
                 if not writes_read_back(img, got, writes):
                     out.append("after reopen + writes the disk does not read as written")
-            with qcow2aio.open(self.path) as img:
+            with qcow2aio.open(self.path, **key) as img:
                 res = check_image(img.meta)
         except qcow2aio.Qcow2Error as exc:
             c.reopen_failed += 1
@@ -335,11 +356,20 @@ def _attach(request: pytest.FixtureRequest, row: dict[str, object]) -> None:
 # ------------------------------------------------------------------- cases
 def _cases() -> list[tuple[str, str, int]]:
     if not STRESS:
-        return [("c512", "async", 1), ("c4k", "sync", 2), ("lazy", "sync", 3)]
+        # Encrypted: sub-sector writes over a backing file with one-table caches; COW of
+        # clusters shared with a snapshot (re-encrypted at their new host offset).
+        return [
+            ("c512", "async", 1),
+            ("c4k", "sync", 2),
+            ("lazy", "sync", 3),
+            ("c512-luks", "async", 1),
+            ("snap-luks", "sync", 2),
+            ("snap-aes", "async", 3),
+        ]
     out = []
-    for name in ALL_PC:
+    for name in [*ALL_PC, *ENCRYPTED_PC]:
         for driver in ("sync", "async"):
-            for seed in (1, 2) if name == "grow" else (1, 2, 3):
+            for seed in (1, 2) if name.startswith("grow") else (1, 2, 3):
                 out.append((name, driver, seed))
     return out
 
@@ -398,8 +428,13 @@ def _check_power_cuts(
 
 
 @pytest.mark.parametrize(
-    ("driver", "seed", "raw", "lazy"),
-    [("async", 1, False, False), ("sync", 2, True, False), ("async", 3, False, True)],
+    ("driver", "seed", "raw", "lazy", "crypt"),
+    [
+        ("async", 1, False, False, "plain"),
+        ("sync", 2, True, False, "plain"),
+        ("async", 3, False, True, "plain"),
+        ("sync", 4, False, False, "luks"),  # IV = the sector's offset in the data file
+    ],
 )
 def test_power_cut_states_with_an_external_data_file(
     qemu: Qemu,
@@ -409,6 +444,7 @@ def test_power_cut_states_with_an_external_data_file(
     seed: int,
     raw: bool,
     lazy: bool,
+    crypt: str,
 ) -> None:
     """The same, for an image whose data lives in an external data file: both files are
     recorded, and a crash state is a state of each (an fdatasync covers its own file)."""
@@ -422,9 +458,11 @@ def test_power_cut_states_with_an_external_data_file(
         prefill=True,
         small_caches=False,
         nops=24,
+        crypt=crypt,
     )
     tpl = build_template(qemu, tmp_path / "tpl", wl)
-    label = f"dfile{'-raw' if raw else ''}{'-lazy' if lazy else ''}/{driver}/{seed}"
+    label = f"dfile{'-raw' if raw else ''}{'-lazy' if lazy else ''}"
+    label += f"{'' if crypt == 'plain' else '-' + crypt}/{driver}/{seed}"
     _check_power_cuts(qemu, tpl, tmp_path, request, driver, seed, label)
 
 
@@ -534,6 +572,78 @@ def test_control_is_caught(
         assert v.counts.violating, f"control {control} was not caught in {v.counts.states} states"
 
 
+def _iv_by_guest(self: PayloadCrypto, host: int, guest: int) -> int:
+    """The legacy-AES IV rule applied to LUKS: a sector encrypted for its guest offset."""
+    return guest >> 9
+
+
+def _wrong_iv_cases() -> list[tuple[str, str, int]]:
+    if not STRESS:
+        return [("c4k-luks", "async", 1), ("snap-luks", "sync", 2)]
+    return [
+        (f"{name}-luks", driver, seed)
+        for name in ("c4k", "c512", "snap", "ext_l2")
+        for driver in ("sync", "async")
+        for seed in (1, 2)
+    ]
+
+
+@pytest.mark.parametrize(("wl_name", "driver", "seed"), _wrong_iv_cases())
+def test_wrong_iv_control_is_caught(
+    qemu: Qemu,
+    templates: Templates,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    wl_name: str,
+    driver: str,
+    seed: int,
+) -> None:
+    """Control for "never encrypted for the wrong host offset": the recorded run encrypts
+    (and decrypts) LUKS sectors by guest offset, so it reads its own writes back fine;
+    the states, read with the right rule (as QEMU reads them), must show garbage (counted
+    as lost data where no later request touched the sector, else as bad data)."""
+    tpl = templates(wl_name)
+    assert tpl.workload.crypt == "luks"
+    with monkeypatch.context() as m:
+        m.setattr(PayloadCrypto, "sector", _iv_by_guest)
+        rec = record(tpl, tmp_path, driver, seed)
+    rng = random.Random(seed)
+    states = build_states(rec.journal, rng, randoms=8)
+    rng.shuffle(states)
+    v = Verifier(qemu, rec, tmp_path, qemu_every=1 << 30)
+    for st in states[: 300 if STRESS else 200]:
+        v.verify(st, stop_early=True)
+        if not STRESS and v.counts.violating:
+            break
+    row: dict[str, object] = {"kind": "control", "control": "luks_iv_by_guest"}
+    row.update(name=f"{wl_name}/{driver}/{seed}", **v.counts.as_dict())
+    _attach(request, row)
+    print(f"control luks_iv_by_guest {wl_name}/{driver}/{seed}: {json.dumps(v.counts.as_dict())}")
+    assert v.counts.bad_data + v.counts.lost_ack, f"wrong IVs not caught in {v.counts.states}"
+
+
+def test_memoized_unlock_is_keyed_by_the_bytes(tmp_path: Path) -> None:
+    """The verifiers' unlock cache (sim.memoized_unlock) answers only for an identical
+    LUKS area: keyslot material damaged by a stray write is unlocked for real (fails)."""
+    path = tmp_path / "m.qcow2"
+    qcow2aio.create(path, 1 << 20, cluster_size=4096, **crypt_create("luks"))
+    with qcow2aio.open(path, "r+", **crypt_open("luks")) as img:
+        img.write_sync(0, b"m" * 512)
+        area = img.meta.header.crypto_area
+    assert area is not None
+    damaged = tmp_path / "d.qcow2"
+    raw = bytearray(path.read_bytes())
+    raw[area[0] + 4096 + 1000] ^= 0xFF  # inside keyslot 0's material
+    damaged.write_bytes(raw)
+    with memoized_unlock():
+        for _ in range(2):
+            with qcow2aio.open(path, **crypt_open("luks")) as img:
+                assert img.read_sync(0, 512) == b"m" * 512
+        with pytest.raises(qcow2aio.Qcow2PassphraseError):
+            qcow2aio.open(damaged, **crypt_open("luks"))
+
+
 # ------------------------------------------------------- ordering, directly
 @pytest.mark.parametrize(
     ("wl_name", "driver"),
@@ -545,6 +655,8 @@ def test_control_is_caught(
         ("lazy", "async"),
         ("grow", "sync"),
         ("snap", "async"),
+        ("snap-luks", "sync"),
+        ("lazy-aes", "async"),
     ],
 )
 def test_l2_writes_follow_a_flush_of_their_data(

@@ -24,6 +24,9 @@ Drivers: ``serialized`` (the normal image; must pass every seed) and
 must be caught in at least ``min_catch`` of the seeds when 20 or more run, and in
 at least one seed otherwise).
 
+Image kinds (``crypt``): plain, LUKS and legacy AES, as in tests/test_interleavings.py
+(``sim.ENCRYPTED_SEEDS`` seeds per encrypted scenario and driver in a quick run).
+
 Environment, as tests/test_interleavings.py: ``QCOW2AIO_STRESS=1`` runs 10,000 seeds
 per scenario and driver, ``QCOW2AIO_SEEDS=N``/``QCOW2AIO_SEED_START=S`` choose the
 range, ``QCOW2AIO_SEED=N`` replays one seed's workload (threads make the schedule
@@ -42,7 +45,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from sim import Op, SimEnv, publish_seeds, replay_seed, seed_list
+from sim import CRYPTS, ENCRYPTED_SEEDS, Op, SimEnv, publish_seeds, replay_seed, seed_list
 from threadsim import (
     DRIVERS,
     Failure,
@@ -169,13 +172,15 @@ SCENARIOS: dict[str, ThreadScenario] = {
 
 
 # ------------------------------------------------------------------ tests
+@pytest.mark.parametrize("crypt", CRYPTS)
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_thread_scenario(
-    name: str, driver: str, sim_env: SimEnv, request: pytest.FixtureRequest
+    name: str, driver: str, crypt: str, sim_env: SimEnv, request: pytest.FixtureRequest
 ) -> None:
     scn = SCENARIOS[name]
-    seeds = seed_list(scn.default_seeds)
+    sim_env.crypt = crypt
+    seeds = seed_list(scn.default_seeds if crypt == "plain" else ENCRYPTED_SEEDS)
     failing: list[Outcome] = []
     kinds: Counter[str] = Counter()
     stats: Counter[str] = Counter()
@@ -195,7 +200,7 @@ def test_thread_scenario(
                 break
     stats["seconds"] = round(time.monotonic() - t0)
     row = {
-        "scenario": f"thread:{name}",
+        "scenario": f"thread:{name}" + ("" if crypt == "plain" else f"/{crypt}"),
         "driver": driver,
         "seeds": ran,
         "failures": len(failing),
