@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from .create import create
 from .errors import (
@@ -49,6 +50,8 @@ def open(
     mode: str = "r",
     *,
     passphrase: str | bytes | None = None,
+    backing_passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
+    metadata_only: bool = False,
     l2_cache_size: int | None = None,
     refcount_cache_size: int | None = None,
     open_backing: bool = True,
@@ -57,7 +60,15 @@ def open(
 ) -> Image:
     """Open a qcow2 image, ``mode`` "r" (read-only) or "r+" (read-write).
 
-    Usable directly, as ``with``, or as ``async with``. ``l2_cache_size`` and
+    Usable directly, as ``with``, or as ``async with``. An encrypted image (legacy
+    AES or LUKS) needs its ``passphrase`` (``str`` as UTF-8, or ``bytes``: QEMU's
+    ``encrypt.key-secret``); a missing or wrong one raises
+    :class:`Qcow2PassphraseError` and nothing is written. ``backing_passphrase`` is
+    for encrypted images down the backing chain: one value for all of them, or a
+    sequence with one per depth (QEMU's ``backing.encrypt.key-secret``,
+    ``backing.backing.encrypt.key-secret``, ...). ``metadata_only`` (read-only)
+    opens an encrypted image without its passphrase for its metadata (info, map,
+    check), as ``qemu-img info`` does; its data cannot be read. ``l2_cache_size`` and
     ``refcount_cache_size`` bound the metadata caches in bytes. ``io_backend``
     opens the files, ``(path, writable) -> FileBackend``: recording or
     fault-injecting backends in tests, or another I/O engine. ``wait_timeout``
@@ -69,6 +80,8 @@ def open(
         path,
         mode,
         passphrase=passphrase,
+        backing_passphrase=backing_passphrase,
+        metadata_only=metadata_only,
         l2_cache_size=l2_cache_size,
         refcount_cache_size=refcount_cache_size,
         open_backing=open_backing,

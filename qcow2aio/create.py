@@ -36,7 +36,13 @@ from dataclasses import dataclass
 
 from . import constants as C
 from .backing import RAW_FORMATS, resolve_name
-from .errors import Qcow2Error, Qcow2FormatError, Qcow2IOError, Qcow2UnsupportedError
+from .errors import (
+    Qcow2Error,
+    Qcow2FormatError,
+    Qcow2IOError,
+    Qcow2PassphraseError,
+    Qcow2UnsupportedError,
+)
 from .header import Header, size_to_l1
 from .io import FileBackend
 from .refcount import RefcountBlock
@@ -857,6 +863,69 @@ def refcount_metadata_size(
 # Options
 # --------------------------------------------------------------------------
 @dataclass
+class _Encryption:
+    """What ``encrypt.*`` asks for, validated; a LUKS area already formatted (its
+    PBKDF2 benchmark takes a while, so before anything is laid out or written)."""
+
+    method: int  # C.CRYPT_AES or C.CRYPT_LUKS
+    area: bytes = b""  # LUKS: header + keyslot material, length = the payload offset
+
+
+ENCRYPT_DEFAULTS = {
+    "encrypt_cipher_alg": "aes-256",
+    "encrypt_cipher_mode": "xts",
+    "encrypt_ivgen_alg": "plain64",
+    "encrypt_ivgen_hash_alg": None,
+    "encrypt_hash_alg": "sha256",
+    "encrypt_iter_time": 2000,
+}
+
+
+def _encryption(
+    encrypt_format: str | None, passphrase: str | bytes | None, options: dict[str, object]
+) -> _Encryption | None:
+    """QEMU's checks of the ``encrypt.*`` options, in its order and with its messages."""
+    if encrypt_format is None:
+        if passphrase is not None:
+            raise Qcow2FormatError("Parameter 'encrypt.format' is missing")
+        return None
+    if encrypt_format not in ("aes", "luks"):
+        raise Qcow2FormatError(
+            f"Parameter 'encrypt.format' does not accept value {encrypt_format!r}"
+        )
+    if encrypt_format == "aes":
+        for name, default in ENCRYPT_DEFAULTS.items():
+            if options[name] != default:
+                qname = "encrypt." + name.removeprefix("encrypt_").replace("_", "-")
+                raise Qcow2FormatError(f"Parameter {qname!r} is unexpected")
+    if passphrase is None:
+        raise Qcow2PassphraseError("Parameter 'encrypt.key-secret' is required for cipher")
+    if encrypt_format == "aes":
+        return _Encryption(C.CRYPT_AES)
+    from .crypto.luks import format_area
+    from .crypto.payload import passphrase_bytes
+
+    iter_time = options["encrypt_iter_time"]
+    if isinstance(iter_time, bool) or not isinstance(iter_time, int) or iter_time <= 0:
+        raise Qcow2FormatError(f"encrypt.iter-time must be a positive integer: {iter_time!r}")
+    area, key = format_area(
+        passphrase_bytes(passphrase),
+        cipher_alg=str(options["encrypt_cipher_alg"]),
+        cipher_mode=str(options["encrypt_cipher_mode"]),
+        ivgen_alg=str(options["encrypt_ivgen_alg"]),
+        ivgen_hash_alg=(
+            None
+            if options["encrypt_ivgen_hash_alg"] is None
+            else str(options["encrypt_ivgen_hash_alg"])
+        ),
+        hash_alg=str(options["encrypt_hash_alg"]),
+        iter_time_ms=iter_time,
+    )
+    del key  # the new image is unlocked again by whoever opens it
+    return _Encryption(C.CRYPT_LUKS, area)
+
+
+@dataclass
 class _Options:
     version: int
     cluster_size: int
@@ -869,6 +938,7 @@ class _Options:
     data_file: str | None
     data_file_raw: bool
     preallocation: str
+    encryption: _Encryption | None = None
 
 
 def _is_pow2(n: int) -> bool:
@@ -994,7 +1064,9 @@ def backing_size(path: str, backing_file: str, backing_fmt: str) -> int:
     if backing_fmt == "qcow2":
         from .image import Image
 
-        with Image(full, "r") as img:
+        # Only its size is needed: an encrypted backing file opens without its
+        # passphrase, as QEMU opens it here (no I/O).
+        with Image(full, "r", metadata_only=True) as img:
             return img.size // _SECTOR * _SECTOR
     if backing_fmt in RAW_FORMATS:
         try:
@@ -1023,6 +1095,15 @@ def _simulate(opts: _Options, size: int) -> _SimResult:
         offset = sim.alloc_clusters(3 * sim.cs)
         assert offset == 0
         sim.truncate(size, opts.preallocation)
+        crypto_area = None
+        if opts.encryption is not None and opts.encryption.method == C.CRYPT_LUKS:
+            # qcow2_set_up_encryption after the resize: the area is allocated (and
+            # zeroed whole clusters) like any other, then the LUKS header written.
+            area = opts.encryption.area
+            off = sim.alloc_clusters(len(area))
+            sim.file.write_zeros(off, _round_up(len(area), sim.cs))
+            sim.file.write(off, area)
+            crypto_area = (off, len(area))
     except _EFBig:
         raise Qcow2FormatError(
             "The image size is too large for file format 'qcow2' (try using a larger "
@@ -1054,6 +1135,8 @@ def _simulate(opts: _Options, size: int) -> _SimResult:
         backing_file=opts.backing_file,
         backing_format=opts.backing_fmt if opts.backing_file is not None else None,
         data_file=opts.data_file,
+        crypt_method=opts.encryption.method if opts.encryption is not None else C.CRYPT_NONE,
+        crypto_area=crypto_area,
     )
     if opts.backing_file is not None and len(opts.backing_file.encode()) > C.QCOW_MAX_BACKING_NAME:
         raise Qcow2FormatError(
@@ -1137,6 +1220,14 @@ def create(
     data_file: str | os.PathLike[str] | None = None,
     data_file_raw: bool = False,
     preallocation: str = "off",
+    encrypt_format: str | None = None,
+    passphrase: str | bytes | None = None,
+    encrypt_cipher_alg: str = "aes-256",
+    encrypt_cipher_mode: str = "xts",
+    encrypt_ivgen_alg: str = "plain64",
+    encrypt_ivgen_hash_alg: str | None = None,
+    encrypt_hash_alg: str = "sha256",
+    encrypt_iter_time: int = 2000,
 ) -> None:
     """Create a qcow2 image with the same bytes as ``qemu-img create -f qcow2 -o ...``.
 
@@ -1158,6 +1249,14 @@ def create(
     ``preallocation``: "off"; "metadata" (L2 tables written and every data
     cluster allocated, but not written); "falloc"/"full" (as metadata, plus
     the data area allocated with ``posix_fallocate`` or written with zeros).
+
+    ``encrypt_format`` "aes" (legacy, QEMU's ``encrypt.format=aes``) or "luks"
+    encrypts the guest data with ``passphrase`` (``str`` as UTF-8, or ``bytes``);
+    the ``encrypt_*`` options are QEMU's ``encrypt.cipher-alg`` ... ``iter-time``
+    (milliseconds of PBKDF2 per keyslot), accepted for LUKS only, with QEMU's
+    defaults. The LUKS area is placed as QEMU places it (after the L1 table);
+    its random master key, salts and UUID are new, so only those bytes differ
+    from what ``qemu-img create`` writes.
 
     Everything is validated and laid out in memory before any file is
     touched; an existing file at ``path`` is truncated. Raises
@@ -1190,6 +1289,10 @@ def create(
         data_file_raw=data_file_raw,
         preallocation=preallocation,
     )
+    if isinstance(passphrase, str | bytes) or passphrase is None:
+        pass
+    else:
+        raise Qcow2FormatError(f"passphrase must be str or bytes, not {type(passphrase).__name__}")
     if bf is not None:
         # bdrv_img_create's checks on the backing file come before the format's.
         if bf == path:
@@ -1218,6 +1321,18 @@ def create(
     if size > C.INT64_MAX:
         raise Qcow2FormatError(f"Invalid image size specified: size={size}")
 
+    opts.encryption = _encryption(
+        encrypt_format,
+        passphrase,
+        {
+            "encrypt_cipher_alg": encrypt_cipher_alg,
+            "encrypt_cipher_mode": encrypt_cipher_mode,
+            "encrypt_ivgen_alg": encrypt_ivgen_alg,
+            "encrypt_ivgen_hash_alg": encrypt_ivgen_hash_alg,
+            "encrypt_hash_alg": encrypt_hash_alg,
+            "encrypt_iter_time": encrypt_iter_time,
+        },
+    )
     result = _simulate(opts, size)
 
     _materialize(path, result.image)

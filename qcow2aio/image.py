@@ -27,17 +27,26 @@ from . import constants as C
 from . import testing
 from .backing import RAW_FORMATS, RawImage, check_chain, probe_format, resolve_name
 from .compression import decompress_cluster
+from .crypto.payload import SECTOR_MASK, PayloadCrypto, open_crypto
 from .errors import (
     ImageBusyError,
     Qcow2CorruptError,
     Qcow2Error,
     Qcow2IOError,
+    Qcow2PassphraseError,
     Qcow2RangeError,
     Qcow2ReadOnlyError,
     Qcow2UnsupportedError,
     WaitTimeoutError,
 )
-from .inflight import InflightList, L2Meta, NoInflightList
+from .inflight import (
+    InflightList,
+    L2Meta,
+    NoInflightList,
+    NoSectorRanges,
+    SectorRange,
+    SectorRanges,
+)
 from .io import BUFFERS, BackendFactory, Buffer, FileBackend, parallel_map, to_thread
 from .lock import BUSY, MetaLock, NoLock, Wakeup, running_loop
 from .mapping import (
@@ -74,6 +83,9 @@ _LOC_OTHER = -1
 # admission (no registration needed: see Image._map_now). Larger reads register and
 # move their data after the admission, not to hold the lock for a long copy.
 _INLINE_READ_MAX = 64 << 10
+# Encrypted runs at least this long are encrypted/decrypted in an I/O thread by the
+# async path (smaller ones cost less than the thread hop).
+_CRYPT_OFFLOAD = 256 << 10
 # _map_now's answer: (epoch or -1, file, host, plan, inline result).
 Mapped = tuple[int, "FileBackend | None", int, "list[Extent] | None", Any]
 # How long a synchronous call in a thread without an event loop waits (for the metadata
@@ -110,6 +122,8 @@ class Image:
         mode: str = "r",
         *,
         passphrase: str | bytes | None = None,
+        backing_passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
+        metadata_only: bool = False,
         l2_cache_size: int | None = None,
         refcount_cache_size: int | None = None,
         open_backing: bool = True,
@@ -119,6 +133,8 @@ class Image:
     ) -> None:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+        if metadata_only and mode != "r":
+            raise ValueError("metadata_only needs mode 'r'")
         if not wait_timeout > 0:
             raise ValueError(f"wait_timeout must be positive, not {wait_timeout!r}")
         self.path = os.fspath(path)
@@ -158,6 +174,17 @@ class Image:
         self._idle_waiters: list[Wakeup] = []
         self._poisoned: str | None = None
         self._poisoned_errno = _errno.EIO
+        self._backing_passphrase = backing_passphrase
+        self._metadata_only = metadata_only
+        # Encrypted images: the payload cipher (None for plain images). Every data read
+        # and write goes through it; the plain fast paths are off (``_plain_reads``).
+        self._crypto: PayloadCrypto | None = None
+        # Writes in progress on an encrypted image, so that a sub-sector write's
+        # read-modify-write excludes every request on its sectors (None: plain image).
+        self._ranges: SectorRanges | None = None
+        # One LUKS keyslot change at a time (taken before the metadata lock; its PBKDF2
+        # runs under this lock only, so I/O goes on meanwhile).
+        self._keyslot_lock = MetaLock(f"{self.path!r} (keyslots)")
         try:
             self.meta = Metadata(
                 self._file,
@@ -167,10 +194,13 @@ class Image:
             )
             hdr = self.meta.header
             if hdr.crypt_method:
-                kind = "AES" if hdr.crypt_method == C.CRYPT_AES else "LUKS"
-                raise Qcow2UnsupportedError(
-                    f"Encrypted images are not supported yet: crypt_method={hdr.crypt_method} "
-                    f"({kind})"
+                self._crypto = open_crypto(
+                    hdr.crypt_method,
+                    hdr.crypto_area,
+                    lambda off, n: self._file.pread(off, n, "crypto_read"),
+                    passphrase,
+                    path=self.path,
+                    metadata_only=metadata_only,
                 )
             if self.writable and hdr.corrupt:
                 raise Qcow2CorruptError(
@@ -190,6 +220,8 @@ class Image:
                 if self.serialized
                 else NoInflightList(self.meta.cluster_size)
             )
+            if self._crypto is not None and self.writable:
+                self._ranges = SectorRanges() if self.serialized else NoSectorRanges()
             if self.writable:
                 self._open_for_writing()
         except BaseException:
@@ -203,9 +235,18 @@ class Image:
         if fmt is None:
             fmt = probe_format(path)
         if fmt == "qcow2":
+            secret = self._backing_passphrase
+            below: str | bytes | Sequence[str | bytes | None] | None = secret
+            if secret is not None and not isinstance(secret, str | bytes):
+                # One passphrase per depth: the first is the backing file's own.
+                seq = list(secret)
+                secret, below = (seq[0], seq[1:]) if seq else (None, None)
             return Image(
                 path,
                 "r",
+                passphrase=secret,
+                backing_passphrase=below,
+                metadata_only=self._metadata_only,
                 io_backend=self._io_backend,
                 wait_timeout=self.wait_timeout,
                 _chain=self._chain,
@@ -214,6 +255,16 @@ class Image:
             check_chain(path, self._chain)
             return RawImage(path, self._io_backend(path, False))
         raise Qcow2UnsupportedError(f"Unsupported backing file format: backing_format={fmt!r}")
+
+    # The fast paths that move guest bytes without looking at them: asked of the data
+    # file each time (a test backend may turn its fast paths off after the open).
+    @property
+    def _plain_reads(self) -> bool:
+        return self._crypto is None and self._data.plain_reads
+
+    @property
+    def _plain_writes(self) -> bool:
+        return self._crypto is None and self._data.plain_writes
 
     @property
     def size(self) -> int:
@@ -239,6 +290,8 @@ class Image:
                 f"request of {length} bytes at offset {offset} is outside the virtual disk "
                 f"(size {size})"
             )
+        if self._crypto is not None:
+            self._crypto.check_usable()  # opened for metadata only: no passphrase
 
     def _check_still_open(self) -> None:
         """After waiting for the lock: the image may have been closed meanwhile."""
@@ -287,6 +340,12 @@ class Image:
         try:
             if self._closed:
                 self._check_still_open()
+            if self._crypto is not None:
+                host = map_plain(self.meta, offset, length)
+                if host >= 0:
+                    # Encrypted data in one host run: its one-extent plan, without
+                    # map_read's general walk (a random 4 KiB read's mapping cost).
+                    return self._enter(), None, -1, [Extent(DATA, offset, length, host)], None
             src, host = self._fast_source(offset, length)
             plan = None
             if src is not None:
@@ -352,7 +411,7 @@ class Image:
             if plan is None:
                 return bytes(length)
             data_file = self._data
-            if len(plan) == 1 and plan[0].kind == DATA and data_file.plain_reads:
+            if len(plan) == 1 and plan[0].kind == DATA and self._plain_reads:
                 return data_file.pread(plan[0].host, length, "data_read")
             buf = BUFFERS.borrow(length)
             try:
@@ -393,7 +452,7 @@ class Image:
         """
         host = map_plain(self.meta, offset, length)
         if host >= 0:
-            return (self._data, host) if self._data.plain_reads else _NO_FAST
+            return (self._data, host) if self._plain_reads else _NO_FAST
         if host != UNALLOCATED:
             return _NO_FAST
         backing = self.backing
@@ -472,7 +531,10 @@ class Image:
             view = dest[ext.guest - base : ext.guest - base + ext.length]
             kind = ext.kind
             if kind == DATA:
-                self._data.readinto(view, ext.host, event)
+                if self._crypto is None:
+                    self._data.readinto(view, ext.host, event)
+                else:
+                    self._read_encrypted_sync(view, ext.host, ext.guest, event)
             elif kind == ZERO:
                 _zero(view)
             elif kind == BACKING:
@@ -599,7 +661,7 @@ class Image:
             if plan is None:
                 return bytes(length)
             data_file = self._data
-            if data_file.plain_reads and len(plan) == 1 and plan[0].kind == DATA:
+            if self._plain_reads and len(plan) == 1 and plan[0].kind == DATA:
                 return await data_file.apread(plan[0].host, length, "data_read")
             buf = BUFFERS.borrow(length)
             try:
@@ -665,7 +727,10 @@ class Image:
             view = dest[ext.guest - base : ext.guest - base + ext.length]
             kind = ext.kind
             if kind == DATA:
-                await self._data.areadinto(view, ext.host, event)
+                if self._crypto is None:
+                    await self._data.areadinto(view, ext.host, event)
+                else:
+                    await self._read_encrypted(view, ext.host, ext.guest, event)
             elif kind == ZERO:
                 _zero(view)
             elif kind == BACKING:
@@ -820,11 +885,25 @@ class Image:
         view = memoryview(data).cast("B")
         n = len(view)
         self._check_writable(offset, n)
+        ranges = self._ranges
+        if ranges is None or not n:
+            return await self._write_body(offset, view, None)
+        if (offset | n) & SECTOR_MASK:
+            return await self._write_rmw(offset, view)
+        entry = await ranges.begin(offset, offset + n, serial=False)
+        try:
+            return await self._write_body(offset, view, entry)
+        finally:
+            ranges.end(entry)
+
+    async def _write_body(self, offset: int, view: memoryview, entry: SectorRange | None) -> int:
+        """:meth:`write` once admitted (``entry``: its sectors, on an encrypted image)."""
+        n = len(view)
         ep = self._enter()
         try:
             data_file = self._data
             if (
-                data_file.plain_writes
+                self._plain_writes
                 and data_file.inline_write_ok(n)
                 and (host := self._in_place_host(offset, n)) >= 0
             ):
@@ -847,7 +926,7 @@ class Image:
                     continue
                 chunk = view[pos : pos + step.length]
                 if (
-                    data_file.plain_writes
+                    self._plain_writes
                     and data_file.inline_write_ok(step.head_len + step.length + step.tail_len)
                     and plan_is_zero(step.head)
                     and plan_is_zero(step.tail)
@@ -856,16 +935,114 @@ class Image:
                     # the link too when the lock is free (nothing awaited in between, so
                     # no cancellation can leave the allocation in flight); else the link
                     # waits for the lock in a shielded task.
-                    await self._write_step_inline(ep, step, chunk)
+                    await self._write_step_inline(ep, step, chunk, entry)
                 else:
                     # The data phase and the link run to completion even if we are
                     # cancelled: an allocation must be either linked or freed, never left
                     # in flight.
-                    await self._shielded(ep, self._finish_step(step, chunk))
+                    await self._shielded(ep, self._finish_step(step, chunk), entry)
                 pos += step.length
         finally:
             self._leave(ep)
         return n
+
+    async def _write_rmw(self, offset: int, view: memoryview) -> int:
+        """An unaligned write to an encrypted image: sectors are encrypted whole, so
+        read the partial first and last sectors, merge, and write whole sectors.
+        Registered as a serial request on its sectors from before the read until the
+        write-back is linked: no write, write-zeroes or discard of those sectors runs
+        in between, or the write-back would undo it."""
+        n = len(view)
+        start, buf, reads = self._rmw_plan(offset, view)
+        ranges = self._ranges
+        assert ranges is not None
+        entry = await ranges.begin(start, start + len(buf), serial=True)
+        try:
+            for off, piece in reads:
+                await self.readinto(piece, off)
+            buf[offset - start : offset - start + n] = view
+            await self._write_body(start, memoryview(buf), entry)
+        finally:
+            ranges.end(entry)
+        return n
+
+    def _rmw_plan(
+        self, offset: int, view: memoryview
+    ) -> tuple[int, bytearray, list[tuple[int, memoryview]]]:
+        """The whole-sector range around an unaligned write and the partial sectors
+        (guest offset, destination) to read into it before merging."""
+        n = len(view)
+        start = offset & ~SECTOR_MASK
+        end = (offset + n + SECTOR_MASK) & ~SECTOR_MASK
+        buf = bytearray(end - start)
+        mv = memoryview(buf)
+        reads: list[tuple[int, memoryview]] = []
+        if offset != start:
+            reads.append((start, mv[:512]))
+        if offset + n != end and not (reads and end - start == 512):
+            reads.append((end - 512, mv[end - start - 512 :]))
+        return start, buf, reads
+
+    def _read_encrypted_sync(self, view: memoryview, host: int, guest: int, event: str) -> None:
+        """Read and decrypt one DATA extent of an encrypted image (whole sectors are
+        read and decrypted; an unaligned extent through a bounce buffer)."""
+        crypto = self._crypto
+        assert crypto is not None
+        lo = host & SECTOR_MASK
+        if not lo and not len(view) & SECTOR_MASK:
+            self._data.readinto(view, host, event)
+            crypto.decrypt(view, host, guest)
+            return
+        tmp = memoryview(bytearray((lo + len(view) + SECTOR_MASK) & ~SECTOR_MASK))
+        self._data.readinto(tmp, host - lo, event)
+        crypto.decrypt(tmp, host - lo, guest - lo)
+        view[:] = tmp[lo : lo + len(view)]
+
+    async def _read_encrypted(self, view: memoryview, host: int, guest: int, event: str) -> None:
+        """:meth:`_read_encrypted_sync` for the async path: large runs are decrypted in
+        an I/O thread, off the event loop."""
+        crypto = self._crypto
+        assert crypto is not None
+        lo = host & SECTOR_MASK
+        if not lo and not len(view) & SECTOR_MASK:
+            await self._data.areadinto(view, host, event)
+            await self._crypt_run(crypto.decrypt, view, host, guest)
+            return
+        tmp = memoryview(bytearray((lo + len(view) + SECTOR_MASK) & ~SECTOR_MASK))
+        await self._data.areadinto(tmp, host - lo, event)
+        await self._crypt_run(crypto.decrypt, tmp, host - lo, guest - lo)
+        view[:] = tmp[lo : lo + len(view)]
+
+    async def _crypt_run(
+        self,
+        fn: Callable[[memoryview | bytearray, int, int], None],
+        buf: memoryview | bytearray,
+        host: int,
+        guest: int,
+    ) -> None:
+        """Encrypt or decrypt in place: inline when small, else in an I/O thread (the
+        cipher releases the GIL for large runs, so other requests go on meanwhile)."""
+        if len(buf) >= _CRYPT_OFFLOAD:
+            await to_thread(fn, buf, host, guest)
+        else:
+            fn(buf, host, guest)
+
+    def _to_seal(self, step: WriteStep, bufs: list[Buffer], start: int) -> tuple[bytearray, int]:
+        """A step's buffers gathered into one buffer to encrypt (a copy: the caller's
+        data is never changed), and the guest offset of its first byte."""
+        total = sum(len(memoryview(b)) for b in bufs)
+        if (start | total) & SECTOR_MASK:
+            raise Qcow2Error(
+                f"internal error: encrypted write of {total} bytes at host offset {start:#x} "
+                "is not sector aligned"
+            )
+        out = bytearray(total)
+        pos = 0
+        for b in bufs:
+            m = memoryview(b).cast("B")
+            out[pos : pos + len(m)] = m
+            pos += len(m)
+        return out, step.guest - (step.host - start)
 
     def _in_place_host(self, offset: int, n: int) -> int:
         """The host offset of ``[offset, offset+n)`` when it is COPIED clusters
@@ -885,7 +1062,9 @@ class Image:
         finally:
             self.lock.exit_read(how)
 
-    async def _write_step_inline(self, ep: int, step: WriteStep, chunk: memoryview) -> None:
+    async def _write_step_inline(
+        self, ep: int, step: WriteStep, chunk: memoryview, entry: SectorRange | None
+    ) -> None:
         data_file = self._data
         t0 = time.monotonic()
         try:
@@ -894,16 +1073,22 @@ class Image:
             data_file.pwritev(bufs, start, _write_event(step))
         except BaseException:
             if not self._settle_now(step, ok=False):
-                await self._shielded(ep, self._settle(step, ok=False))
+                await self._shielded(ep, self._settle(step, ok=False), entry)
             raise
         data_file.note_inline_write(time.monotonic() - t0)
         if not self._settle_now(step, ok=True):
-            await self._shielded(ep, self._settle(step, ok=True))
+            await self._shielded(ep, self._settle(step, ok=True), entry)
 
-    async def _shielded(self, ep: int, coro: Coroutine[Any, Any, None]) -> None:
+    async def _shielded(
+        self, ep: int, coro: Coroutine[Any, Any, None], entry: SectorRange | None = None
+    ) -> None:
         """Run ``coro`` as a task that finishes even if the caller is cancelled,
-        registered (at the caller's epoch) until it has: a close waits for it."""
+        registered (at the caller's epoch) until it has: a close waits for it, and
+        its sectors (``entry``) stay taken until it has."""
         self._enter_at(ep)
+        ranges = self._ranges
+        if entry is not None and ranges is not None:
+            ranges.hold(entry)
         task = asyncio.ensure_future(coro)
         with self._reqs_mutex:
             self._background.add(task)
@@ -913,6 +1098,8 @@ class Image:
                 self._background.discard(t)
             if not t.cancelled():
                 t.exception()  # retrieved: the caller (if still there) re-raises it
+            if entry is not None and ranges is not None:
+                ranges.end(entry)
             self._leave(ep)
 
         task.add_done_callback(done)
@@ -960,6 +1147,10 @@ class Image:
             bufs, reads, start = self._step_buffers(step, chunk)
             for plan, view, base in reads:
                 await self._run_plan(plan, view, base, "cow_read")
+            if self._crypto is not None:
+                sealed, guest = self._to_seal(step, bufs, start)
+                await self._crypt_run(self._crypto.encrypt, sealed, start, guest)
+                bufs = [sealed]
             await self._data.apwritev(bufs, start, _write_event(step))
         except BaseException:
             await self._settle(step, ok=False)
@@ -1002,7 +1193,7 @@ class Image:
         Only for plain backends: recording and fault-injecting ones see every byte.
         """
         head_len, tail_len = step.head_len, step.tail_len
-        if not (head_len or tail_len) or not self._data.plain_writes:
+        if not (head_len or tail_len) or not self._plain_writes:
             return head_len, tail_len
         head_zero = head_len and plan_is_zero(step.head)
         tail_zero = tail_len and plan_is_zero(step.tail)
@@ -1073,7 +1264,11 @@ class Image:
                 await self.lock.acquire()
                 try:
                     self._check_still_open()
-                    blocker = self.inflight.overlapping(offset, length)
+                    blocker: L2Meta | SectorRange | None = self.inflight.overlapping(offset, length)
+                    if blocker is None and self._ranges is not None:
+                        # All of it under the lock: only a read-modify-write between its
+                        # read and its write-back can be in the way.
+                        blocker = self._ranges.blocker(offset, offset + length, serial=False)
                     if blocker is None:
                         return zero_clusters(
                             self, offset, offset + length, unmap=unmap, discard=discard
@@ -1140,14 +1335,17 @@ class Image:
         wait = self._sync_wait()
         return None if wait is None else time.monotonic() + wait
 
-    def _take_sync(self, deadline: float | None) -> None:
-        """Take the metadata lock for a synchronous call: at once or ImageBusyError
-        (``deadline`` None), or waiting until ``deadline`` (then WaitTimeoutError)."""
+    def _take_sync(self, deadline: float | None, lock: MetaLock | NoLock | None = None) -> None:
+        """Take the metadata lock (or ``lock``) for a synchronous call: at once or
+        ImageBusyError (``deadline`` None), or waiting until ``deadline`` (then
+        WaitTimeoutError)."""
+        what = "metadata lock" if lock is None else "keyslot lock"
+        lock = self.lock if lock is None else lock
         if deadline is None:
-            if not self.lock.try_acquire():
-                raise ImageBusyError("metadata lock is held by a suspended request")
+            if not lock.try_acquire():
+                raise ImageBusyError(f"{what} is held by a suspended request")
         else:
-            self.lock.acquire_blocking(max(0.0, deadline - time.monotonic()))
+            lock.acquire_blocking(max(0.0, deadline - time.monotonic()))
 
     def write_sync(self, offset: int, data: Buffer) -> int:
         """Write without ever awaiting. In a thread running an event loop, raises
@@ -1158,33 +1356,52 @@ class Image:
         n = len(view)
         self._check_writable(offset, n)
         deadline = self._deadline()
+        ranges = self._ranges
+        # A sub-sector write to an encrypted image reads and writes its whole sectors,
+        # all under one hold of the lock, once nothing else is writing them.
+        rmw = ranges is not None and n > 0 and bool((offset | n) & SECTOR_MASK)
+        start = offset & ~SECTOR_MASK if rmw else offset
+        end = (offset + n + SECTOR_MASK) & ~SECTOR_MASK if rmw else offset + n
         while True:
             self._take_sync(deadline)
             try:
-                blocker = self.inflight.overlapping(offset, n)
+                blocker: L2Meta | SectorRange | None = self.inflight.overlapping(start, end - start)
+                if blocker is None and ranges is not None:
+                    blocker = ranges.blocker(start, end, serial=rmw)
                 if blocker is None:
                     ep = self._enter()
                     try:
-                        self._write_locked_sync(offset, view)
+                        if rmw:
+                            self._rmw_locked_sync(offset, view)
+                        else:
+                            self._write_locked_sync(offset, view)
                     finally:
                         self._leave(ep)
                     return n
             finally:
                 self.lock.release()
             if deadline is None:
-                raise ImageBusyError(
-                    f"an in-flight allocation overlaps the write at {offset} (+{n})"
-                )
+                raise ImageBusyError(f"a request in flight overlaps the write at {offset} (+{n})")
             if not blocker.wait_blocking(max(0.0, deadline - time.monotonic())):
                 raise WaitTimeoutError(
-                    f"waited {self.wait_timeout:.1f} s for an in-flight allocation "
+                    f"waited {self.wait_timeout:.1f} s for a request in flight "
                     f"overlapping the write at {offset} (+{n}) on {self.path!r}"
                 )
+
+    def _rmw_locked_sync(self, offset: int, view: memoryview) -> None:
+        """:meth:`_write_rmw` with the lock held throughout (nothing can change the
+        partial sectors between their read and their write-back)."""
+        start, buf, reads = self._rmw_plan(offset, view)
+        for off, piece in reads:
+            plan = map_read(self.meta, off, len(piece), self.backing is not None)
+            self._run_plan_sync(plan, piece, off)
+        buf[offset - start : offset - start + len(view)] = view
+        self._write_locked_sync(start, memoryview(buf))
 
     def _write_locked_sync(self, offset: int, view: memoryview) -> None:
         n = len(view)
         data_file = self._data
-        if data_file.plain_writes:
+        if self._plain_writes:
             # Fast path: the range is COPIED clusters contiguous on the host, which
             # prepare_write would turn into one in-place step with nothing to link
             # (no metadata change): write it straight away.
@@ -1210,6 +1427,10 @@ class Image:
             bufs, reads, start = self._step_buffers(step, chunk)
             for plan, view, base in reads:
                 self._run_plan_sync(plan, view, base, "cow_read")
+            if self._crypto is not None:
+                sealed, guest = self._to_seal(step, bufs, start)
+                self._crypto.encrypt(sealed, start, guest)
+                bufs = [sealed]
             self._data.pwritev(bufs, start, _write_event(step))
         except BaseException:
             abort_step(self, step)
@@ -1274,8 +1495,135 @@ class Image:
 
         return image_info(self)
 
+    # ------------------------------------------------------------- keyslots
+    @property
+    def encrypted(self) -> bool:
+        """True for an image whose guest data is encrypted (legacy AES or LUKS)."""
+        return self._crypto is not None
+
+    def _luks_state(self) -> tuple[PayloadCrypto, bytes]:
+        """The LUKS state a keyslot change starts from (writable, unlocked)."""
+        crypto = self._crypto
+        if crypto is None or crypto.luks is None:
+            raise Qcow2UnsupportedError(
+                f"image {self.path!r} is not LUKS encrypted: only LUKS has keyslots "
+                "(Only LUKS encryption options can be amended)"
+            )
+        if not self.writable:
+            raise Qcow2ReadOnlyError("changing keyslots needs an image opened with mode 'r+'")
+        crypto.check_usable()
+        assert crypto.master_key is not None
+        return crypto, bytes(crypto.master_key)
+
+    def _keyslot_job(
+        self, add: bool, secret: str | bytes | None, slot: int | None, iter_time: int, force: bool
+    ) -> Callable[[], tuple[Any, list[tuple[int, bytes]]]]:
+        """The slow part of a keyslot change (PBKDF2), as a function of nothing that
+        may change meanwhile: it runs before the metadata lock is taken."""
+        from .crypto.luks import add_keyslot, erase_keyslots
+        from .crypto.payload import passphrase_bytes
+
+        crypto, key = self._luks_state()
+        luks = crypto.luks
+        assert luks is not None
+        area = self.meta.header.crypto_area
+        assert area is not None
+        base = area[0]
+
+        def read(off: int, n: int) -> bytes:
+            return self._file.pread(base + off, n, "crypto_read")
+
+        if add:
+            if secret is None:
+                raise Qcow2PassphraseError("a new passphrase is missing")
+            new = passphrase_bytes(secret)
+            return lambda: add_keyslot(luks, key, new, slot=slot, iter_time_ms=iter_time)
+        old = None if secret is None else passphrase_bytes(secret)
+        return lambda: erase_keyslots(luks, read, old_passphrase=old, slot=slot, force=force)
+
+    def _apply_keyslots(self, header: Any, writes: list[tuple[int, bytes]]) -> None:
+        """Write a keyslot change into the LUKS area, each write made durable before
+        the next (the order given: new key material before the header that makes it
+        live; a header that retires a slot before its material is wiped). Runs with
+        the metadata lock held, so a close or flush cannot interleave."""
+        self._check_still_open()
+        crypto = self._crypto
+        area = self.meta.header.crypto_area
+        assert crypto is not None and area is not None
+        for off, data in writes:
+            if off < 0 or off + len(data) > area[1]:
+                raise Qcow2Error(
+                    f"internal error: keyslot write at {off} (+{len(data)}) outside the "
+                    f"LUKS area of {area[1]} bytes"
+                )
+            self._file.pwritev([data], area[0] + off, "crypto_write")
+            self._file.flush("crypto_flush")
+        crypto.luks = header
+
+    async def _keyslot_change(
+        self, add: bool, secret: str | bytes | None, slot: int | None, iter_time: int, force: bool
+    ) -> None:
+        await self._keyslot_lock.acquire()  # one keyslot change at a time
+        try:
+            job = self._keyslot_job(add, secret, slot, iter_time, force)
+            header, writes = await to_thread(job)
+            await self.lock.acquire()
+            try:
+                self._apply_keyslots(header, writes)
+            finally:
+                self.lock.release()
+        finally:
+            self._keyslot_lock.release()
+
+    def _keyslot_change_sync(
+        self, add: bool, secret: str | bytes | None, slot: int | None, iter_time: int, force: bool
+    ) -> None:
+        deadline = self._deadline()
+        self._take_sync(deadline, self._keyslot_lock)
+        try:
+            header, writes = self._keyslot_job(add, secret, slot, iter_time, force)()
+            self._take_sync(deadline)
+            try:
+                self._apply_keyslots(header, writes)
+            finally:
+                self.lock.release()
+        finally:
+            self._keyslot_lock.release()
+
+    async def add_passphrase(
+        self, new: str | bytes, *, slot: int | None = None, iter_time: int = 2000
+    ) -> None:
+        """Add a LUKS keyslot opened by ``new`` (QEMU's ``qemu-img amend -o
+        encrypt.state=active,encrypt.new-secret=...[,encrypt.keyslot=N]``): the first
+        inactive slot, or ``slot``, which must be inactive. ``iter_time`` is the PBKDF2
+        time in milliseconds, as at create. The PBKDF2 work runs in a thread."""
+        await self._keyslot_change(True, new, slot, iter_time, False)
+
+    def add_passphrase_sync(
+        self, new: str | bytes, *, slot: int | None = None, iter_time: int = 2000
+    ) -> None:
+        """:meth:`add_passphrase` without awaiting."""
+        self._keyslot_change_sync(True, new, slot, iter_time, False)
+
+    async def remove_passphrase(
+        self, old: str | bytes | None = None, *, slot: int | None = None, force: bool = False
+    ) -> None:
+        """Erase the LUKS keyslots that ``old`` opens, or keyslot ``slot`` (QEMU's
+        ``encrypt.state=inactive`` with ``encrypt.old-secret`` or ``encrypt.keyslot``).
+        Erasing every usable slot would make the data unreadable forever: refused
+        unless ``force``, as QEMU does."""
+        await self._keyslot_change(False, old, slot, 2000, force)
+
+    def remove_passphrase_sync(
+        self, old: str | bytes | None = None, *, slot: int | None = None, force: bool = False
+    ) -> None:
+        """:meth:`remove_passphrase` without awaiting."""
+        self._keyslot_change_sync(False, old, slot, 2000, force)
+
     # ---------------------------------------------------------------- close
     def _close_files(self) -> None:
+        if self._crypto is not None:
+            self._crypto.forget()
         if self.backing is not None:
             self.backing.close()
             self.backing = None

@@ -254,6 +254,10 @@ class Metadata:
             off = entry & C.L1E_OFFSET_MASK
             if off:
                 self.add_meta_range(off, self.cluster_size, "l2")
+        if hdr.crypto_area is not None:
+            # Not one of QEMU's overlap checks, but a guest write landing on the LUKS
+            # header or keyslots would lose every passphrase: refused the same way.
+            self.add_meta_range(hdr.crypto_area[0], hdr.crypto_area[1], "crypto_header")
         if hdr.nb_snapshots:
             end = self.snapshot_table_end
             self.add_meta_range(hdr.snapshots_offset, end - hdr.snapshots_offset, "snapshot_table")

@@ -43,7 +43,7 @@ def _chain_infos(spec: ImageSpec, chain: bool) -> list[dict[str, object]]:
             return infos
         if kind != "qcow2":
             raise Qcow2UnsupportedError(f"Unsupported image format: {kind}")
-        with Image(path, "r", open_backing=False) as img:
+        with Image(path, "r", open_backing=False, metadata_only=True) as img:
             hdr = img.meta.header
             if not infos:
                 check_encrypt_options(spec.level(0), hdr.crypt_method)

@@ -844,9 +844,12 @@ def format_area(
     Returns (area bytes, master key); the area's length is the payload offset, which
     is the length of the qcow2 crypto header extension (2068480 for 64-byte keys).
     ``ivgen_hash_alg`` is written into the mode string whenever given (QEMU does so
-    even for plain64, and then ignores it).
+    even for plain64, and then ignores it); with essiv it defaults to sha256, as
+    QEMU's (not to ``hash_alg``).
     """
     _check_iter_time(iter_time_ms)
+    if ivgen_alg == "essiv" and ivgen_hash_alg is None:
+        ivgen_hash_alg = "sha256"
     if ivgen_hash_alg is not None:
         _check_hash(ivgen_hash_alg, "ivgen_hash_alg")
     _check_hash(hash_alg, "hash_alg")
