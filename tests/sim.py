@@ -121,19 +121,6 @@ PASSPHRASE = "pw"
 # Seeds per scenario and driver for an encrypted kind in a quick run (``make test``);
 # ``QCOW2AIO_STRESS=1`` runs the full count for every kind.
 ENCRYPTED_SEEDS = 10
-# A known driver bug (test_interleavings.py::RMW_RACE): a sub-sector write to an
-# encrypted image writes back the rest of its partial sectors as it read them, undoing
-# a request that completed in between. While it is open, a seed that fails only by
-# such bytes (History.check with ``rmw_stale``) is counted ("known RMW race"), not
-# failed; everything else is still judged. ``QCOW2AIO_STRICT_RMW=1`` fails them too.
-# When the driver is fixed (the strict xfail test passes), set this to False.
-TOLERATE_RMW_RACE = os.environ.get("QCOW2AIO_STRICT_RMW", "").strip() in ("", "0")
-KNOWN_RMW = "known RMW race (seeds)"
-# A second one (test_interleavings.py::RMW_BUSY): a sub-sector write_sync refused as
-# busy may already have read its partial sectors, and with them loaded L2 tables and
-# written back evicted ones. Counted ("known RMW busy change"), not failed, while open;
-# QCOW2AIO_STRICT_RMW=1 fails it too. Set to False when the driver is fixed.
-TOLERATE_RMW_BUSY = TOLERATE_RMW_RACE
 
 
 def crypt_create(crypt: str) -> dict[str, Any]:
@@ -563,9 +550,6 @@ class History:
         self.initial = initial
         self.clock = 0
         self.ops: list[Op] = []
-        # An encrypted image: writes not aligned to 512-byte sectors read-modify-write
-        # their partial sectors (see TOLERATE_RMW_RACE).
-        self.sector_rmw = False
 
     def tick(self) -> int:
         self.clock += 1
@@ -600,15 +584,11 @@ class History:
         *,
         start: int = NEVER,
         end: int = NEVER,
-        rmw_stale: bool = False,
     ) -> str | None:
         """Check bytes observed at guest ``[lo, lo+len)`` during ``[start, end]``.
 
         ``start=end=NEVER`` checks a final state (everything finished). Returns
         None, or a description of the first byte no allowed write explains.
-        ``rmw_stale`` (an encrypted image, the known bug of TOLERATE_RMW_RACE): a byte
-        in the partial sector of a sub-sector write, outside that write, may also
-        hold any value it could have held while that write ran.
         """
         hi = lo + len(actual)
         writes = [w for w in self.writes() if w.off < hi and lo < w.off + w.length and w.length]
@@ -616,9 +596,6 @@ class History:
         for w in writes:
             cuts.add(max(lo, w.off))
             cuts.add(min(hi, w.off + w.length))
-        stale = self._rmw_partials(lo, hi) if rmw_stale else []
-        for _, a, b in stale:
-            cuts.update(min(hi, max(lo, x)) for x in (a, b))
         points = sorted(cuts)
         for a, b in itertools.pairwise(points):
             cover = [w for w in writes if w.off <= a and b <= w.off + w.length]
@@ -639,52 +616,9 @@ class History:
                 cands.append((w.label(), w.bytes_at(a, b)))
             if any(got == c for _, c in cands):
                 continue
-            for r, pa, pb in stale:
-                if pa <= a and b <= pb and r.start < end:
-                    cands += self._stale(r, cover, a, b)
-            if any(got == c for _, c in cands):
-                continue
             for i in range(b - a):
                 if not any(c[i] == got[i] for _, c in cands):
                     return self._mismatch(got[i:], a + i, [(n, c[i:]) for n, c in cands])
-        return None
-
-    def _rmw_partials(self, lo: int, hi: int) -> list[tuple[Op, int, int]]:
-        """(request, a, b): the parts ``[a, b)`` of partial sectors that sub-sector writes
-        read and wrote back without covering them, overlapping ``[lo, hi)``. Unaligned
-        write-zeroes count: their unaligned ends are written as zeros (a write)."""
-        out = []
-        for r in self.writes():
-            if r.kind == "discard" or not r.length or not (r.off | r.length) & 511:
-                continue
-            r_end = r.off + r.length
-            for a, b in ((r.off & ~511, r.off), (r_end, (r_end + 511) & ~511)):
-                if a < b and a < hi and lo < b:
-                    out.append((r, a, b))
-        return out
-
-    def _stale(self, r: Op, cover: list[Op], a: int, b: int) -> list[tuple[str, bytes]]:
-        """What ``[a, b)`` may have held when the sub-sector write ``r`` read it: any
-        version not superseded before ``r`` started, invoked before ``r`` ended."""
-        dom = [d for d in cover if d.status == "ok" and d.end < r.start]
-        out = [] if dom else [(f"initial, rewritten by {r.label()}", self.initial[a:b])]
-        for w in cover:
-            if w.start < r.end and not any(d.start > w.end for d in dom):
-                out.append((f"{w.label()}, rewritten by {r.label()}", w.bytes_at(a, b)))
-        return out
-
-    def judge(
-        self, actual: bytes, lo: int, stats: Counter[str], *, start: int = NEVER, end: int = NEVER
-    ) -> str | None:
-        """:meth:`check`; with the known RMW race tolerated (TOLERATE_RMW_RACE), bytes
-        only it explains are counted in ``stats`` instead of reported."""
-        bad = self.check(actual, lo, start=start, end=end)
-        if bad is None or not (self.sector_rmw and TOLERATE_RMW_RACE):
-            return bad
-        if self.check(actual, lo, start=start, end=end, rmw_stale=True) is not None:
-            return bad
-        stats["known RMW race (observations)"] += 1
-        stats[KNOWN_RMW] = 1  # per seed (Outcome stats are summed over seeds)
         return None
 
     @staticmethod
@@ -883,12 +817,7 @@ class Ctx:
                 self.hist.ops.remove(op)
                 self.outcome.stats["sync busy"] += 1
                 if fingerprint(self.img) != before:
-                    if TOLERATE_RMW_BUSY and self.crypt != "plain" and (op.off | op.length) & 511:
-                        self.outcome.stats["known RMW busy change"] += 1
-                    else:
-                        self.fail(
-                            "busy", f"{op.label()} raised ImageBusyError after changing state"
-                        )
+                    self.fail("busy", f"{op.label()} raised ImageBusyError after changing state")
             await asyncio.sleep(0)
         raise AssertionError(f"{op.label()}: busy forever")
 
@@ -1072,7 +1001,6 @@ def run_seed(scn: Scenario, driver: str, seed: int, env: SimEnv) -> Outcome:
     out = Outcome(scn.name, driver, seed)
     setup = scn.setup(env, seed)
     hist = History(setup.initial)
-    hist.sector_rmw = setup.crypt != "plain"
     with memoized_unlock():
         img = _open(setup.path, driver, jitter_factory(seed), setup.open_kwargs)
     ctx = Ctx(
@@ -1112,7 +1040,7 @@ def _verify(scn: Scenario, ctx: Ctx, out: Outcome, env: SimEnv) -> None:
     # Reads answered during the run.
     for op in hist.ops:
         if op.kind == "read" and op.status == "ok" and op.result is not None:
-            bad = hist.judge(op.result, op.off, out.stats, start=op.start, end=op.end)
+            bad = hist.check(op.result, op.off, start=op.start, end=op.end)
             if bad is not None:
                 out.failures.append(Failure("read", f"{op.label()} saw\n{bad}"))
     report: dict[str, Any] = {}
@@ -1121,7 +1049,7 @@ def _verify(scn: Scenario, ctx: Ctx, out: Outcome, env: SimEnv) -> None:
         with qcow2aio.open(ctx.path, "r", **crypt_open(ctx.crypt)) as img:
             final = img.read_sync(0, img.size)
             report = img.check()
-            bad = hist.judge(final, 0, out.stats)
+            bad = hist.check(final, 0)
             if bad is not None:
                 out.failures.append(Failure("final", bad))
             if scn.verify is not None:
@@ -1165,7 +1093,7 @@ def _verify_flush_copy(
         return
     if rep.get("corruptions", 0) or rep.get("check-errors", 0):
         out.failures.append(Failure("flushcopy", f"{copy.name} (flush t={start}): {rep}"))
-    bad = ctx.hist.judge(data, 0, out.stats, start=start, end=at)
+    bad = ctx.hist.check(data, 0, start=start, end=at)
     if bad is not None:
         out.failures.append(Failure("flushcopy", f"{copy.name} (flush t={start}):\n{bad}"))
     if env.qemu is not None and _wants_qemu(ctx, out):

@@ -829,38 +829,6 @@ def test_oracle_old_or_new() -> None:
     assert h.check(b"\0\0", 0, start=a.end + 1, end=h.tick()) is not None
 
 
-def test_oracle_tolerates_only_the_known_rmw_race() -> None:
-    """History.check(rmw_stale=True) (sim.TOLERATE_RMW_RACE): a sub-sector write may
-    put back, in its partial sectors, what it read there; nothing else is allowed."""
-    from collections import Counter
-
-    from sim import History, Op
-
-    h = History(b"a" * 1024)
-    h.sector_rmw = True
-    r = h.begin(Op("write", 100, 10, b"x" * 10))  # reads sector 0 ...
-    d = h.begin(Op("write", 0, 512, b"b" * 512))
-    h.done(d)
-    h.done(r)  # ... and writes it back after d completed
-    undone = b"a" * 100 + b"x" * 10 + b"a" * 402 + b"a" * 512
-    assert h.check(undone, 0) is not None
-    assert h.check(undone, 0, rmw_stale=True) is None
-    stats: Counter[str] = Counter()
-    assert h.judge(undone, 0, stats) is None and stats["known RMW race (observations)"] == 1
-    # Garbage (a sector decrypted with the wrong IV) and the second sector are still judged.
-    assert h.check(b"a" * 100 + b"x" * 10 + b"?" * 402 + b"a" * 512, 0, rmw_stale=True)
-    e = h.begin(Op("write", 512, 512, b"e" * 512))
-    h.done(e)
-    assert h.check(undone, 0, rmw_stale=True) is not None  # e is not in r's sectors
-    # An aligned write reads nothing back: no tolerance for it.
-    h2 = History(b"a" * 1024)
-    w = h2.begin(Op("write", 0, 512, b"w" * 512))
-    d2 = h2.begin(Op("write", 0, 512, b"d" * 512))
-    h2.done(d2)
-    h2.done(w)
-    assert h2.check(b"a" * 1024, 0, rmw_stale=True) is not None
-
-
 # --------------------------------------------------------- regression seeds
 # Seeds that found bugs (see the docstrings). A seed is only meaningful with the
 # scenario code as it was when it was found: if a scenario's workload changes,
@@ -927,18 +895,6 @@ def test_regression_close_leaks_deferred_frees_sync_seed101(sim_env: SimEnv) -> 
     _replay(sim_env, "close_in_flight", "sync", 101)
 
 
-RMW_RACE = (
-    "driver bug: a sub-sector write to an encrypted image (Image._write_rmw / write_sync's "
-    "read-modify-write, also reached by an unaligned write_zeroes) holds only _rmw_lock "
-    "between reading its partial sectors and writing them back; an aligned write, "
-    "write_zeroes or discard of those sectors that completes in between is undone by the "
-    "stale write-back (QEMU serializes every request overlapping an unaligned one). While "
-    "open, sim.TOLERATE_RMW_RACE lets the harnesses count it instead of failing; when this "
-    "test passes, set it to False."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=RMW_RACE)
 @pytest.mark.parametrize("crypt", ["luks", "aes"])
 @pytest.mark.parametrize("other", ["write", "write_zeroes", "discard"])
 @pytest.mark.parametrize("sub", ["write", "write_zeroes"])
@@ -946,11 +902,13 @@ async def test_regression_sub_sector_write_undoes_a_concurrent_request(
     tmp_path: Path, sub: str, other: str, crypt: str
 ) -> None:
     """Found by the encrypted variants of discard_zero_race, tiny_caches and
-    sync_between_steps (e.g. ``QCOW2AIO_SEED=0 pytest
+    sync_between_steps (``QCOW2AIO_SEED=0 pytest
     'tests/test_interleavings.py::test_scenario[discard_zero_race-async-luks]'``):
-    a 10-byte write (or write_zeroes) at 100 reads sector 0 for its read-modify-write; meanwhile a
-    request covering sector 0 completes; the write-back then restores the sector's
-    old bytes outside [100, 110), losing the acknowledged request there."""
+    a 10-byte write (or write_zeroes) at 100 reads sector 0 for its read-modify-write;
+    a request covering sector 0 then completed before the write-back, which restored
+    the sector's old bytes outside [100, 110), losing the acknowledged request there.
+    Now the read-modify-write is a serial request (inflight.SectorRanges): the other
+    request waits until its write-back is linked."""
     path = tmp_path / "rmw.qcow2"
     qcow2aio.create(path, 1 << 20, cluster_size=4096, **crypt_create(crypt))
     img = qcow2aio.open(path, "r+", **crypt_open(crypt))
@@ -972,13 +930,18 @@ async def test_regression_sub_sector_write_undoes_a_concurrent_request(
     await read_done.wait()
     img.readinto = real  # type: ignore[method-assign]
     if other == "write":
-        await img.write(0, b"b" * 512)
+        later = asyncio.ensure_future(img.write(0, b"b" * 512))
     elif other == "write_zeroes":
-        await img.write_zeroes(0, 4096)
+        later = asyncio.ensure_future(img.write_zeroes(0, 4096))
     else:
-        await img.discard(0, 4096)
+        later = asyncio.ensure_future(img.discard(0, 4096))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # The other request waits for the read-modify-write of its sectors to finish.
+    assert not later.done()
     gate.set()
     await task
+    await later
     got = await img.read(0, 512)
     await img.aclose()
     fill = b"b" if other == "write" else b"\0"
@@ -989,27 +952,52 @@ async def test_regression_sub_sector_write_undoes_a_concurrent_request(
         assert got[100:110] in (bytes(10), fill * 10)
 
 
-RMW_BUSY = (
-    "driver bug: Image.write_sync of a sub-sector range of an encrypted image, in a thread "
-    "running an event loop, reads its partial sectors (readinto_sync, which may load L2 "
-    "tables and write back the dirty ones it evicts) before its write part finds an "
-    "overlapping in-flight allocation and raises ImageBusyError: a refused call changed the "
-    "file and the caches (guest data is not affected). While open, sim.TOLERATE_RMW_BUSY "
-    "counts it in the seeded-loop harness instead of failing; when this test passes, set "
-    "it to False."
-)
+@pytest.mark.parametrize("crypt", ["luks", "aes"])
+async def test_sub_sector_write_waits_for_a_write_in_its_data_phase(
+    tmp_path: Path, crypt: str
+) -> None:
+    """The other order: an aligned in-place write of sector 0 is between its mapping
+    and its data write when a 10-byte write into sector 0 starts. The sub-sector write
+    must not read the sector before that write lands (it would write back the old
+    bytes over it), nor may a synchronous one in the loop's thread go ahead."""
+    path = tmp_path / "rmw2.qcow2"
+    qcow2aio.create(path, 1 << 20, cluster_size=4096, **crypt_create(crypt))
+    img = qcow2aio.open(path, "r+", **crypt_open(crypt))
+    await img.write(0, b"a" * 4096)
+    gate = asyncio.Event()
+    real = img._data.apwritev
+
+    async def gated(*args: Any, **kwargs: Any) -> None:
+        await gate.wait()
+        await real(*args, **kwargs)
+
+    img._data.apwritev = gated  # type: ignore[method-assign]
+    aligned = asyncio.ensure_future(img.write(0, b"b" * 512))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    with pytest.raises(qcow2aio.ImageBusyError):
+        img.write_sync(300, b"s")
+    img._data.apwritev = real  # type: ignore[method-assign]
+    sub = asyncio.ensure_future(img.write(100, b"x" * 10))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not sub.done()
+    gate.set()
+    await asyncio.gather(aligned, sub)
+    got = await img.read(0, 512)
+    await img.aclose()
+    assert got == b"b" * 100 + b"x" * 10 + b"b" * 402
 
 
-@pytest.mark.xfail(strict=True, reason=RMW_BUSY)
 @pytest.mark.parametrize("crypt", ["luks", "aes"])
 async def test_regression_refused_sub_sector_write_sync_changes_nothing(
     tmp_path: Path, crypt: str
 ) -> None:
     """Found by the encrypted sync driver of tiny_caches under QCOW2AIO_STRESS=1
     (``QCOW2AIO_SEED=36 pytest 'tests/test_interleavings.py::test_scenario[tiny_caches-sync-luks]'``
-    with sim.TOLERATE_RMW_BUSY off): one-table L2 cache, an allocation in flight at B,
-    table A cached and dirty; write_sync(B + 100, 10 bytes) evicts A (writing it) to read
-    B's sector, then is refused."""
+    before the fix): one-table L2 cache, an allocation in flight at B, table A cached
+    and dirty; write_sync(B + 100, 10 bytes) evicted A (writing it) to read B's sector,
+    then was refused. Now it checks for every blocker before reading anything."""
     from sim import fingerprint
 
     path = tmp_path / "busy.qcow2"

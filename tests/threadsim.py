@@ -373,7 +373,6 @@ class Run:
         self.cs = setup.cs
         self.size = img.size
         self.hist = ThreadHistory(setup.initial)
-        self.hist.sector_rmw = setup.crypt != "plain"
         self.out = out
         self.deadline = time.monotonic() + deadline_seconds()
         self.threads: list[threading.Thread] = []
@@ -918,7 +917,7 @@ def verify(run: Run, env: SimEnv) -> None:
             # Every thread was joined: each request returned or raised.
             out.failures.append(Failure("final", f"request never answered: {op.label()}"))
         if op.kind == "read" and op.status == "ok" and op.result is not None:
-            bad = hist.judge(op.result, op.off, out.stats, start=op.start, end=op.end)
+            bad = hist.check(op.result, op.off, start=op.start, end=op.end)
             if bad is not None:
                 out.failures.append(Failure("read", f"{op.label()} saw\n{bad}"))
     final = b""
@@ -929,7 +928,7 @@ def verify(run: Run, env: SimEnv) -> None:
     except Exception as exc:
         out.failures.append(Failure("final", f"reopen/read/check: {type(exc).__name__}: {exc}"))
         return
-    bad = hist.judge(final, 0, out.stats)
+    bad = hist.check(final, 0)
     if bad is not None:
         out.failures.append(Failure("final", bad))
     leaks = int(report.get("leaks", 0))
@@ -964,6 +963,6 @@ def verify(run: Run, env: SimEnv) -> None:
     if raw != final:
         at = next(i for i in range(min(len(raw), len(final))) if raw[i] != final[i])
         out.failures.append(Failure("qemu", f"qemu-img convert differs from our read at {at}"))
-    bad = hist.judge(raw, 0, Counter())
+    bad = hist.check(raw, 0)
     if bad is not None:
         out.failures.append(Failure("qemu", f"qemu-img convert against the oracle: {bad}"))
