@@ -437,6 +437,22 @@ def test_wrong_and_missing_passphrase(qemu: Qemu, tmp_path: Path) -> None:
         assert "s3cr3t" not in str(exc) and "s3cr3t" not in repr(exc)
 
 
+def test_no_secret_in_repr_or_info(tmp_path: Path) -> None:
+    """Neither the passphrase nor the master key shows in the image's repr, its
+    attributes' reprs or info(); close() overwrites the key buffer it owns."""
+    img = ours_create(tmp_path / "r.qcow2", MiB)
+    im = qcow2aio.open(img, "r+", passphrase=PW)
+    crypto = im._crypto
+    assert crypto is not None and crypto.master_key is not None
+    key_buf = crypto.master_key
+    key = bytes(key_buf)
+    text = repr(im) + repr(vars(im)) + repr(crypto) + json.dumps(im.info())
+    for needle in (PW, key.hex(), repr(key)[2:-1]):
+        assert needle not in text
+    im.close()
+    assert key_buf == bytes(len(key_buf)) and crypto.master_key is None
+
+
 def test_keyslots_honoured_by_qemu(qemu: Qemu, tmp_path: Path) -> None:
     img = ours_create(tmp_path / "k.qcow2", MiB)
     with qcow2aio.open(img, "r+", passphrase=PW) as im:
