@@ -195,21 +195,28 @@ def test_batches_and_partial_last_batch(mode: str, monkeypatch: pytest.MonkeyPat
     assert buf == data
 
 
-@pytest.mark.parametrize("small", [True, False], ids=["python-ints", "numpy"])
+@pytest.mark.parametrize("few", [True, False], ids=["few-sector", "batched"])
 @pytest.mark.parametrize("mode", ["xts", "cbc"])
-def test_every_size_path_is_exact(mode: str, small: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whatever the size thresholds, each path (Python ints / numpy for XTS and CBC
-    decryption, chained CBC context / columns for CBC encryption) is bit-exact."""
-    monkeypatch.setattr(ciphers, "_SMALL_XTS_SECTORS", 10**9 if small else 0)
-    monkeypatch.setattr(ciphers, "_SMALL_CBC_SECTORS", 10**9 if small else 0)
-    monkeypatch.setattr(ciphers, "_CBC_COLUMNS_MIN_SECTORS", 10**9 if small else 1)
-    rng = random.Random(f"{mode}{small}")
+def test_every_size_path_is_exact(mode: str, few: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the size thresholds, each path (gather tables / batched numpy for XTS,
+    Python ints / scratch / batched numpy for CBC decryption, chained CBC context /
+    columns for CBC encryption) is bit-exact. The few-sector thresholds can only be
+    lowered (their scratch arrays are sized by them), so "few" runs at their maximum."""
+    if not few:
+        monkeypatch.setattr(ciphers, "_FEW_XTS_SECTORS", 0)
+        monkeypatch.setattr(ciphers, "_SMALL_CBC_SECTORS", 0)
+        monkeypatch.setattr(ciphers, "_FEW_CBC_SECTORS", 0)
+        monkeypatch.setattr(ciphers, "_CBC_COLUMNS_MIN_SECTORS", 1)
+    else:
+        monkeypatch.setattr(ciphers, "_SMALL_CBC_SECTORS", ciphers._FEW_CBC_SECTORS)
+        monkeypatch.setattr(ciphers, "_CBC_COLUMNS_MIN_SECTORS", 10**9)
+    rng = random.Random(f"{mode}{few}")
     for alg in ("aes-128", "aes-256"):
         for ivgen, hash_alg in IVGENS:
             key = random_key(rng, alg, mode)
             cipher = make_cipher(alg, mode, ivgen, hash_alg, key)
             for first in (0, 2**32 - 2, 2**64 - 2):
-                for count in (1, 3, 70):
+                for count in (1, 3, 32 if few else 70):
                     data = rng.randbytes(count * SECTOR_SIZE)
                     buf = bytearray(data)
                     cipher.encrypt(buf, first)
@@ -217,6 +224,59 @@ def test_every_size_path_is_exact(mode: str, small: bool, monkeypatch: pytest.Mo
                     assert buf == want, (alg, ivgen, first, count)
                     cipher.decrypt(buf, first)
                     assert buf == data, (alg, ivgen, first, count)
+
+
+# Sector counts on each side of every size threshold (few-sector XTS, Python-int and
+# scratch CBC decryption, chained CBC encryption), and first sectors: unaligned, just
+# below the 2^32 wrap of plain, just below 2^64 (plain64 and essiv wrap), above 2^64.
+BOUNDARY_COUNTS = sorted(
+    {1, 2, 4, 5, 6, 7, 8, 15, 16, 17, 19, 20, 31, 32, 33, 47, 48, 49}
+    | {ciphers._FEW_XTS_SECTORS + d for d in (-1, 0, 1)}
+    | {ciphers._SMALL_CBC_SECTORS + d for d in (0, 1)}
+    | {ciphers._FEW_CBC_SECTORS + d for d in (0, 1)}
+    | {ciphers._CBC_COLUMNS_MIN_SECTORS + d for d in (-1, 0)}
+)
+BOUNDARY_FIRSTS = (0, 7, 12345, 2**32 - 9, 2**32 - 1, 2**64 - 17, 2**64 - 1, 2**64 + 3)
+
+
+@pytest.mark.parametrize("ivgen,hash_alg", IVGENS, ids=[i for i, _ in IVGENS])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("alg", ["aes-128", "aes-256"])
+def test_size_threshold_boundaries(alg: str, mode: str, ivgen: str, hash_alg: str | None) -> None:
+    """Both directions at every threshold boundary, against the per-sector reference;
+    runs crossing the 2^32 (plain) and 2^64 wraps take the IV generators' slow branch."""
+    rng = random.Random(f"bounds-{alg}-{mode}-{ivgen}")
+    key = random_key(rng, alg, mode)
+    cipher = make_cipher(alg, mode, ivgen, hash_alg, key)
+    for count in BOUNDARY_COUNTS:
+        data = rng.randbytes(count * SECTOR_SIZE)
+        for first in BOUNDARY_FIRSTS:
+            want = ref_transform(alg, mode, ivgen, hash_alg, key, data, first)
+            buf = bytearray(data)
+            cipher.encrypt(buf, first)
+            assert buf == want, (count, first)
+            enc = bytearray(want)
+            cipher.decrypt(enc, first)
+            assert enc == data, (count, first)
+
+
+def test_few_sector_xts_sizes_interleaved() -> None:
+    """The few-sector XTS path keeps per-size views of one scratch and per-size tables in
+    a bounded cache: every size, in an order that evicts and rebuilds tables and reuses
+    the scratch across sizes, stays exact."""
+    rng = random.Random("interleaved")
+    key = random_key(rng, "aes-256", "xts")
+    cipher = make_cipher("aes-256", "xts", "plain64", None, key)
+    sizes = list(range(1, ciphers._FEW_XTS_SECTORS + 1)) * 2
+    rng.shuffle(sizes)
+    for count in sizes:
+        first = rng.getrandbits(64)
+        data = rng.randbytes(count * SECTOR_SIZE)
+        buf = bytearray(data)
+        cipher.encrypt(buf, first)
+        assert buf == ref_transform("aes-256", "xts", "plain64", None, key, data, first)
+        cipher.decrypt(buf, first)
+        assert buf == data
 
 
 def test_big_buffer_more_than_one_batch() -> None:
@@ -362,7 +422,7 @@ def test_threads_share_one_cipher(mode: str) -> None:
     key = random_key(rng, "aes-256", mode)
     cipher = make_cipher("aes-256", mode, "essiv", "sha256", key)
     jobs = [
-        (rng.randbytes(rng.choice([1, 2, 9, 40, 130]) * SECTOR_SIZE), rng.getrandbits(40))
+        (rng.randbytes(rng.choice([1, 2, 8, 9, 16, 40, 130]) * SECTOR_SIZE), rng.getrandbits(40))
         for _ in range(48)
     ]
     expected = []
