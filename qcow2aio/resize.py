@@ -60,11 +60,10 @@ def check_resize(img: Image, size: int, shrink: bool, preallocation: str) -> Non
 
         raise Qcow2ReadOnlyError(f"image {img.path!r} is opened read-only")
     old = img.meta.header.size
-    if size < old:
-        if preallocation != "off":
-            raise Qcow2FormatError("Preallocation can only be used for growing images")
-        if not shrink:
-            raise Qcow2FormatError("Use the --shrink option to perform a shrink operation.")
+    if size <= old and preallocation != "off":
+        raise Qcow2FormatError("Preallocation can only be used for growing images")
+    if size < old and not shrink:
+        raise Qcow2FormatError("Use the --shrink option to perform a shrink operation.")
     if size > _BDRV_MAX_LENGTH:
         raise Qcow2FormatError(f"offset({size}) exceeds maximum({_BDRV_MAX_LENGTH})")
     if size % 512:
@@ -73,15 +72,19 @@ def check_resize(img: Image, size: int, shrink: bool, preallocation: str) -> Non
         raise Qcow2UnsupportedError("Can't resize a v2 image which has snapshots")
 
 
-def resize_locked(img: Image, size: int, preallocation: str) -> None:
-    """Change the virtual size to ``size`` (checked by :func:`check_resize`)."""
+def resize_locked(img: Image, size: int, preallocation: str, *, creating: bool = False) -> None:
+    """Change the virtual size to ``size`` (checked by :func:`check_resize`).
+
+    ``creating``: the growth of a new image from size 0 (``qcow2aio.create``), which
+    runs even to size 0 (falloc/full then still lay out their refcount area).
+    """
     meta = img.meta
     old = meta.header.size
     if size > _BDRV_MAX_LENGTH:
         raise Qcow2FormatError(f"offset({size}) exceeds maximum({_BDRV_MAX_LENGTH})")
     if size < old:
         _shrink(img, size)
-    elif size > old:
+    elif size > old or creating:
         _grow(img, old, size, preallocation)
     _write_size(img, size)
 

@@ -283,6 +283,7 @@ def test_snapshots_v3_may_shrink_v2_may_not_resize(qemu: Qemu, tmp_path: Path) -
         (MiB, {}, "Use the --shrink option to perform a shrink operation."),
         (MiB, {"shrink": True, "preallocation": "full"}, "Preallocation can only be used"),
         (MiB, {"preallocation": "falloc"}, "Preallocation can only be used"),
+        (4 * MiB, {"preallocation": "metadata"}, "Preallocation can only be used"),
         (8 * MiB + 1, {}, "The new size must be a multiple of 512"),
         (8 * MiB, {"preallocation": "bogus"}, "Invalid preallocation mode 'bogus'"),
         ((1 << 63) - 1, {}, r"offset\(9223372036854775807\) exceeds maximum"),
@@ -332,6 +333,8 @@ CLI_CASES = [
     ["-q x +1M"],
     ["x 9223372036854775807"],
     ["-f raw x +1M"],
+    ["--preallocation=falloc x 1M"],
+    ["x 1M"],
 ]
 
 

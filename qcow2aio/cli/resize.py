@@ -124,7 +124,7 @@ def _target(current: int, n: int, relative: int) -> int:
 
 
 def _refuse_shrink(total: int, current: int, shrink: bool, prealloc: str) -> None:
-    if total < current and prealloc != "off":
+    if total <= current and prealloc != "off":
         sys.stderr.write(f"{PROG}: Preallocation can only be used for growing images\n")
         raise _Fail
     if total < current and not shrink:
