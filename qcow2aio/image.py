@@ -293,6 +293,20 @@ class Image:
         if self._crypto is not None:
             self._crypto.check_usable()  # opened for metadata only: no passphrase
 
+    def _check_size(self, offset: int, length: int, *, whole_clusters: bool = False) -> None:
+        """Under the lock: the range is still inside the disk (a shrink may have run
+        between the request's first check and its turn for the lock). With
+        ``whole_clusters`` the last cluster counts whole (zeroing to the end)."""
+        size = self.meta.header.size & ~511
+        if whole_clusters:
+            cs = self.meta.cluster_size
+            size = (size + cs - 1) & ~(cs - 1)
+        if offset + length > size:
+            raise Qcow2RangeError(
+                f"request of {length} bytes at offset {offset} is outside the virtual disk "
+                f"(size {size}, shrunk while the request waited)"
+            )
+
     def _check_still_open(self) -> None:
         """After waiting for the lock: the image may have been closed meanwhile."""
         if self._closed:
@@ -918,6 +932,7 @@ class Image:
                 await self.lock.acquire()
                 try:
                     self._check_still_open()
+                    self._check_size(offset, n)
                     step = prepare_write(self, offset + pos, n - pos)
                 finally:
                     self.lock.release()
@@ -1264,6 +1279,7 @@ class Image:
                 await self.lock.acquire()
                 try:
                     self._check_still_open()
+                    self._check_size(offset, length, whole_clusters=True)
                     blocker: L2Meta | SectorRange | None = self.inflight.overlapping(offset, length)
                     if blocker is None and self._ranges is not None:
                         # All of it under the lock: only a read-modify-write between its
@@ -1365,6 +1381,7 @@ class Image:
         while True:
             self._take_sync(deadline)
             try:
+                self._check_size(offset, n)
                 blocker: L2Meta | SectorRange | None = self.inflight.overlapping(start, end - start)
                 if blocker is None and ranges is not None:
                     blocker = ranges.blocker(start, end, serial=rmw)

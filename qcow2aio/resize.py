@@ -319,7 +319,11 @@ def _prealloc_map(img: Image, start: int, end: int, mode: str) -> None:
         if head:
             target.pwrite(_old_content(img, cstart, head), host, "cow_read")
         if tail_to > tail_from:
-            target.pwrite(bytes(tail_to - tail_from), host + tail_from, "cow_write")
+            zeros = bytearray(tail_to - tail_from)
+            if img._crypto is not None:
+                # Zeros as the guest reads them: encrypted like any data written.
+                img._crypto.encrypt(zeros, host + tail_from, cstart + tail_from)
+            target.pwrite(zeros, host + tail_from, "cow_write")
         pos = run_end
         next_host = host + got * cs
         # QEMU grows the file to the host end of the last guest byte mapped.
@@ -438,6 +442,9 @@ def _shrink(img: Image, size: int) -> None:
     last = alloc.last_used_cluster(meta.file.size())
     if last >= 0 and meta.file.size() > (last + 1) * cs:
         meta.file.truncate((last + 1) * cs, "shrink_truncate")
+    if meta.has_data_file:
+        # The external data file follows the virtual size, as QEMU truncates it.
+        _truncate_data(img, size, "off")
 
 
 def _discard_all(img: Image, start: int, end: int) -> None:

@@ -38,7 +38,7 @@ LAYOUT_CASES = [
     ("cluster_size=512,refcount_bits=1", 1 * MiB, [(0, 64 * KiB)], 256 * MiB, "metadata", False),
     ("cluster_size=512", 1 * MiB, [(0, 64 * KiB)], 64 * MiB, "falloc", False),
     ("cluster_size=512,refcount_bits=64", 1 * MiB, [(4096, 8192)], 32 * MiB, "full", False),
-    ("cluster_size=2M", 1 * MiB, [(0, 4096)], 9 * GiB, "metadata", False),
+    ("cluster_size=2M", 1 * MiB, [(0, 4096)], 3 * GiB, "metadata", False),
     ("extended_l2=on", 1 * MiB, [(0, 64 * KiB)], 100 * MiB, "metadata", False),
     ("extended_l2=on", 1 * MiB, [(0, 64 * KiB)], 100 * MiB, "falloc", False),
     ("extended_l2=on", 1 * MiB + 512, [(0, 1 * KiB)], 5 * MiB + 2560, "metadata", False),
@@ -59,6 +59,44 @@ def _ids() -> list[str]:
         f"{o.replace(',', '+')}-{s0}-{n}-{p}{'-shrink' if sh else ''}"
         for o, s0, _, n, p, sh in LAYOUT_CASES
     ]
+
+
+def _assert_same_file(a: Path, b: Path) -> None:
+    """Byte-for-byte equal, compared in chunks (the files reach several GiB), data
+    areas only where both files agree on the holes (SEEK_DATA)."""
+    size = a.stat().st_size
+    assert size == b.stat().st_size, f"length {b.stat().st_size:#x}, QEMU wrote {size:#x}"
+    chunk = 16 * MiB
+    with a.open("rb") as fa, b.open("rb") as fb:
+        pos = 0
+        while pos < size:
+            try:
+                da = os.lseek(fa.fileno(), pos, os.SEEK_DATA)
+                db = os.lseek(fb.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # no data after pos in one of them
+                da = db = size
+            start = min(da, db)
+            if start >= size:
+                # The rest is a hole in one file: the other must read as zeros there.
+                break
+            start &= ~(chunk - 1)
+            n = min(chunk, size - start)
+            x = os.pread(fa.fileno(), n, start)
+            y = os.pread(fb.fileno(), n, start)
+            if x != y:
+                i = next(k for k in range(n) if x[k] != y[k])
+                raise AssertionError(f"{b.name} differs from QEMU's at {start + i:#x}")
+            pos = start + n
+        for f in (fa, fb):
+            # Whatever is left after the last data both files hold must be zeros.
+            try:
+                rest = os.lseek(f.fileno(), pos, os.SEEK_DATA)
+            except OSError:
+                continue
+            while rest < size:
+                n = min(chunk, size - rest)
+                assert not any(os.pread(f.fileno(), n, rest)), f"{f.name}: data at {rest:#x}"
+                rest += n
 
 
 def _build(qemu: Qemu, path: Path, opts: str, size: int, writes: list[tuple[int, int]]) -> None:
@@ -117,8 +155,7 @@ def test_resize_same_bytes_as_qemu(
     with qcow2aio.open(p, "r+") as img:
         img.resize_sync(new, shrink=shrink, preallocation=prealloc)
         assert img.size == new
-    assert q.stat().st_size == p.stat().st_size
-    assert q.read_bytes() == p.read_bytes()
+    _assert_same_file(q, p)
     rc, report = qemu.check(p)
     assert rc == 0 and not report.get("leaks") and not report.get("corruptions"), report
     assert qemu.info(p)["virtual-size"] == new
@@ -370,3 +407,74 @@ def test_cli_like_qemu_img(qemu: Qemu, tmp_path: Path, args: str) -> None:
         results.append((folder / "x").read_bytes())
     assert results[0] == results[2]
     assert results[1] == results[3]
+
+
+@pytest.mark.parametrize(
+    ("new", "prealloc", "shrink"),
+    [
+        (3 * MiB, "off", True),
+        (20 * MiB, "off", False),
+        (20 * MiB + 512, "metadata", False),
+        (12 * MiB, "falloc", False),
+        (12 * MiB, "full", False),
+    ],
+)
+def test_resize_with_data_file_like_qemu(
+    qemu: Qemu,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    new: int,
+    prealloc: str,
+    shrink: bool,
+) -> None:
+    """An external data file follows the virtual size (QEMU truncates it on shrink
+    and grow), and preallocation maps guest offset = host offset in it."""
+    flags = ["--shrink"] if shrink else []
+    for side in ("q", "p"):
+        folder = tmp_path / side
+        folder.mkdir()
+        # QEMU 7.2 creates and opens a relative data-file name from the current folder.
+        monkeypatch.chdir(folder)
+        qemu.img("create", "-q", "-f", "qcow2", "-o", "data_file=d.raw", "i.qcow2", "8M")
+        qemu.io("i.qcow2", "write -P 0x21 0 8M")
+        if side == "q":
+            qemu.img("resize", "-q", f"--preallocation={prealloc}", *flags, "i.qcow2", str(new))
+        else:
+            with qcow2aio.open("i.qcow2", "r+") as img:
+                img.resize_sync(new, shrink=shrink, preallocation=prealloc)
+            rc, report = qemu.check("i.qcow2")
+            assert rc == 0 and not report.get("leaks"), report
+            keep = min(new, 8 * MiB)
+            assert qemu.convert_raw("i.qcow2") == b"\x21" * keep + bytes(new - keep)
+    for name in ("i.qcow2", "d.raw"):
+        assert (tmp_path / "q" / name).read_bytes() == (tmp_path / "p" / name).read_bytes(), name
+
+
+def test_write_waiting_for_a_shrink_is_refused_after_it(qemu: Qemu, tmp_path: Path) -> None:
+    """A write checked against the old size that waits for the lock while a shrink
+    runs is refused (range error) when its turn comes, instead of allocating past the
+    new end; writes inside the new size go through."""
+    path = tmp_path / "a.qcow2"
+    qcow2aio.create(path, 8 * MiB)
+
+    async def run() -> None:
+        img = qcow2aio.open(path, "r+")
+        try:
+            await img.write(0, b"\x01" * MiB)
+            shrink = asyncio.ensure_future(img.resize(2 * MiB, shrink=True))
+            await asyncio.sleep(0)
+            late = asyncio.ensure_future(img.write(6 * MiB, b"\x02" * 4096))
+            inside = asyncio.ensure_future(img.write(MiB, b"\x03" * 4096))
+            await shrink
+            with pytest.raises(qcow2aio.Qcow2RangeError):
+                await late
+            await inside
+            assert await img.read(MiB, 4096) == b"\x03" * 4096
+            assert img.size == 2 * MiB
+        finally:
+            await img.aclose()
+
+    asyncio.run(run())
+    rc, report = qemu.check(path)
+    assert rc == 0 and not report.get("leaks"), report
+    assert qemu.convert_raw(path) == b"\x01" * MiB + b"\x03" * 4096 + bytes(MiB - 4096)
