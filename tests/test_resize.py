@@ -10,6 +10,7 @@ guest content must equal a bytearray oracle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import subprocess
@@ -478,3 +479,64 @@ def test_write_waiting_for_a_shrink_is_refused_after_it(qemu: Qemu, tmp_path: Pa
     rc, report = qemu.check(path)
     assert rc == 0 and not report.get("leaks"), report
     assert qemu.convert_raw(path) == b"\x01" * MiB + b"\x03" * 4096 + bytes(MiB - 4096)
+
+
+RESIZE_FAULT_CASES = [
+    # (create options, initial size, new size, preallocation, shrink)
+    ("cluster_size=512,refcount_bits=64", 1 * MiB, 6 * MiB, "metadata", False),
+    ("cluster_size=4096", 4 * MiB, 64 * MiB, "falloc", False),
+    ("cluster_size=512", 8 * MiB, 1 * MiB, "off", True),
+]
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["once", "from-then-on"])
+@pytest.mark.parametrize(("opts", "size0", "new", "prealloc", "shrink"), RESIZE_FAULT_CASES)
+def test_resize_io_failure_at_every_step_leaves_a_sound_image(
+    qemu: Qemu,
+    tmp_path: Path,
+    persistent: bool,
+    opts: str,
+    size0: int,
+    new: int,
+    prealloc: str,
+    shrink: bool,
+) -> None:
+    """Every I/O operation of a resize failed in turn (once, or from then on: what the
+    file holds at a crash there, with every issued write landed): the image is never
+    corrupt (leaks at most), its size is the old or the new one, and the data below
+    both sizes is intact."""
+    from faults import ANY_IO, Fault, FaultState
+
+    template = tmp_path / "template.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", opts, template, str(size0))
+    data = random.Random(5).randbytes(min(size0, new) // 2)
+    with qcow2aio.open(template, "r+") as img:
+        img.write_sync(0, data)
+    counting = FaultState()
+    probe = tmp_path / "probe.qcow2"
+    probe.write_bytes(template.read_bytes())
+    with qcow2aio.open(probe, "r+", io_backend=counting.factory()) as img:
+        base = counting.ops
+        img.resize_sync(new, shrink=shrink, preallocation=prealloc)
+        total = counting.ops - base
+    assert total > 3
+    stride = max(1, total // 60)
+    path = tmp_path / "a.qcow2"
+    fired = 0
+    for k in range(0, total, stride):
+        path.write_bytes(template.read_bytes())
+        state = FaultState()
+        img = qcow2aio.open(path, "r+", io_backend=state.factory())
+        state.fault = Fault(ANY_IO, "eio", persistent=persistent, skip=k)
+        with contextlib.suppress(Qcow2Error):
+            img.resize_sync(new, shrink=shrink, preallocation=prealloc)
+        with contextlib.suppress(Qcow2Error):
+            img.close()
+        fired += state.fired > 0
+        code, rep = qemu.check(path)
+        assert code in (0, 3) and not rep.get("corruptions"), (k, rep)
+        size = qemu.info(path)["virtual-size"]
+        assert size in (size0, new), (k, size)
+        with qcow2aio.open(path) as check_img:
+            assert check_img.read_sync(0, len(data)) == data, k
+    assert fired == len(range(0, total, stride))
