@@ -34,6 +34,7 @@ from . import constants as C
 from .errors import Qcow2Error, Qcow2FormatError, Qcow2IOError, Qcow2UnsupportedError
 from .header import size_to_l1
 from .mapping import map_read
+from .metadata import DEFAULT_L2_CACHE_BYTES
 from .tables import Table, encode_be64
 from .writes import l2_for_write, zero_clusters
 
@@ -147,9 +148,10 @@ def grow_l1(img: Image, new_l1_size: int) -> None:
         meta.remove_meta_range(old.offset, old_n * 8)
         # Nothing refers to the old table any more (nothing in flight, header switched).
         alloc.update_refcount(old.offset, old_n * 8, -1)
-    # The L2 cache was sized to cover the old disk: let it cover the new one.
-    want = min(new_l1_size, max(1, (32 << 20) // cs))
-    if meta.l2_cache.capacity < want:
+    # A default L2 cache was sized to cover the old disk: let it cover the new one
+    # (a size the caller chose stays as it is).
+    want = min(new_l1_size, max(1, DEFAULT_L2_CACHE_BYTES // cs))
+    if meta.l2_cache_default and meta.l2_cache.capacity < want:
         meta.l2_cache.capacity = want
 
 
