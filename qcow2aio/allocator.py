@@ -19,6 +19,7 @@ Allocation is first-fit from ``free_cluster_index`` upwards, like QEMU's
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from array import array
 from dataclasses import dataclass
@@ -41,6 +42,13 @@ class PendingFree:
     length: int  # bytes
     epoch: int  # requests registered at or before this epoch may still use the range
     durable: bool = False  # set once a flush has made the unlink durable
+
+
+_TOO_LARGE = "The image size is too large for file format 'qcow2'"
+
+
+class _Retry(Exception):
+    """New refcount metadata was placed: the free-cluster search starts again."""
 
 
 class Allocator:
@@ -124,133 +132,94 @@ class Allocator:
                 self.free_cluster_index = cluster
 
     def alloc_clusters(self, n: int) -> int:
-        """Allocate ``n`` contiguous clusters (refcount 1 each); returns the host offset."""
+        """Allocate ``n`` contiguous clusters (refcount 1 each); returns the host offset.
+
+        First fit from ``free_cluster_index``. When the run lies (partly) where no
+        refcount block exists yet, the block is placed first, at the first free
+        cluster after the run (the search already moved past it), and the search
+        starts again from the run's start, as QEMU does: the retry usually finds the
+        same run, now covered.
+        """
         self.meta.file.event("cluster_alloc")
-        mask = (1 << self.rb_bits) - 1
         while True:
-            saved = self.free_cluster_index
             start = self._find_free(n)
-            for rt in range(start >> self.rb_bits, ((start + n - 1) >> self.rb_bits) + 1):
-                if self.meta.refblock(rt) is None:
-                    # The run lies (partly) where no refcount block exists yet. Create
-                    # the block first (it takes the lowest free cluster, as QEMU's
-                    # does), then search again: the run may have moved.
-                    self.free_cluster_index = saved
-                    self.ensure_refblock(rt)
-                    break
-            else:
-                # Every refcount of the run is 0: count it one slice per block. Each
-                # block is looked up as it is changed (with a one-block cache, looking
-                # up the next one evicts the last, so no reference is kept across).
-                pos, end = start, start + n
-                while pos < end:
-                    stop = min(end, ((pos >> self.rb_bits) + 1) << self.rb_bits)
-                    blk = self.meta.refblock(pos >> self.rb_bits)
-                    assert blk is not None  # every block of the run exists (just checked)
-                    blk.set_run(pos & mask, stop - pos, 1)
-                    pos = stop
-                return start << self.cluster_bits
+            try:
+                self._incref_new_run(start, n)
+            except _Retry:
+                continue
+            return start << self.cluster_bits
+
+    def _incref_new_run(self, start: int, n: int) -> None:
+        """Give the free clusters ``[start, start+n)`` refcount 1, every covering block
+        first created if missing (then :class:`_Retry`, nothing counted)."""
+        rb_bits = self.rb_bits
+        mask = (1 << rb_bits) - 1
+        for rt in range(start >> rb_bits, ((start + n - 1) >> rb_bits) + 1):
+            if self.meta.refblock(rt) is None:
+                first = max(start, rt << rb_bits)
+                try:
+                    self._alloc_refcount_block(rt, first)
+                finally:
+                    self.free_cluster_index = min(self.free_cluster_index, start)
+        # Every refcount of the run is 0: count it one slice per block. Each block is
+        # looked up as it is changed (with a one-block cache, looking up the next one
+        # evicts the last, so no reference is kept across).
+        pos, end = start, start + n
+        while pos < end:
+            stop = min(end, ((pos >> rb_bits) + 1) << rb_bits)
+            blk = self.meta.refblock(pos >> rb_bits)
+            assert blk is not None  # every block of the run exists (just checked)
+            blk.set_run(pos & mask, stop - pos, 1)
+            pos = stop
 
     def ensure_refblock(self, rt_index: int) -> RefcountBlock:
         """The refcount block for ``rt_index``, creating it (and growing the table) if needed."""
-        meta = self.meta
-        blk = meta.refblock(rt_index)
-        if blk is not None:
-            return blk
-        if rt_index >= len(meta.reftable.entries):
-            self.grow_reftable(rt_index)
-        mask = (1 << self.rb_bits) - 1
         while True:
-            # Growing the table allocates it, and creating another block allocates that
-            # block: either may have created this very block (self-describing) already.
-            # Making a second one would orphan the first, whose clusters then look free.
-            blk = meta.refblock(rt_index)
+            blk = self.meta.refblock(rt_index)
             if blk is not None:
                 return blk
-            saved = self.free_cluster_index
-            cluster = self._find_free(1)
-            owner = cluster >> self.rb_bits
-            if owner == rt_index:
-                # Self-describing: the new block counts itself.
-                blk = RefcountBlock(
-                    cluster << self.cluster_bits, bytearray(self.cluster_size), self.order
-                )
-                blk.set(cluster & mask, 1)
-                blk.fresh = True
-                break
-            if meta.refblock(owner) is None:
-                # The free cluster belongs to another missing block: create that one first.
-                self.free_cluster_index = saved
-                self.ensure_refblock(owner)
-                continue
-            self.update_refcount(cluster << self.cluster_bits, self.cluster_size, 1)
-            blk = RefcountBlock(
-                cluster << self.cluster_bits, bytearray(self.cluster_size), self.order
-            )
-            blk.dirty = blk.fresh = True
-            break
-        # Link the block before caching it: the insertion may write back (evict) another
-        # block and fail, and the new one must not stay cached yet unreachable (its
-        # cluster would look free, be reused, and then be overwritten by it at a flush).
-        meta.reftable.entries[rt_index] = blk.offset
-        meta.reftable.dirty = True
-        meta.add_meta_cluster(blk.offset)
-        meta.refblock_cache.insert(blk)
-        return blk
+            with contextlib.suppress(_Retry):
+                self._alloc_refcount_block(rt_index, rt_index << self.rb_bits)
 
-    # ------------------------------------------------------ table growth
-    def grow_reftable(self, rt_index: int) -> None:
-        """Give the refcount table room for ``rt_index``: new table, then a header switch.
+    def _alloc_refcount_block(self, rt_index: int, cluster: int) -> None:
+        """Create the missing refcount block ``rt_index`` (needed to count ``cluster``),
+        then raise :class:`_Retry`: the caller's free-cluster search must start again.
 
-        The new table (and any refcount block it needs) is written elsewhere and
-        made durable before one 12-byte header write switches to it; the old
-        table is freed afterwards. A crash in between leaks, never corrupts.
+        The block takes the first free cluster from ``free_cluster_index``. If that
+        cluster is in the block's own range the block counts itself; otherwise the
+        block covering it counts it (created first if missing: then this attempt is
+        abandoned with :class:`_Retry`, the cluster left free). When the refcount
+        table has no entry ``rt_index``, a new, larger table is laid out after the
+        covered area (:meth:`refcount_area`).
         """
         meta = self.meta
-        old = meta.reftable
-        old_clusters = meta.header.refcount_table_clusters
-        per_cluster = self.cluster_size // 8
-        need = rt_index // per_cluster + 1
-        clusters = max(1, old_clusters)
-        while need > clusters:
-            clusters = (clusters * 3 + 1) // 2
-        # Leave room for the table's own refcount block(s).
-        clusters = max(clusters, need + 1)
-        if clusters * self.cluster_size > C.QCOW_MAX_REFTABLE_SIZE:
-            raise Qcow2Error(
-                f"Refcount table too large: {clusters} clusters needed for reftable index "
-                f"{rt_index}"
-            )
-        entries = array("Q", old.entries)
-        entries.extend([0] * (clusters * per_cluster - len(entries)))
-        # Switch the in-memory table first so allocations below land in the new one.
-        new = Table(0, entries, dirty=True)
-        meta.reftable = new
-        try:
-            offset = self.alloc_clusters(clusters)
-            new.offset = offset
-            meta.add_meta_range(offset, clusters * self.cluster_size)
-            # Make the refcount blocks and the new table durable, then switch.
-            assert meta.writeback is not None
-            meta.writeback.write_refblocks()
-            meta.file.pwrite(new.to_bytes(), offset, "reftable_grow")
-            meta.flush_files("reftable_grow")
-            meta.file.pwrite(struct.pack(">QI", offset, clusters), 48, "reftable_switch")
-            meta.flush_files("reftable_switch")
-        except Qcow2Error as exc:
-            # The file still holds the old table (plus leaks), but in memory refcount
-            # blocks may already hang off the new one only: writing anything back now
-            # would publish them under the old table. Refuse all writeback until reopen.
-            if new.offset == 0:
-                meta.reftable = old
-            meta.poison(exc)
-            raise
-        new.dirty = False
-        meta.header.refcount_table_offset = offset
-        meta.header.refcount_table_clusters = clusters
-        meta.remove_meta_range(old.offset, old_clusters * self.cluster_size)
-        # The old table is referenced by nothing durable any more: free it now.
-        self.update_refcount(old.offset, old_clusters * self.cluster_size, -1)
+        rb_bits = self.rb_bits
+        mask = (1 << rb_bits) - 1
+        new = self._find_free(1)
+        if new == 0:
+            raise Qcow2CorruptError("Preventing invalid allocation of refcount block at offset 0")
+        blk = RefcountBlock(new << self.cluster_bits, bytearray(self.cluster_size), self.order)
+        if new >> rb_bits == rt_index:
+            blk.set(new & mask, 1)
+        else:
+            self._incref_new_run(new, 1)  # may raise _Retry: this attempt is dropped
+        blk.dirty = blk.fresh = True
+        if rt_index < len(meta.reftable.entries):
+            # Link the block before caching it: the insertion may write back (evict)
+            # another block and fail, and the new one must not stay cached yet
+            # unreachable (its cluster would look free, be reused, then overwritten).
+            meta.reftable.entries[rt_index] = blk.offset
+            meta.reftable.dirty = True
+            meta.add_meta_cluster(blk.offset)
+            meta.refblock_cache.insert(blk)
+            raise _Retry
+        # The refcount table must grow: a new one after everything covered so far.
+        rbs = 1 << rb_bits
+        blocks_used = -(-max(cluster + 1, new + 1) // rbs)
+        self.refcount_area(
+            blocks_used * rbs * self.cluster_size, 0, exact=False, new_block=(rt_index, blk)
+        )
+        raise _Retry
 
     # -------------------------------------------------------------- frees
     def free_later(self, offset: int, length: int, epoch: int) -> None:
@@ -284,3 +253,212 @@ class Allocator:
                 keep.append(p)
         self.pending = keep
         return done
+
+    # ------------------------------------------------------------ resize
+    def alloc_at(self, offset: int, n: int) -> int:
+        """Allocate up to ``n`` clusters at ``offset``: as many as are free there in a
+        row (0 if the first is used); returns how many were allocated."""
+        meta = self.meta
+        first = offset >> self.cluster_bits
+        while True:
+            count = 0
+            while (
+                count < n
+                and first + count < self.max_clusters
+                and meta.get_refcount(first + count) == 0
+            ):
+                count += 1
+            if not count:
+                return 0
+            last_rt = (first + count - 1) >> self.rb_bits
+            missing = [
+                rt for rt in range(first >> self.rb_bits, last_rt + 1) if meta.refblock(rt) is None
+            ]
+            if not missing:
+                break
+            # A new refcount block takes a free cluster, maybe one of the run: recount.
+            self.ensure_refblock(missing[0])
+        self.update_refcount(first << self.cluster_bits, count << self.cluster_bits, 1)
+        return count
+
+    def last_used_cluster(self, file_size: int) -> int:
+        """The highest cluster below ``file_size`` with a nonzero refcount (-1: none)."""
+        meta = self.meta
+        i = ((file_size + self.cluster_size - 1) >> self.cluster_bits) - 1
+        mask = (1 << self.rb_bits) - 1
+        while i >= 0:
+            blk = meta.refblock(i >> self.rb_bits)
+            if blk is None:
+                i = ((i >> self.rb_bits) << self.rb_bits) - 1
+                continue
+            if blk.get(i & mask):
+                return i
+            i -= 1
+        return -1
+
+    def refcount_area(
+        self,
+        start_offset: int,
+        additional_clusters: int,
+        *,
+        exact: bool = True,
+        new_block: tuple[int, RefcountBlock] | None = None,
+    ) -> int:
+        """Lay a new refcount table, and the refcount blocks missing to cover everything
+        up to ``start_offset`` plus ``additional_clusters``, at ``start_offset``: the new
+        blocks first, then the table, all counting themselves. The table is exactly as
+        large as needed (``exact``) or half as large again plus room for its own growth;
+        ``new_block`` (index, block) is a block created for the growth, entered in the
+        new table. Refcount blocks and table durable, then one header write switches
+        tables (offset 48); the old table is freed. Returns the end of the area."""
+        meta = self.meta
+        wb = meta.writeback
+        assert wb is not None
+        cs = self.cluster_size
+        rbs = 1 << self.rb_bits
+        _, total_blocks = refcount_metadata_size(
+            start_offset // cs + additional_clusters, cs, self.order, not exact
+        )
+        if total_blocks > C.QCOW_MAX_REFTABLE_SIZE:
+            raise Qcow2Error(_TOO_LARGE)
+        table_size = total_blocks if exact else total_blocks + -(-total_blocks // 2)
+        per_cluster = cs // 8
+        table_size = -(-table_size // per_cluster) * per_cluster
+        if table_size > C.QCOW_MAX_REFTABLE_SIZE:
+            raise Qcow2Error(_TOO_LARGE)
+        table_clusters = table_size * 8 // cs
+        # The old table gets the entries linked since it was last written (QEMU writes
+        # each entry as it links a block): it is freed below with those bytes in it.
+        wb.write_refblocks()
+        old = meta.reftable
+        old_clusters = meta.header.refcount_table_clusters
+        entries = array("Q", bytes(8 * table_size))
+        keep = min(len(old.entries), table_size)
+        entries[:keep] = old.entries[:keep]
+        if new_block is not None:
+            entries[new_block[0]] = new_block[1].offset
+        area_index = (start_offset // cs) // rbs
+        missing = sum(1 for i in range(area_index, total_blocks) if not entries[i])
+        table_offset = start_offset + missing * cs
+        end_offset = table_offset + table_clusters * cs
+        new = Table(0, entries, dirty=True)
+        # Switch the in-memory table first, so every block created below is reachable.
+        meta.reftable = new
+        try:
+            if new_block is not None:
+                meta.add_meta_cluster(new_block[1].offset)
+                meta.refblock_cache.insert(new_block[1])
+            block_offset = start_offset
+            for i in range(area_index, total_blocks):
+                if not entries[i]:
+                    blk = RefcountBlock(block_offset, bytearray(cs), self.order)
+                    blk.dirty = blk.fresh = True
+                    entries[i] = block_offset
+                    meta.add_meta_cluster(block_offset)
+                    meta.refblock_cache.insert(blk)
+                    block_offset += cs
+                first_covered = i * rbs * cs
+                if first_covered >= end_offset:
+                    continue
+                lo = max(0, (start_offset - first_covered) // cs)
+                hi = min((end_offset - first_covered) // cs, rbs)
+                got = meta.refblock(i)
+                assert got is not None
+                if not got.is_free_run(lo, hi - lo):
+                    raise Qcow2CorruptError(
+                        f"Refcount area at {start_offset:#x} overlaps a used cluster"
+                    )
+                got.set_run(lo, hi - lo, 1)
+            assert block_offset == table_offset
+            wb.write_refblocks()
+            meta.file.pwrite(new.to_bytes(), table_offset, "reftable_grow")
+            meta.flush_files("reftable_grow")
+            meta.file.pwrite(
+                struct.pack(">QI", table_offset, table_clusters), 48, "reftable_switch"
+            )
+            meta.flush_files("reftable_switch")
+        except Qcow2Error as exc:
+            # The file still holds the old table (plus leaks), but in memory refcount
+            # blocks may already hang off the new one only: writing anything back now
+            # would publish them under the old table. Refuse all writeback until reopen.
+            meta.poison(exc)
+            raise
+        new.offset = table_offset
+        new.dirty = False
+        meta.header.refcount_table_offset = table_offset
+        meta.header.refcount_table_clusters = table_clusters
+        meta.add_meta_range(table_offset, table_clusters * cs)
+        meta.remove_meta_range(old.offset, old_clusters * cs)
+        # The old table is referenced by nothing durable any more: free it now (its
+        # bytes stay in the file).
+        self.update_refcount(old.offset, old_clusters * cs, -1)
+        return end_offset
+
+    def shrink_reftable(self) -> None:
+        """Drop the refcount blocks that count nothing but themselves (after a shrink):
+        their table entries are zeroed (durable) first, then they are freed."""
+        meta = self.meta
+        cs = self.cluster_size
+        mask = (1 << self.rb_bits) - 1
+        rt = meta.reftable
+        to_free: list[int] = []
+        changed = False
+        for i in range(len(rt.entries)):
+            off = rt.entries[i] & C.REFT_OFFSET_MASK
+            if not off:
+                continue
+            blk = meta.refblock(i)
+            assert blk is not None
+            own = off >> self.cluster_bits
+            self_desc = own >> self.rb_bits == i
+            if self_desc:
+                if blk.get(own & mask) != 1:
+                    continue
+                blk.set(own & mask, 0)
+                empty = blk.is_free_run(0, mask + 1)
+                blk.set(own & mask, 1)
+            else:
+                empty = blk.is_free_run(0, mask + 1)
+            if not empty:
+                continue
+            rt.entries[i] = 0
+            changed = True
+            meta.refblock_cache.discard(off)
+            meta.remove_meta_range(off, cs)
+            if self_desc:
+                self.free_cluster_index = min(self.free_cluster_index, own)
+            else:
+                to_free.append(off)
+        if not changed:
+            return
+        meta.check_meta_write(rt.offset, len(rt.entries) * 8, "reftable")
+        meta.file.pwrite(rt.to_bytes(), rt.offset, "reftable_shrink")
+        meta.flush_files("reftable_shrink")
+        rt.dirty = False
+        for off in to_free:
+            self.update_refcount(off, cs, -1)
+
+
+def refcount_metadata_size(
+    clusters: int, cluster_size: int, refcount_order: int, generous_increase: bool
+) -> tuple[int, int]:
+    """Bytes of refcount metadata (blocks + table) and the number of refcount blocks
+    needed to cover ``clusters`` clusters plus that metadata itself (a fixed point;
+    ``generous_increase`` adds half the table again, as QEMU does for growth)."""
+    blocks_per_table_cluster = cluster_size // 8
+    refcounts_per_block = cluster_size * 8 // (1 << refcount_order)
+    table = 0
+    blocks = 0
+    n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // refcounts_per_block)
+        table = -(-blocks // blocks_per_table_cluster)
+        n = clusters + blocks + table
+        if n == last and generous_increase:
+            clusters += -(-table // 2)
+            n = 0
+            generous_increase = False
+        if n == last:
+            break
+    return (blocks + table) * cluster_size, blocks

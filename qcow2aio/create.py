@@ -1,30 +1,24 @@
 """Create qcow2 images byte-for-byte the way ``qemu-img create -f qcow2`` does.
 
-Why a replay rather than a layout formula
------------------------------------------
-QEMU does not write a precomputed layout. ``qcow2_co_create`` writes a stub
-(header with size 0, a one-cluster refcount table, an empty refcount block),
-opens that stub as an ordinary image, allocates clusters 0-2 for itself,
-rewrites the header, and then *resizes* the image with the normal allocator:
-``qcow2_grow_l1_table`` for the L1 table, ``preallocate_co`` or the
-falloc/full path of ``qcow2_co_truncate`` for preallocation, and
-``alloc_refcount_block``/``qcow2_refcount_area`` whenever a refcount block or
-a bigger refcount table is needed. The resulting placement depends on
-first-fit allocation, on refcount blocks placed *after* the clusters they
-describe, on allocations undone and retried (``-EAGAIN``), and on freed
-clusters (the old refcount table) keeping their stale bytes. The simplest way
-to be identical for every cluster size, refcount width and virtual size is to
-run the same algorithm: :class:`_Qcow2Sim` is a line-by-line port of the QEMU
-7.2 functions involved (names kept, so it can be diffed against
-``block/qcow2-refcount.c`` and ``block/qcow2-cluster.c``), operating on an
-in-memory model of the image file.
+Create is a resize
+------------------
+QEMU does not write a precomputed layout: it writes a stub (a header with size
+0, a one-cluster refcount table naming one empty refcount block), opens the
+stub as an ordinary image, counts clusters 0-2, *resizes* it to the requested
+size with the requested preallocation, places the LUKS area (if any) and
+rewrites the header. :func:`create` does the same with this driver: the stub
+is opened as an :class:`~qcow2aio.image.Image`, and the growth, the
+preallocation and every refcount block or refcount table that they need are
+placed by the driver's one allocator (:mod:`qcow2aio.allocator`, whose
+placement rules are QEMU's: first fit, refcount blocks after the run that
+needed them, refcount tables laid out after the covered area) through the
+same code as :meth:`Image.resize <qcow2aio.image.Image.resize_sync>`
+(:mod:`qcow2aio.resize`). The result is the same bytes as QEMU's, down to the
+stale bytes of freed tables and the allocated-block footprint.
 
-The replay happens entirely in memory, *before* any file is touched, so every
-error (bad option, image too large, header overflow) is raised without leaving
-a half-written or deleted file behind (QEMU creates the file first and deletes
-it on failure). Only then are the files created, truncated, and the bytes
-QEMU would have written are written with positional I/O, extent by extent, so
-even the allocated-block footprint (``actual-size``) matches.
+Options, sizes, the L1 limit and the header's fit in cluster 0 are checked
+before any file is touched; a failure after that deletes the new image, as
+QEMU does.
 """
 
 from __future__ import annotations
@@ -45,7 +39,6 @@ from .errors import (
 )
 from .header import Header, size_to_l1
 from .io import FileBackend
-from .refcount import RefcountBlock
 
 __all__ = ["PREALLOCATION_MODES", "create", "normalize_compat"]
 
@@ -54,14 +47,6 @@ COMPAT_LEVELS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 COMPRESSION_TYPES = {"zlib": C.COMPRESSION_ZLIB, "zstd": C.COMPRESSION_ZSTD}
 
 _SECTOR = 512
-_INT_MAX = (1 << 31) - 1
-# BDRV_REQUEST_MAX_BYTES: the block layer's per-request cap (INT_MAX sectors-aligned).
-_REQUEST_MAX_BYTES = (_INT_MAX >> 9) << 9
-_INV_OFFSET = -1
-_REFT_OFFSET_MASK = C.REFT_OFFSET_MASK
-_L1E_OFFSET_MASK = C.L1E_OFFSET_MASK
-_COPIED = C.QCOW_OFLAG_COPIED
-_WRITE_CHUNK = 4 << 20
 
 
 def normalize_compat(compat: str) -> int:
@@ -80,783 +65,6 @@ def _div_round_up(n: int, d: int) -> int:
 
 def _round_up(n: int, align: int) -> int:
     return _div_round_up(n, align) * align
-
-
-# --------------------------------------------------------------------------
-# In-memory model of a file being written.
-# --------------------------------------------------------------------------
-class _FileModel:
-    """What a sequence of pwrite/ftruncate/fallocate calls leaves in a file.
-
-    Written bytes are kept per cluster (only metadata is ever written, so this
-    stays small); ``extents`` remembers which byte ranges were written so the
-    real file gets the same allocated blocks, and ``fills`` the preallocation
-    of data areas (``posix_fallocate`` or explicit zeros, as file-posix does).
-    """
-
-    def __init__(self, cluster_size: int) -> None:
-        self.cs = cluster_size
-        self.clusters: dict[int, bytearray] = {}
-        self.length = 0
-        self.extents: list[tuple[int, int]] = []
-        self.fills: list[tuple[int, int, str]] = []
-
-    def write(self, offset: int, data: bytes | bytearray) -> None:
-        if not data:
-            return
-        end = offset + len(data)
-        self.extents.append((offset, end))
-        self.length = max(self.length, end)
-        cs = self.cs
-        pos = 0
-        while pos < len(data):
-            ci, co = divmod(offset + pos, cs)
-            n = min(cs - co, len(data) - pos)
-            buf = self.clusters.get(ci)
-            if buf is None:
-                buf = self.clusters[ci] = bytearray(cs)
-            buf[co : co + n] = data[pos : pos + n]
-            pos += n
-
-    def write_zeros(self, offset: int, length: int) -> None:
-        """A write of zeros (COW of an unallocated area); no cluster buffers needed."""
-        if length <= 0:
-            return
-        end = offset + length
-        self.extents.append((offset, end))
-        self.length = max(self.length, end)
-        cs = self.cs
-        pos = offset
-        while pos < end:
-            ci, co = divmod(pos, cs)
-            n = min(cs - co, end - pos)
-            buf = self.clusters.get(ci)
-            if buf is not None:
-                buf[co : co + n] = bytes(n)
-            pos += n
-
-    def read(self, offset: int, length: int) -> bytes:
-        out = bytearray(length)
-        cs = self.cs
-        pos = 0
-        while pos < length:
-            ci, co = divmod(offset + pos, cs)
-            n = min(cs - co, length - pos)
-            buf = self.clusters.get(ci)
-            if buf is not None:
-                out[pos : pos + n] = buf[co : co + n]
-            pos += n
-        if offset + length > self.length:
-            cut = max(0, self.length - offset)
-            out[cut:] = bytes(length - cut)
-        return bytes(out)
-
-    def truncate(self, length: int, prealloc: str = "off") -> None:
-        """file-posix ``raw_regular_truncate``: exact size; falloc/full fill the new tail."""
-        if length < self.length:
-            if prealloc != "off":
-                raise Qcow2FormatError("Cannot use preallocation for shrinking files")
-            self._drop_beyond(length)
-        elif length > self.length and prealloc in ("falloc", "full"):
-            self.fills.append((self.length, length, prealloc))
-        self.length = length
-
-    def _drop_beyond(self, length: int) -> None:
-        cs = self.cs
-        for ci in [c for c in self.clusters if (c + 1) * cs > length]:
-            if ci * cs >= length:
-                del self.clusters[ci]
-            else:
-                self.clusters[ci][length - ci * cs :] = bytes((ci + 1) * cs - length)
-        self.extents = [(s, min(e, length)) for s, e in self.extents if s < length]
-        self.fills = [(s, min(e, length), m) for s, e, m in self.fills if s < length]
-
-    def merged_extents(self) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        for s, e in sorted(self.extents):
-            e = min(e, self.length)
-            if s >= e:
-                continue
-            if out and s <= out[-1][1]:
-                if e > out[-1][1]:
-                    out[-1] = (out[-1][0], e)
-            else:
-                out.append((s, e))
-        return out
-
-
-# --------------------------------------------------------------------------
-# The replay of QEMU's allocator.
-# --------------------------------------------------------------------------
-class _EAgain(Exception):
-    """``-EAGAIN``: new refcount metadata was placed; the caller restarts its search."""
-
-
-class _EFBig(Exception):
-    """``-EFBIG``: a table would exceed QEMU's limits."""
-
-
-@dataclass
-class _L2Meta:
-    """QEMU's ``QCowL2Meta`` (the fields preallocation uses)."""
-
-    offset: int
-    alloc_offset: int
-    nb_clusters: int
-    cow_start: tuple[int, int]  # (offset, nb_bytes), relative to the first cluster
-    cow_end: tuple[int, int]
-    prealloc: bool = False
-
-
-@dataclass
-class _SimResult:
-    header: Header
-    image: _FileModel
-    data: _FileModel | None
-
-
-class _Qcow2Sim:
-    """The state of an open ``BDRVQcow2State`` during ``qcow2_co_create``."""
-
-    def __init__(
-        self,
-        *,
-        cluster_bits: int,
-        refcount_order: int,
-        extended_l2: bool,
-        has_data_file: bool,
-    ) -> None:
-        self.cluster_bits = cb = cluster_bits
-        self.cs = cs = 1 << cb
-        self.refcount_order = refcount_order
-        self.extended_l2 = extended_l2
-        self.l2e_size = 16 if extended_l2 else 8
-        self.l2_size = cs // self.l2e_size
-        self.l2_bits = self.l2_size.bit_length() - 1
-        self.l2_slice_size = self.l2_size  # default l2-cache-entry-size is a cluster
-        self.subcluster_bits = cb - 5 if extended_l2 else cb
-        self.subcluster_size = 1 << self.subcluster_bits
-        self.refcount_block_bits = cb - (refcount_order - 3)
-        self.refcount_block_size = 1 << self.refcount_block_bits
-        self.refcount_max = (1 << (1 << refcount_order)) - 1
-        self.has_data_file = has_data_file
-
-        self.file = _FileModel(cs)
-        self.data_file = _FileModel(cs) if has_data_file else self.file
-
-        # qcow2_co_create: the stub header and "a refcount table with one refcount block".
-        self.file.write(0, bytes(cs))
-        stub = bytearray(2 * cs)
-        struct.pack_into(">Q", stub, 0, 2 * cs)
-        self.file.write(cs, stub)
-
-        # What qcow2_open reads back from the stub.
-        self.refcount_table_offset = cs
-        self.refcount_table_size = cs // 8
-        self.refcount_table: list[int] = [2 * cs] + [0] * (cs // 8 - 1)
-        self.max_refcount_table_index = 0
-        self.free_cluster_index = 0
-        self.l1_table: list[int] = []
-        self.l1_table_offset = 0
-        self.refblocks: dict[int, RefcountBlock] = {}
-        self.l2_tables: dict[int, list[int]] = {}
-
-    # ------------------------------------------------------------ helpers
-    def size_to_clusters(self, size: int) -> int:
-        return (size + self.cs - 1) >> self.cluster_bits
-
-    def offset_into_cluster(self, offset: int) -> int:
-        return offset & (self.cs - 1)
-
-    def start_of_cluster(self, offset: int) -> int:
-        return offset & ~(self.cs - 1)
-
-    def offset_to_l1_index(self, offset: int) -> int:
-        return offset >> (self.l2_bits + self.cluster_bits)
-
-    def offset_to_l2_slice_index(self, offset: int) -> int:
-        return (offset >> self.cluster_bits) & (self.l2_slice_size - 1)
-
-    # ------------------------------------------------------ refcount cache
-    def load_refcount_block(self, offset: int) -> RefcountBlock:
-        blk = self.refblocks.get(offset)
-        if blk is None:
-            blk = RefcountBlock(
-                offset, bytearray(self.file.read(offset, self.cs)), self.refcount_order
-            )
-            self.refblocks[offset] = blk
-        return blk
-
-    def get_empty_refcount_block(self, offset: int) -> RefcountBlock:
-        blk = RefcountBlock(offset, bytearray(self.cs), self.refcount_order, dirty=True)
-        self.refblocks[offset] = blk
-        return blk
-
-    def flush_refblock(self, blk: RefcountBlock) -> None:
-        self.file.write(blk.offset, blk.data)
-        blk.dirty = False
-
-    def update_max_refcount_table_index(self) -> None:
-        i = self.refcount_table_size - 1
-        while i > 0 and (self.refcount_table[i] & _REFT_OFFSET_MASK) == 0:
-            i -= 1
-        self.max_refcount_table_index = i
-
-    def get_refcount(self, cluster_index: int) -> int:
-        """qcow2_get_refcount."""
-        rt_index = cluster_index >> self.refcount_block_bits
-        if rt_index >= self.refcount_table_size:
-            return 0
-        off = self.refcount_table[rt_index] & _REFT_OFFSET_MASK
-        if not off:
-            return 0
-        return self.load_refcount_block(off).get(cluster_index & (self.refcount_block_size - 1))
-
-    def in_same_refcount_block(self, a: int, b: int) -> bool:
-        shift = self.cluster_bits + self.refcount_block_bits
-        return (a >> shift) == (b >> shift)
-
-    # ------------------------------------------------------- qcow2-refcount.c
-    def alloc_refcount_block(self, cluster_index: int) -> RefcountBlock:
-        """alloc_refcount_block: load or create the block covering ``cluster_index``.
-
-        Raises :class:`_EAgain` whenever it had to allocate, like QEMU, so the
-        caller restarts its search for free clusters.
-        """
-        cs = self.cs
-        rt_index = cluster_index >> self.refcount_block_bits
-        if rt_index < self.refcount_table_size:
-            off = self.refcount_table[rt_index] & _REFT_OFFSET_MASK
-            if off:
-                return self.load_refcount_block(off)
-
-        new_block = self.alloc_clusters_noref(cs, (1 << 63) - 1)
-        if new_block == 0:
-            raise Qcow2FormatError("Preventing invalid allocation of refcount block at offset 0")
-        if self.in_same_refcount_block(new_block, cluster_index << self.cluster_bits):
-            blk = self.get_empty_refcount_block(new_block)
-            blk.set((new_block >> self.cluster_bits) & (self.refcount_block_size - 1), 1)
-        else:
-            # Described elsewhere; recurses at most twice.
-            self.update_refcount(new_block, cs, 1, decrease=False)
-            blk = self.get_empty_refcount_block(new_block)
-        self.flush_refblock(blk)
-
-        if rt_index < self.refcount_table_size:
-            self.file.write(self.refcount_table_offset + rt_index * 8, struct.pack(">Q", new_block))
-            self.refcount_table[rt_index] = new_block
-            self.max_refcount_table_index = max(self.max_refcount_table_index, rt_index)
-            raise _EAgain
-
-        # The refcount table itself must grow.
-        blocks_used = _div_round_up(
-            max(cluster_index + 1, (new_block >> self.cluster_bits) + 1),
-            self.refcount_block_size,
-        )
-        meta_offset = blocks_used * self.refcount_block_size * cs
-        self.refcount_area(meta_offset, 0, False, rt_index, new_block)
-        raise _EAgain
-
-    def refcount_area(
-        self,
-        start_offset: int,
-        additional_clusters: int,
-        exact_size: bool,
-        new_refblock_index: int,
-        new_refblock_offset: int,
-    ) -> int:
-        """qcow2_refcount_area: a new self-describing refcount table and blocks."""
-        cs = self.cs
-        rbs = self.refcount_block_size
-        _, total_refblock_count = refcount_metadata_size(
-            start_offset // cs + additional_clusters, cs, self.refcount_order, not exact_size
-        )
-        if total_refblock_count > C.QCOW_MAX_REFTABLE_SIZE:
-            raise _EFBig
-        area_reftable_index = (start_offset // cs) // rbs
-        if exact_size:
-            table_size = total_refblock_count
-        else:
-            table_size = total_refblock_count + _div_round_up(total_refblock_count, 2)
-        table_size = _round_up(table_size, cs // 8)
-        table_clusters = table_size * 8 // cs
-        if table_size > C.QCOW_MAX_REFTABLE_SIZE:
-            raise _EFBig
-
-        new_table = [0] * table_size
-        if table_size > self.max_refcount_table_index:
-            n = self.max_refcount_table_index + 1
-            new_table[:n] = self.refcount_table[:n]
-        else:
-            new_table[:] = self.refcount_table[:table_size]
-        if new_refblock_offset:
-            new_table[new_refblock_index] = new_refblock_offset
-
-        additional_refblock_count = sum(
-            1 for i in range(area_reftable_index, total_refblock_count) if not new_table[i]
-        )
-        table_offset = start_offset + additional_refblock_count * cs
-        end_offset = table_offset + table_clusters * cs
-
-        block_offset = start_offset
-        for i in range(area_reftable_index, total_refblock_count):
-            if new_table[i]:
-                blk = self.load_refcount_block(new_table[i])
-            else:
-                blk = self.get_empty_refcount_block(block_offset)
-                new_table[i] = block_offset
-                block_offset += cs
-            first_offset_covered = i * rbs * cs
-            if first_offset_covered < end_offset:
-                if first_offset_covered < start_offset:
-                    j = (start_offset - first_offset_covered) // cs
-                else:
-                    j = 0
-                end_index = min((end_offset - first_offset_covered) // cs, rbs)
-                for k in range(j, end_index):
-                    if blk.get(k):
-                        raise AssertionError("refcount area overlaps used clusters")
-                    blk.set(k, 1)
-        assert block_offset == table_offset
-
-        for blk in self.refblocks.values():
-            if blk.dirty:
-                self.flush_refblock(blk)
-        raw = bytearray(table_size * 8)
-        for i in range(total_refblock_count):
-            struct.pack_into(">Q", raw, i * 8, new_table[i])
-        self.file.write(table_offset, raw)
-
-        old_offset, old_size = self.refcount_table_offset, self.refcount_table_size
-        self.refcount_table = new_table
-        self.refcount_table_size = table_size
-        self.refcount_table_offset = table_offset
-        self.update_max_refcount_table_index()
-        # The old table's bytes stay in the file; only its refcount drops.
-        self.free_clusters(old_offset, old_size * 8)
-        return end_offset
-
-    def update_refcount(self, offset: int, length: int, addend: int, *, decrease: bool) -> None:
-        """update_refcount, including the undo of partial updates on failure."""
-        if length < 0:
-            raise Qcow2FormatError(f"negative refcount update length {length}")
-        if length == 0:
-            return
-        cb = self.cluster_bits
-        rbb = self.refcount_block_bits
-        mask = self.refcount_block_size - 1
-        start = self.start_of_cluster(offset)
-        last = self.start_of_cluster(offset + length - 1)
-        old_table_index = -1
-        blk: RefcountBlock | None = None
-        cluster_offset = start
-        try:
-            while cluster_offset <= last:
-                cluster_index = cluster_offset >> cb
-                table_index = cluster_index >> rbb
-                if table_index != old_table_index:
-                    try:
-                        blk = self.alloc_refcount_block(cluster_index)
-                    except _EAgain:
-                        if self.free_cluster_index > (start >> cb):
-                            self.free_cluster_index = start >> cb
-                        raise
-                old_table_index = table_index
-                assert blk is not None
-                # Fast path: a whole run of free clusters in this block gets refcount 1.
-                if not decrease and addend == 1:
-                    run = self._set_free_run(blk, cluster_index, last >> cb)
-                    if run:
-                        cluster_offset += run << cb
-                        continue
-                block_index = cluster_index & mask
-                refcount = blk.get(block_index)
-                if decrease:
-                    if addend > refcount:
-                        raise ValueError("refcount underflow")
-                    refcount -= addend
-                else:
-                    if refcount + addend > self.refcount_max:
-                        raise ValueError("refcount overflow")
-                    refcount += addend
-                if refcount == 0 and cluster_index < self.free_cluster_index:
-                    self.free_cluster_index = cluster_index
-                blk.set(block_index, refcount)
-                cluster_offset += self.cs
-        except (_EAgain, _EFBig, ValueError):
-            with contextlib.suppress(_EAgain, _EFBig, ValueError):
-                self.update_refcount(offset, cluster_offset - offset, addend, decrease=not decrease)
-            raise
-
-    def _set_free_run(self, blk: RefcountBlock, first: int, last: int) -> int:
-        """Set refcount 1 on clusters ``first..`` (same block, up to ``last``) whose refcount is 0.
-
-        Equivalent to the per-cluster loop of update_refcount for byte-wide
-        entries; returns how many clusters it handled (0 = use the slow path).
-        """
-        order = self.refcount_order
-        if order < 3:
-            return 0
-        mask = self.refcount_block_size - 1
-        idx = first & mask
-        n = min(last - first + 1, self.refcount_block_size - idx)
-        if n < 8:
-            return 0
-        width = 1 << (order - 3)
-        seg = blk.data[idx * width : (idx + n) * width]
-        if any(seg):
-            return 0
-        blk.data[idx * width : (idx + n) * width] = (bytes(width - 1) + b"\x01") * n
-        blk.dirty = True
-        return n
-
-    def alloc_clusters_noref(self, size: int, max_offset: int) -> int:
-        """alloc_clusters_noref: first fit from free_cluster_index, refcounts untouched.
-
-        QEMU probes one cluster at a time and restarts its count after a used
-        one; that amounts to "the first run of ``nb`` free clusters at or after
-        free_cluster_index", which :meth:`_next_used` finds a block at a time.
-        """
-        nb_clusters = self.size_to_clusters(size)
-        idx = self.free_cluster_index
-        while nb_clusters:
-            used = self._next_used(idx, idx + nb_clusters)
-            if used == idx + nb_clusters:
-                break
-            idx = used + 1
-        self.free_cluster_index = idx + nb_clusters
-        if self.free_cluster_index > 0 and self.free_cluster_index - 1 > (
-            max_offset >> self.cluster_bits
-        ):
-            raise _EFBig
-        return idx << self.cluster_bits
-
-    def _next_used(self, first: int, end: int) -> int:
-        """The first cluster in ``[first, end)`` with a nonzero refcount, else ``end``."""
-        rbb = self.refcount_block_bits
-        rbs = self.refcount_block_size
-        order = self.refcount_order
-        idx = first
-        while idx < end:
-            rt_index = idx >> rbb
-            block_end = min(end, (rt_index + 1) << rbb)
-            off = 0
-            if rt_index < self.refcount_table_size:
-                off = self.refcount_table[rt_index] & _REFT_OFFSET_MASK
-            if off:
-                blk = self.load_refcount_block(off)
-                lo = idx & (rbs - 1)
-                hi = lo + (block_end - idx)
-                start_byte = (lo << order) >> 3
-                end_byte = ((hi << order) + 7) >> 3
-                seg = blk.data[start_byte:end_byte]
-                nonzero = len(seg) - len(seg.lstrip(b"\x00"))
-                if nonzero < len(seg):
-                    # Entries before this byte are free; check entry by entry from it.
-                    k = max(lo, ((start_byte + nonzero) << 3) >> order)
-                    while k < hi:
-                        if blk.get(k):
-                            return idx - lo + k
-                        k += 1
-            idx = block_end
-        return end
-
-    def alloc_clusters(self, size: int) -> int:
-        """qcow2_alloc_clusters."""
-        while True:
-            offset = self.alloc_clusters_noref(size, C.QCOW_MAX_CLUSTER_OFFSET)
-            try:
-                self.update_refcount(offset, size, 1, decrease=False)
-            except _EAgain:
-                continue
-            return offset
-
-    def alloc_clusters_at(self, offset: int, nb_clusters: int) -> int:
-        """qcow2_alloc_clusters_at: as many of ``nb_clusters`` as are free at ``offset``."""
-        if nb_clusters == 0:
-            return 0
-        while True:
-            cluster_index = offset >> self.cluster_bits
-            i = 0
-            while i < nb_clusters:
-                if self.get_refcount(cluster_index) != 0:
-                    break
-                cluster_index += 1
-                i += 1
-            try:
-                self.update_refcount(offset, i << self.cluster_bits, 1, decrease=False)
-            except _EAgain:
-                continue
-            return i
-
-    def free_clusters(self, offset: int, size: int) -> None:
-        """qcow2_free_clusters (errors are only reported by QEMU, never raised)."""
-        with contextlib.suppress(_EAgain, _EFBig, ValueError):
-            self.update_refcount(offset, size, 1, decrease=True)
-
-    def get_last_cluster(self, size: int) -> int:
-        for i in range(self.size_to_clusters(size) - 1, -1, -1):
-            if self.get_refcount(i) > 0:
-                return i
-        raise Qcow2FormatError("There are no references in the refcount table.")
-
-    # -------------------------------------------------------- qcow2-cluster.c
-    def grow_l1_table(self, min_size: int, exact_size: bool) -> None:
-        """qcow2_grow_l1_table; the new table is written with its exact byte length."""
-        l1_size = len(self.l1_table)
-        if min_size <= l1_size:
-            return
-        if min_size > _INT_MAX // 8:
-            raise _EFBig
-        if exact_size:
-            new_l1_size = min_size
-        else:
-            new_l1_size = max(l1_size, 1)
-            while min_size > new_l1_size:
-                new_l1_size = _div_round_up(new_l1_size * 3, 2)
-        if new_l1_size > C.QCOW_MAX_L1_SIZE // 8:
-            raise _EFBig
-        new_table = self.l1_table + [0] * (new_l1_size - l1_size)
-        new_offset = self.alloc_clusters(new_l1_size * 8)
-        self.file.write(new_offset, struct.pack(f">{new_l1_size}Q", *new_table))
-        old_offset, old_size = self.l1_table_offset, l1_size
-        self.l1_table_offset = new_offset
-        self.l1_table = new_table
-        self.free_clusters(old_offset, old_size * 8)
-
-    def write_l1_entry(self, l1_index: int) -> None:
-        # request_alignment is 1 for a buffered regular file: one 8-byte write.
-        self.file.write(
-            self.l1_table_offset + 8 * l1_index, struct.pack(">Q", self.l1_table[l1_index])
-        )
-
-    def l2_allocate(self, l1_index: int) -> None:
-        old = self.l1_table[l1_index]
-        if old & _L1E_OFFSET_MASK:
-            raise AssertionError("copy-on-write of an L2 table never happens at creation")
-        l2_offset = self.alloc_clusters(self.l2_size * self.l2e_size)
-        if l2_offset == 0:
-            raise Qcow2FormatError("Preventing invalid allocation of L2 table at offset 0")
-        self.l2_tables[l2_offset] = [0] * (self.cs // 8)
-        self.file.write(l2_offset, bytes(self.cs))
-        self.l1_table[l1_index] = l2_offset | _COPIED
-        self.write_l1_entry(l1_index)
-
-    def get_cluster_table(self, offset: int) -> tuple[list[int], int]:
-        l1_index = self.offset_to_l1_index(offset)
-        if l1_index >= len(self.l1_table):
-            self.grow_l1_table(l1_index + 1, False)
-        if not self.l1_table[l1_index] & _COPIED:
-            self.l2_allocate(l1_index)
-        l2_offset = self.l1_table[l1_index] & _L1E_OFFSET_MASK
-        return self.l2_tables[l2_offset], self.offset_to_l2_slice_index(offset)
-
-    def get_l2_entry(self, table: list[int], index: int) -> int:
-        return table[index * (self.l2e_size // 8)]
-
-    def handle_copied(self, guest_offset: int) -> None:
-        """handle_copied on a fresh image: nothing to keep, but it loads (allocates) the L2."""
-        table, l2_index = self.get_cluster_table(guest_offset)
-        if self.get_l2_entry(table, l2_index) & _COPIED:
-            raise AssertionError("allocated cluster in a freshly created image")
-
-    def handle_alloc(
-        self, guest_offset: int, host_offset: int, nb_bytes: int, metas: list[_L2Meta]
-    ) -> tuple[bool, int, int]:
-        """handle_alloc: returns (allocated, host_offset, bytes)."""
-        cb = self.cluster_bits
-        nb_clusters = self.size_to_clusters(self.offset_into_cluster(guest_offset) + nb_bytes)
-        l2_index = self.offset_to_l2_slice_index(guest_offset)
-        nb_clusters = min(nb_clusters, self.l2_slice_size - l2_index)
-        nb_clusters = min(nb_clusters, _REQUEST_MAX_BYTES >> cb)
-        table, l2_index = self.get_cluster_table(guest_offset)
-        step = self.l2e_size // 8
-        entries = table[l2_index * step : (l2_index + nb_clusters) * step : step]
-        if any(entries):  # count_single_write_clusters; a fresh table is all zeros
-            count = 0
-            while count < nb_clusters and not entries[count] & _COPIED:
-                count += 1
-            nb_clusters = count
-        assert nb_clusters > 0
-
-        alloc = _INV_OFFSET if host_offset == _INV_OFFSET else self.start_of_cluster(host_offset)
-        if self.has_data_file:
-            alloc = self.start_of_cluster(guest_offset)
-        elif alloc == _INV_OFFSET:
-            alloc = self.alloc_clusters(nb_clusters * self.cs)
-        else:
-            nb_clusters = self.alloc_clusters_at(alloc, nb_clusters)
-        if nb_clusters == 0:
-            return False, host_offset, 0
-
-        oic = self.offset_into_cluster(guest_offset)
-        requested_bytes = nb_bytes + oic
-        avail_bytes = nb_clusters << cb
-        n = min(requested_bytes, avail_bytes)
-        host_offset = alloc + oic
-        nb_bytes = min(nb_bytes, n - oic)
-        self.calculate_l2_meta(alloc, guest_offset, nb_bytes, metas)
-        return True, host_offset, nb_bytes
-
-    def calculate_l2_meta(
-        self, host_cluster_offset: int, guest_offset: int, nb_bytes: int, metas: list[_L2Meta]
-    ) -> None:
-        """calculate_l2_meta for new clusters over unallocated (plain) entries."""
-        cow_start_to = self.offset_into_cluster(guest_offset)
-        cow_end_from = cow_start_to + nb_bytes
-        nb_clusters = self.size_to_clusters(cow_end_from)
-        sc_index = cow_start_to >> self.subcluster_bits
-        cow_start_from = sc_index << self.subcluster_bits
-        cow_end_to = _round_up(cow_end_from, self.subcluster_size)
-        metas.insert(
-            0,
-            _L2Meta(
-                offset=self.start_of_cluster(guest_offset),
-                alloc_offset=host_cluster_offset,
-                nb_clusters=nb_clusters,
-                cow_start=(cow_start_from, cow_start_to - cow_start_from),
-                cow_end=(cow_end_from, cow_end_to - cow_end_from),
-            ),
-        )
-
-    def alloc_host_offset(self, offset: int, nb_bytes: int) -> tuple[int, int, list[_L2Meta]]:
-        """qcow2_alloc_host_offset: returns (host_offset, bytes covered, metas)."""
-        start = offset
-        remaining = nb_bytes
-        cluster_offset = _INV_OFFSET
-        host_offset = _INV_OFFSET
-        cur_bytes = 0
-        metas: list[_L2Meta] = []
-        while True:
-            if host_offset == _INV_OFFSET and cluster_offset != _INV_OFFSET:
-                host_offset = cluster_offset
-            start += cur_bytes
-            remaining -= cur_bytes
-            if cluster_offset != _INV_OFFSET:
-                cluster_offset += cur_bytes
-            if remaining == 0:
-                break
-            cur_bytes = remaining
-            self.handle_copied(start)
-            ok, cluster_offset, cur_bytes = self.handle_alloc(
-                start, cluster_offset, cur_bytes, metas
-            )
-            if not ok:
-                break
-        return host_offset, nb_bytes - remaining, metas
-
-    def perform_cow(self, m: _L2Meta) -> None:
-        """perform_cow: the image has no data (nor backing) yet, so COW writes zeros."""
-        start_off, start_n = m.cow_start
-        end_off, end_n = m.cow_end
-        if start_n == 0 and end_n == 0:
-            return
-        self.data_file.write_zeros(m.alloc_offset + start_off, start_n)
-        self.data_file.write_zeros(m.alloc_offset + end_off, end_n)
-
-    def alloc_cluster_link_l2(self, m: _L2Meta) -> None:
-        self.perform_cow(m)
-        table, l2_index = self.get_cluster_table(m.offset)
-        assert l2_index + m.nb_clusters <= self.l2_slice_size
-        step = self.l2e_size // 8
-        if self.extended_l2 and not m.prealloc:
-            raise AssertionError("subcluster bitmaps are only written by guest writes")
-        if any(table[l2_index * step : (l2_index + m.nb_clusters) * step : step]):
-            raise AssertionError("linking over allocated clusters never happens at creation")
-        # host | QCOW_OFLAG_COPIED for each cluster (bit 63 is never part of an offset).
-        first = m.alloc_offset + _COPIED
-        table[l2_index * step : (l2_index + m.nb_clusters) * step : step] = range(
-            first, first + (m.nb_clusters << self.cluster_bits), self.cs
-        )
-
-    def preallocate_co(self, offset: int, new_length: int, mode: str) -> None:
-        """preallocate_co: allocate and map every cluster; data clusters stay unwritten."""
-        nb_bytes = new_length - offset
-        host_offset = 0
-        cur_bytes = 0
-        chunk = (_INT_MAX // self.cs) * self.cs
-        while nb_bytes:
-            cur_bytes = min(nb_bytes, chunk)
-            host_offset, cur_bytes, metas = self.alloc_host_offset(offset, cur_bytes)
-            for m in metas:
-                m.prealloc = True
-                self.alloc_cluster_link_l2(m)
-            nb_bytes -= cur_bytes
-            offset += cur_bytes
-        if host_offset + cur_bytes > self.data_file.length:
-            self.data_file.truncate(host_offset + cur_bytes, "off" if mode == "metadata" else mode)
-
-    def truncate(self, size: int, prealloc: str) -> None:
-        """qcow2_co_truncate growing a fresh image from 0 to ``size`` bytes."""
-        cs = self.cs
-        self.grow_l1_table(size_to_l1(size, self.cluster_bits, self.l2_bits), True)
-        if prealloc == "off":
-            if self.has_data_file:
-                self.data_file.truncate(size)
-        elif prealloc == "metadata" or self.has_data_file:
-            self.preallocate_co(0, size, prealloc)
-        else:
-            old_file_size = self.file.length
-            last_cluster = self.get_last_cluster(old_file_size)
-            old_file_size = (last_cluster + 1) * cs
-            nb_new_data_clusters = _round_up(size, cs) >> self.cluster_bits
-            nb_new_l2_tables = _div_round_up(nb_new_data_clusters, cs // self.l2e_size) + 1
-            allocation_start = self.refcount_area(
-                old_file_size, nb_new_data_clusters + nb_new_l2_tables, True, 0, 0
-            )
-            allocated = self.alloc_clusters_at(allocation_start, nb_new_data_clusters)
-            assert allocated == nb_new_data_clusters
-            self.file.truncate(allocation_start + nb_new_data_clusters * cs, prealloc)
-            host_offset = allocation_start
-            guest_offset = 0
-            while nb_new_data_clusters:
-                n = min(
-                    nb_new_data_clusters,
-                    self.l2_slice_size - self.offset_to_l2_slice_index(guest_offset),
-                )
-                m = _L2Meta(
-                    offset=guest_offset,
-                    alloc_offset=host_offset,
-                    nb_clusters=n,
-                    cow_start=(0, 0),
-                    cow_end=(n << self.cluster_bits, 0),
-                    prealloc=True,
-                )
-                self.alloc_cluster_link_l2(m)
-                guest_offset += n * cs
-                host_offset += n * cs
-                nb_new_data_clusters -= n
-
-    def flush_caches(self) -> None:
-        """qcow2_write_caches at close: dirty refcount blocks and L2 tables reach the file."""
-        for blk in self.refblocks.values():
-            if blk.dirty:
-                self.flush_refblock(blk)
-        for off, entries in self.l2_tables.items():
-            self.file.write(off, struct.pack(f">{len(entries)}Q", *entries))
-
-
-def refcount_metadata_size(
-    clusters: int, cluster_size: int, refcount_order: int, generous_increase: bool
-) -> tuple[int, int]:
-    """qcow2_refcount_metadata_size: (bytes of refcount metadata, refcount block count)."""
-    blocks_per_table_cluster = cluster_size // 8
-    refcounts_per_block = cluster_size * 8 // (1 << refcount_order)
-    table = 0
-    blocks = 0
-    n = 0
-    while True:
-        last = n
-        blocks = _div_round_up(clusters + table + blocks, refcounts_per_block)
-        table = _div_round_up(blocks, blocks_per_table_cluster)
-        n = clusters + blocks + table
-        if n == last and generous_increase:
-            clusters += _div_round_up(table, 2)
-            n = 0
-            generous_increase = False
-        if n == last:
-            break
-    return (blocks + table) * cluster_size, blocks
 
 
 # --------------------------------------------------------------------------
@@ -1081,36 +289,11 @@ def backing_size(path: str, backing_file: str, backing_fmt: str) -> int:
     )
 
 
-def _simulate(opts: _Options, size: int) -> _SimResult:
-    """Replay qcow2_co_create + qcow2_co_truncate + bdrv_change_backing_file in memory."""
-    cluster_bits = opts.cluster_size.bit_length() - 1
-    sim = _Qcow2Sim(
-        cluster_bits=cluster_bits,
-        refcount_order=opts.refcount_bits.bit_length() - 1,
-        extended_l2=opts.extended_l2,
-        has_data_file=opts.data_file is not None,
-    )
-    try:
-        # Open the stub and account for the header, refcount table and block.
-        offset = sim.alloc_clusters(3 * sim.cs)
-        assert offset == 0
-        sim.truncate(size, opts.preallocation)
-        crypto_area = None
-        if opts.encryption is not None and opts.encryption.method == C.CRYPT_LUKS:
-            # qcow2_set_up_encryption after the resize: the area is allocated (and
-            # zeroed whole clusters) like any other, then the LUKS header written.
-            area = opts.encryption.area
-            off = sim.alloc_clusters(len(area))
-            sim.file.write_zeros(off, _round_up(len(area), sim.cs))
-            sim.file.write(off, area)
-            crypto_area = (off, len(area))
-    except _EFBig:
-        raise Qcow2FormatError(
-            "The image size is too large for file format 'qcow2' (try using a larger "
-            f"cluster size): size={size}, cluster_size={opts.cluster_size}"
-        ) from None
-    sim.flush_caches()
-
+def _header(opts: _Options, size: int, *, stub: bool) -> Header:
+    """The stub header ``qemu-img create`` opens (size 0, no L1, one refcount table
+    cluster; only the features the layout depends on), or the final header's fields
+    (the table offsets are filled in from the image once laid out)."""
+    cs = opts.cluster_size
     incompat = 0
     if opts.data_file is not None:
         incompat |= C.INCOMPAT_DATA_FILE
@@ -1118,39 +301,104 @@ def _simulate(opts: _Options, size: int) -> _SimResult:
         incompat |= C.INCOMPAT_COMPRESSION
     if opts.extended_l2:
         incompat |= C.INCOMPAT_EXTL2
-    hdr = Header(
+    final = not stub
+    luks = final and opts.encryption is not None and opts.encryption.method == C.CRYPT_LUKS
+    return Header(
         version=opts.version,
-        cluster_bits=cluster_bits,
-        size=size,
-        l1_size=len(sim.l1_table),
-        l1_table_offset=sim.l1_table_offset,
-        refcount_table_offset=sim.refcount_table_offset,
-        refcount_table_clusters=sim.refcount_table_size * 8 // sim.cs,
+        cluster_bits=cs.bit_length() - 1,
+        size=size if final else 0,
+        l1_size=0,
+        l1_table_offset=0,
+        refcount_table_offset=cs,
+        refcount_table_clusters=1,
         incompatible_features=incompat,
-        compatible_features=C.COMPAT_LAZY_REFCOUNTS if opts.lazy_refcounts else 0,
-        autoclear_features=C.AUTOCLEAR_DATA_FILE_RAW if opts.data_file_raw else 0,
+        compatible_features=C.COMPAT_LAZY_REFCOUNTS if opts.lazy_refcounts and final else 0,
+        autoclear_features=C.AUTOCLEAR_DATA_FILE_RAW if opts.data_file_raw and final else 0,
         refcount_order=opts.refcount_bits.bit_length() - 1,
         header_length=C.V3_HEADER_LENGTH if opts.version >= 3 else C.V2_HEADER_LENGTH,
         compression_type=opts.compression_type,
-        backing_file=opts.backing_file,
-        backing_format=opts.backing_fmt if opts.backing_file is not None else None,
+        backing_file=opts.backing_file if final else None,
+        backing_format=opts.backing_fmt if final and opts.backing_file is not None else None,
         data_file=opts.data_file,
-        crypt_method=opts.encryption.method if opts.encryption is not None else C.CRYPT_NONE,
-        crypto_area=crypto_area,
+        crypt_method=(
+            opts.encryption.method if final and opts.encryption is not None else C.CRYPT_NONE
+        ),
+        crypto_area=(cs, len(opts.encryption.area)) if luks and opts.encryption else None,
     )
+
+
+def _check_layout(opts: _Options, size: int) -> None:
+    """What would fail while laying the image out, checked before any file is touched:
+    an L1 table beyond QEMU's limit, a header that does not fit in cluster 0."""
+    cluster_bits = opts.cluster_size.bit_length() - 1
+    l2_bits = cluster_bits - (4 if opts.extended_l2 else 3)
+    if size_to_l1(size, cluster_bits, l2_bits) > C.QCOW_MAX_L1_SIZE // 8:
+        raise Qcow2FormatError(
+            "The image size is too large for file format 'qcow2' (try using a larger "
+            f"cluster size): size={size}, cluster_size={opts.cluster_size}"
+        )
     if opts.backing_file is not None and len(opts.backing_file.encode()) > C.QCOW_MAX_BACKING_NAME:
         raise Qcow2FormatError(
             f"Could not assign backing file: name longer than {C.QCOW_MAX_BACKING_NAME} "
             f"bytes: backing_file={opts.backing_file!r}"
         )
     try:
-        cluster0 = hdr.to_cluster0()
+        _header(opts, size, stub=False).to_cluster0()
     except Qcow2FormatError as exc:
         raise Qcow2FormatError(
             f"Could not write the header (no space left in cluster 0): {exc}"
         ) from None
-    sim.file.write(0, cluster0)
-    return _SimResult(hdr, sim.file, sim.data_file if opts.data_file is not None else None)
+
+
+def _write_stub(path: str, opts: _Options) -> None:
+    """Header (cluster 0) and a refcount table (cluster 1) naming one empty refcount
+    block (cluster 2): what ``qemu-img create`` writes before it opens the image."""
+    cs = opts.cluster_size
+    fb = FileBackend(path, writable=True)
+    try:
+        fb.pwrite(_header(opts, 0, stub=True).to_cluster0(), 0, "create_write")
+        rest = bytearray(2 * cs)
+        struct.pack_into(">Q", rest, 0, 2 * cs)
+        fb.pwrite(rest, cs, "create_write")
+        fb.flush("create_flush")
+    finally:
+        fb.close()
+
+
+def _lay_out(path: str, opts: _Options, size: int) -> Header:
+    """Open the stub with the driver, count clusters 0-2, resize it to ``size`` with
+    the requested preallocation, place the LUKS area; returns the final header."""
+    from .image import Image
+    from .resize import resize_locked
+
+    img = Image(path, "r+", open_backing=False)
+    try:
+        alloc = img.meta.allocator
+        assert alloc is not None
+        if alloc.alloc_clusters(3) != 0:
+            raise Qcow2Error("internal error: the stub's first clusters are not free")
+        # What Image.resize_sync does (nothing else can use this image yet), also
+        # to size 0: QEMU's create resizes the stub even then.
+        img._drive_sync(img._flush_steps())
+        resize_locked(img, size, opts.preallocation, creating=True)
+        hdr = _header(opts, size, stub=False)
+        if opts.encryption is not None and opts.encryption.method == C.CRYPT_LUKS:
+            # After the resize the area is allocated (whole clusters zeroed) like any
+            # other cluster, then the LUKS header and keyslots are written into it.
+            area = opts.encryption.area
+            cs = opts.cluster_size
+            off = alloc.alloc_clusters(_div_round_up(len(area), cs))
+            img._file.pwrite(bytes(_round_up(len(area), cs)), off, "create_write")
+            img._file.pwrite(area, off, "create_write")
+            hdr.crypto_area = (off, len(area))
+        mh = img.meta.header
+        hdr.l1_size = mh.l1_size
+        hdr.l1_table_offset = mh.l1_table_offset
+        hdr.refcount_table_offset = mh.refcount_table_offset
+        hdr.refcount_table_clusters = mh.refcount_table_clusters
+    finally:
+        img.close()
+    return hdr
 
 
 # --------------------------------------------------------------------------
@@ -1170,39 +418,6 @@ def _create_file(path: str) -> None:
         ) from exc
     finally:
         os.close(fd)
-
-
-def _materialize(path: str, model: _FileModel) -> None:
-    """Give ``path`` the length, preallocation and written bytes recorded in ``model``."""
-    _create_file(path)
-    fb = FileBackend(path, writable=True)
-    try:
-        fb.truncate(model.length, "create_truncate")
-        for start, end, mode in model.fills:
-            if mode == "falloc":
-                try:
-                    os.posix_fallocate(fb.fd, start, end - start)
-                except OSError as exc:
-                    raise Qcow2IOError(
-                        f"Could not preallocate new data in {path!r}: {exc.strerror or exc}",
-                        exc.errno,
-                    ) from exc
-            else:
-                zeros = bytes(min(_WRITE_CHUNK, end - start))
-                pos = start
-                while pos < end:
-                    n = min(len(zeros), end - pos)
-                    fb.pwrite(memoryview(zeros)[:n], pos, "prealloc_full")
-                    pos += n
-        for start, end in model.merged_extents():
-            pos = start
-            while pos < end:
-                n = min(_WRITE_CHUNK, end - pos)
-                fb.pwrite(model.read(pos, n), pos, "create_write")
-                pos += n
-        fb.flush("create_flush")
-    finally:
-        fb.close()
 
 
 def create(
@@ -1258,8 +473,8 @@ def create(
     its random master key, salts and UUID are new, so only those bytes differ
     from what ``qemu-img create`` writes.
 
-    Everything is validated and laid out in memory before any file is
-    touched; an existing file at ``path`` is truncated. Raises
+    Options are validated before any file is touched; an existing file at
+    ``path`` is truncated, and deleted again if the layout fails. Raises
     :class:`~qcow2aio.Qcow2FormatError` for invalid values,
     :class:`~qcow2aio.Qcow2UnsupportedError` for unsupported ones and
     :class:`~qcow2aio.Qcow2IOError` for file errors.
@@ -1333,14 +548,22 @@ def create(
             "encrypt_iter_time": encrypt_iter_time,
         },
     )
-    result = _simulate(opts, size)
-
-    _materialize(path, result.image)
-    if result.data is not None and df is not None:
+    _check_layout(opts, size)
+    _create_file(path)
+    try:
+        if df is not None:
+            _create_file(df)
+        _write_stub(path, opts)
+        hdr = _lay_out(path, opts, size)
+        # The final header, written whole over the stub's cluster 0.
+        fb = FileBackend(path, writable=True)
         try:
-            _materialize(df, result.data)
-        except Qcow2Error:
-            # QEMU deletes what it created when creation fails.
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
+            fb.pwrite(hdr.to_cluster0(), 0, "create_write")
+            fb.flush("create_flush")
+        finally:
+            fb.close()
+    except BaseException:
+        # QEMU deletes what it created when creation fails.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise

@@ -293,6 +293,20 @@ class Image:
         if self._crypto is not None:
             self._crypto.check_usable()  # opened for metadata only: no passphrase
 
+    def _check_size(self, offset: int, length: int, *, whole_clusters: bool = False) -> None:
+        """Under the lock: the range is still inside the disk (a shrink may have run
+        between the request's first check and its turn for the lock). With
+        ``whole_clusters`` the last cluster counts whole (zeroing to the end)."""
+        size = self.meta.header.size & ~511
+        if whole_clusters:
+            cs = self.meta.cluster_size
+            size = (size + cs - 1) & ~(cs - 1)
+        if offset + length > size:
+            raise Qcow2RangeError(
+                f"request of {length} bytes at offset {offset} is outside the virtual disk "
+                f"(size {size}, shrunk while the request waited)"
+            )
+
     def _check_still_open(self) -> None:
         """After waiting for the lock: the image may have been closed meanwhile."""
         if self._closed:
@@ -918,6 +932,7 @@ class Image:
                 await self.lock.acquire()
                 try:
                     self._check_still_open()
+                    self._check_size(offset, n)
                     step = prepare_write(self, offset + pos, n - pos)
                 finally:
                     self.lock.release()
@@ -1264,6 +1279,7 @@ class Image:
                 await self.lock.acquire()
                 try:
                     self._check_still_open()
+                    self._check_size(offset, length, whole_clusters=True)
                     blocker: L2Meta | SectorRange | None = self.inflight.overlapping(offset, length)
                     if blocker is None and self._ranges is not None:
                         # All of it under the lock: only a read-modify-write between its
@@ -1365,6 +1381,7 @@ class Image:
         while True:
             self._take_sync(deadline)
             try:
+                self._check_size(offset, n)
                 blocker: L2Meta | SectorRange | None = self.inflight.overlapping(start, end - start)
                 if blocker is None and ranges is not None:
                     blocker = ranges.blocker(start, end, serial=rmw)
@@ -1450,6 +1467,85 @@ class Image:
             self._drive_sync(self._flush_steps())
         finally:
             self.lock.release()
+
+    # --------------------------------------------------------------- resize
+    async def resize(self, size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
+        """Change the virtual size as ``qemu-img resize [--shrink] [--preallocation=MODE]``.
+
+        Growing makes the L1 table as large as the new size needs (a new table, one
+        header write switching to it, then the old one freed); ``preallocation``
+        ("off", "metadata", "falloc", "full") maps the new range as QEMU does.
+        Shrinking needs ``shrink=True`` and frees every cluster past the new end.
+        Waits until no request is in flight, holds the metadata lock (new requests
+        wait) and does the metadata work without awaiting in the middle; see
+        :mod:`qcow2aio.resize` for the crash-safe order.
+        """
+        from .resize import check_resize, resize_locked
+
+        if self._closed or self._closing:
+            raise Qcow2Error(f"image {self.path!r} is {'closed' if self._closed else 'closing'}")
+        check_resize(self, size, shrink, preallocation)
+        while True:
+            await self._drain()
+            await self.lock.acquire()
+            if self._idle():
+                break
+            self.lock.release()
+        try:
+            self._check_still_open()
+            self._check_resizable()
+            check_resize(self, size, shrink, preallocation)
+            await self._drive_async(self._flush_steps())
+            self._resize_now(resize_locked, size, preallocation)
+        finally:
+            self.lock.release()
+
+    def resize_sync(self, size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
+        """:meth:`resize` without awaiting: drains and waits for the lock like
+        :meth:`close` (or ImageBusyError in a thread running an event loop)."""
+        from .resize import check_resize, resize_locked
+
+        if self._closed or self._closing:
+            raise Qcow2Error(f"image {self.path!r} is {'closed' if self._closed else 'closing'}")
+        check_resize(self, size, shrink, preallocation)
+        deadline = self._deadline()
+        while True:
+            if deadline is not None:
+                self._drain_blocking(deadline)
+            self._take_sync(deadline)
+            if self._idle():
+                break
+            self.lock.release()
+            if deadline is None:
+                raise ImageBusyError(f"requests are in flight on {self.path!r}; cannot resize")
+        try:
+            self._check_still_open()
+            self._check_resizable()
+            check_resize(self, size, shrink, preallocation)
+            self._drive_sync(self._flush_steps())
+            self._resize_now(resize_locked, size, preallocation)
+        finally:
+            self.lock.release()
+
+    def _check_resizable(self) -> None:
+        if self.meta.header.corrupt:
+            raise Qcow2CorruptError(f"image {self.path!r} is marked corrupt; resize refused")
+        if self._is_poisoned():
+            raise Qcow2IOError(
+                f"image {self.path!r} refuses writes after a failed flush ({self._poisoned}); "
+                "reopen it",
+                self._poisoned_errno,
+            )
+
+    def _resize_now(self, fn: Callable[[Image, int, str], None], size: int, prealloc: str) -> None:
+        try:
+            fn(self, size, prealloc)
+        except Qcow2Error as exc:
+            if self.meta.flush_error is not None:
+                self._poison(self.meta.flush_error)
+            raise exc from None
+        # Plain fast-path caches of mappings (read-only images) never apply here.
+        self._located.clear()
 
     # ---------------------------------------------------------------- check
     def check(self, repair: str | None = None) -> dict[str, Any]:

@@ -67,6 +67,8 @@ class Metadata:
         self.l1 = Table(hdr.l1_table_offset, read_table(file, hdr.l1_table_offset, hdr.l1_size))
 
         l2_bytes = DEFAULT_L2_CACHE_BYTES if l2_cache_size is None else l2_cache_size
+        # A default-sized L2 cache covers the disk (up to 32 MiB): a resize may grow it.
+        self.l2_cache_default = l2_cache_size is None
         # Tables needed to cover the whole disk: never cache more than that.
         cover = max(1, hdr.l1_size)
         self.l2_cache: LRUCache[Table] = LRUCache(

@@ -1,0 +1,189 @@
+"""``qcow2aio resize``: ``qemu-img resize [--shrink] [--preallocation=MODE] [-f FMT] IMG SIZE``.
+
+Same arguments, messages, order of checks and exit codes as qemu-img 7.2:
+``Image resized.`` on success (nothing with ``-q``), status 1 and QEMU's
+message otherwise (a shrink without ``--shrink`` also prints QEMU's warning).
+A qcow2 image is resized by :meth:`qcow2aio.Image.resize_sync`; a raw file
+(``-f raw``) is truncated or extended like file-posix does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from ..errors import Qcow2Error
+from ..resize import PREALLOCATION_MODES
+from .options import PROG, UsageError, parse_size, take_value
+
+USAGE = "resize [-f FMT] [--preallocation=MODE] [-q] [--shrink] FILE [+|-]SIZE"
+
+_SIZE_ERROR = (
+    "Parameter 'size' expects a non-negative number below 2^64\n"
+    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+    "and exabytes, respectively."
+)
+_SHRINK_WARNING = (
+    "warning: Shrinking an image will delete all data beyond the shrunken image's end. "
+    "Before performing such an operation, make sure there is no important data there."
+)
+
+
+class _Fail(Exception):
+    """An error already reported on stderr."""
+
+
+def _usage(msg: str) -> int:
+    sys.stderr.write(f"{PROG}: {msg}\nTry '{PROG} --help' for more information\n")
+    return 1
+
+
+def cmd_resize(argv: Sequence[str]) -> int:
+    """Resize; print qemu-img's text; return its exit status."""
+    args = list(argv)
+    if len(args) < 2:
+        return _usage("Not enough arguments")
+    fmt: str | None = None
+    prealloc = "off"
+    shrink = False
+    quiet = False
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            rest.extend(args[i + 1 :])
+            break
+        if a == "-f" or (a.startswith("-f") and len(a) > 2 and not a.startswith("--")):
+            if a == "-f":
+                if i + 1 >= len(args):
+                    return _usage("option requires an argument -- 'f'")
+                fmt, i = args[i + 1], i + 2
+            else:
+                fmt, i = a[2:], i + 1
+            continue
+        if a == "--preallocation" or a.startswith("--preallocation="):
+            value, i = take_value(args, i, "--preallocation")
+            if value not in PREALLOCATION_MODES:
+                sys.stderr.write(f"{PROG}: Invalid preallocation mode '{value}'\n")
+                return 1
+            prealloc = value
+            continue
+        if a == "--shrink":
+            shrink = True
+        elif a == "-q":
+            quiet = True
+        elif a in ("-U", "--force-share"):
+            pass
+        elif a.startswith("-") and len(a) > 1 and not _is_size(a):
+            return _usage(f"unrecognized option '{a}'")
+        else:
+            rest.append(a)
+        i += 1
+    if len(rest) != 2:
+        return _usage("Expecting image file name and size")
+    name, size_text = rest
+    relative = 0
+    if size_text[:1] == "+":
+        relative, size_text = 1, size_text[1:]
+    elif size_text[:1] == "-":
+        relative, size_text = -1, size_text[1:]
+    try:
+        n = parse_size(size_text)
+    except ValueError:
+        sys.stderr.write(f"{PROG}: {_SIZE_ERROR}\n")
+        return 1
+    if n > (1 << 63) - 1:
+        sys.stderr.write(f"{PROG}: {_SIZE_ERROR}\n")
+        return 1
+    try:
+        if fmt in (None, "qcow2"):
+            _resize_qcow2(name, fmt, n, relative, shrink, prealloc)
+        elif fmt == "raw":
+            _resize_raw(name, n, relative, shrink, prealloc)
+        else:
+            raise UsageError(f"Could not open '{name}': Unsupported image format: {fmt}")
+    except _Fail:
+        return 1
+    if not quiet:
+        sys.stdout.write("Image resized.\n")
+    return 0
+
+
+def _is_size(text: str) -> bool:
+    return text[1:2].isdigit()
+
+
+def _target(current: int, n: int, relative: int) -> int:
+    total = current + n * relative if relative else n
+    if total <= 0:
+        sys.stderr.write(f"{PROG}: New image size must be positive\n")
+        raise _Fail
+    return total
+
+
+def _refuse_shrink(total: int, current: int, shrink: bool, prealloc: str) -> None:
+    if total <= current and prealloc != "off":
+        sys.stderr.write(f"{PROG}: Preallocation can only be used for growing images\n")
+        raise _Fail
+    if total < current and not shrink:
+        sys.stderr.write(
+            f"{PROG}: Use the --shrink option to perform a shrink operation.\n"
+            f"{PROG}: {_SHRINK_WARNING}\n"
+        )
+        raise _Fail
+
+
+def _resize_qcow2(
+    name: str,
+    fmt: str | None,
+    n: int,
+    relative: int,
+    shrink: bool,
+    prealloc: str,
+) -> None:
+    from ..backing import probe_format
+    from ..image import Image
+
+    if not os.path.exists(name):
+        raise UsageError(
+            f"Could not open '{name}': Could not open '{name}': No such file or directory"
+        )
+    if fmt is None:
+        try:
+            kind = probe_format(name)
+        except Qcow2Error as exc:
+            raise UsageError(f"Could not open '{name}': {exc}") from None
+        if kind != "qcow2":
+            raise UsageError(f"Could not open '{name}': Unsupported image format: {kind}")
+    img = Image(name, "r+")
+    try:
+        current = img.size
+        total = _target(current, n, relative)
+        _refuse_shrink(total, current, shrink, prealloc)
+        img.resize_sync(total, shrink=shrink, preallocation=prealloc)
+    finally:
+        img.close()
+
+
+def _resize_raw(name: str, n: int, relative: int, shrink: bool, prealloc: str) -> None:
+    try:
+        current = os.stat(name).st_size
+    except OSError as exc:
+        raise UsageError(
+            f"Could not open '{name}': Could not open '{name}': {exc.strerror or exc}"
+        ) from None
+    total = _target(current, n, relative)
+    _refuse_shrink(total, current, shrink, prealloc)
+    if prealloc == "metadata":
+        raise UsageError(f"Unsupported preallocation mode: {prealloc}")
+    fd = os.open(name, os.O_RDWR)
+    try:
+        os.ftruncate(fd, total)
+        if total > current and prealloc == "falloc":
+            os.posix_fallocate(fd, current, total - current)
+        elif total > current and prealloc == "full":
+            os.pwrite(fd, bytes(total - current), current)
+    finally:
+        os.close(fd)
