@@ -11,9 +11,13 @@ of freed clusters aside.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -415,3 +419,80 @@ def test_read_only_and_data_file_refused(qemu: Qemu, tmp_path: Path) -> None:
     with qcow2aio.open(df, "r+") as img, pytest.raises(SnapshotError) as exc:
         img.create_snapshot_sync("x")
     assert exc.value.errno == 95
+
+
+# ---------------------------------------------------------------------- CLI
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ours(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qcow2aio", "snapshot", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "LC_ALL": "C", "TZ": "UTC"},
+    )
+
+
+def _theirs(qemu: Qemu, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return qemu.img("snapshot", *args, check=False)
+
+
+def _same(ours: subprocess.CompletedProcess[str], theirs: subprocess.CompletedProcess[str]) -> None:
+    assert ours.returncode == theirs.returncode, (ours, theirs)
+    assert ours.stdout == theirs.stdout
+    assert ours.stderr.replace("qcow2aio", "qemu-img") == theirs.stderr
+
+
+def test_cli_matches_qemu_img(qemu: Qemu, tmp_path: Path) -> None:
+    q = create(qemu, tmp_path / "q.qcow2", SIZE)
+    qemu.io(q, "write -P 5 0 128k")
+    o = tmp_path / "o.qcow2"
+    shutil.copyfile(q, o)
+    # Same actions on two copies: the same outputs and exit codes.
+    for args in [
+        ("-l",),
+        (),
+        ("-c", "first"),
+        ("-c", "first"),
+        ("-lq",),
+        ("-a", "nosuch"),
+        ("-d", "nosuch"),
+        ("-d", "1"),
+        ("-a", "1"),
+        ("-l", "-c", "x"),
+        ("-l", "-l"),
+        ("-x",),
+        ("-lx",),
+        ("--bogus",),
+        ("-d", "first"),
+        ("-c",),
+    ]:
+        _same(_ours(*args, o), _theirs(qemu, *args, q))
+        # -l output includes dates: compare the listings with the dates cut out.
+        lo, lq = _ours("-l", o).stdout, _theirs(qemu, "-l", q).stdout
+        assert [line[:30] for line in lo.splitlines()] == [line[:30] for line in lq.splitlines()]
+    for args in [("-l",), ("-l", "a", "b")]:
+        _same(_ours(*args), _theirs(qemu, *args))
+    _same(_ours("-l", tmp_path / "none.qcow2"), _theirs(qemu, "-l", tmp_path / "none.qcow2"))
+    _clean(qemu, o)
+    # Ours listed by qemu-img, theirs by us: the same text.
+    _ours("-c", "mine", o)
+    assert _ours("-l", o).stdout == _theirs(qemu, "-l", o).stdout
+    assert "mine" in _ours("-l", o).stdout
+    info = subprocess.run(
+        [sys.executable, "-m", "qcow2aio", "info", "--output=json", str(o)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert json.loads(info.stdout)["snapshots"] == qemu.info(o)["snapshots"]
+
+
+def test_cli_create_failure_message(qemu: Qemu, tmp_path: Path) -> None:
+    q = create(qemu, tmp_path / "r1.qcow2", SIZE, refcount_bits=1)
+    qemu.io(q, "write -P 1 0 64k")
+    o = tmp_path / "o.qcow2"
+    shutil.copyfile(q, o)
+    _same(_ours("-c", "new", o), _theirs(qemu, "-c", "new", q))

@@ -1,4 +1,5 @@
-"""The ``qcow2aio`` command: a qemu-img work-alike for ``create``, ``info`` and ``check``.
+"""The ``qcow2aio`` command: a qemu-img work-alike for ``create``, ``info``, ``check`` and
+``snapshot``.
 
 Arguments, option syntax and output follow ``qemu-img`` 7.2 so the two can be
 swapped in scripts and compared in tests: ``create`` prints the same
@@ -31,6 +32,7 @@ from .options import (
     parse_size,
     split_options,
 )
+from .snapshot import cmd_snapshot
 
 __all__ = [
     "COMMANDS",
@@ -42,6 +44,7 @@ __all__ = [
     "cmd_check",
     "cmd_create",
     "cmd_info",
+    "cmd_snapshot",
     "main",
     "parse_bool",
     "parse_number",
@@ -53,6 +56,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "create": cmd_create,
     "info": cmd_info,
     "check": cmd_check,
+    "snapshot": cmd_snapshot,
 }
 
 USAGE = (
@@ -64,6 +68,8 @@ USAGE = (
     "       [--backing-chain] FILE\n"
     "  check [-q] [--object OBJECTDEF] [--image-opts] [-f qcow2] [-r leaks|all]\n"
     "        [--output=human|json] FILE\n"
+    "  snapshot [--object OBJECTDEF] [--image-opts] [-q] [-U] [-f qcow2]\n"
+    "           [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check only: backing.*)\n"
