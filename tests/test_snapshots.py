@@ -18,6 +18,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from conftest import Qemu
 from images import create
 
 import qcow2aio
-from qcow2aio.errors import ImageBusyError, Qcow2Error
+from qcow2aio.errors import ImageBusyError, Qcow2Error, WaitTimeoutError
 from qcow2aio.snapshot_ops import SnapshotError, SnapshotNotFoundError
 
 SIZE = 4 << 20
@@ -496,3 +497,23 @@ def test_cli_create_failure_message(qemu: Qemu, tmp_path: Path) -> None:
     o = tmp_path / "o.qcow2"
     shutil.copyfile(q, o)
     _same(_ours("-c", "new", o), _theirs(qemu, "-c", "new", q))
+
+
+def test_sync_twin_in_a_plain_thread_waits(qemu: Qemu, tmp_path: Path) -> None:
+    """Without a running loop the sync twins wait for the lock (and a drain), bounded."""
+    path = create(qemu, tmp_path / "w.qcow2", SIZE)
+    img = qcow2aio.open(path, "r+", wait_timeout=10)
+    img.lock.acquire_blocking(1)
+    timer = threading.Timer(0.2, img.lock.release)
+    timer.start()
+    img.create_snapshot_sync("x")  # waits for the holder
+    timer.join()
+    img.lock.acquire_blocking(1)
+    img.wait_timeout = 0.1
+    with pytest.raises(WaitTimeoutError):
+        img.delete_snapshot_sync("x")
+    img.lock.release()
+    img.wait_timeout = 10
+    assert [s["name"] for s in img.snapshots()] == ["x"]
+    img.close()
+    _clean(qemu, path)
