@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from . import constants as C
 from . import testing
@@ -73,6 +73,7 @@ _INFLATE_HELPERS = 1
 _ZEROS = bytes(1 << 16)
 # Answers of Image._fast_source / locate: a (file, host offset) pair, or one of these.
 _ZERO_RUN: tuple[FileBackend | None, int] = (None, 0)  # reads as zeros
+_T = TypeVar("_T")
 _NO_FAST: tuple[FileBackend | None, int] = (None, -1)  # take the general path (a plan)
 # locate()'s per-cluster cache of a read-only image: entries (a bound on its memory,
 # about 4 MiB), and the codes that are not "host | file index".
@@ -1480,52 +1481,30 @@ class Image:
         wait) and does the metadata work without awaiting in the middle; see
         :mod:`qcow2aio.resize` for the crash-safe order.
         """
-        from .resize import check_resize, resize_locked
+        from .resize import check_resize
 
         if self._closed or self._closing:
             raise Qcow2Error(f"image {self.path!r} is {'closed' if self._closed else 'closing'}")
         check_resize(self, size, shrink, preallocation)
-        while True:
-            await self._drain()
-            await self.lock.acquire()
-            if self._idle():
-                break
-            self.lock.release()
-        try:
-            self._check_still_open()
-            self._check_resizable()
-            check_resize(self, size, shrink, preallocation)
-            await self._drive_async(self._flush_steps())
-            self._resize_now(resize_locked, size, preallocation)
-        finally:
-            self.lock.release()
+        await self._exclusive(lambda: self._resize_job(size, shrink, preallocation), flush=True)
 
     def resize_sync(self, size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
         """:meth:`resize` without awaiting: drains and waits for the lock like
         :meth:`close` (or ImageBusyError in a thread running an event loop)."""
-        from .resize import check_resize, resize_locked
+        from .resize import check_resize
 
         if self._closed or self._closing:
             raise Qcow2Error(f"image {self.path!r} is {'closed' if self._closed else 'closing'}")
         check_resize(self, size, shrink, preallocation)
-        deadline = self._deadline()
-        while True:
-            if deadline is not None:
-                self._drain_blocking(deadline)
-            self._take_sync(deadline)
-            if self._idle():
-                break
-            self.lock.release()
-            if deadline is None:
-                raise ImageBusyError(f"requests are in flight on {self.path!r}; cannot resize")
-        try:
-            self._check_still_open()
-            self._check_resizable()
-            check_resize(self, size, shrink, preallocation)
-            self._drive_sync(self._flush_steps())
-            self._resize_now(resize_locked, size, preallocation)
-        finally:
-            self.lock.release()
+        self._exclusive_sync(lambda: self._resize_job(size, shrink, preallocation), flush=True)
+
+    def _resize_job(self, size: int, shrink: bool, preallocation: str) -> None:
+        """The metadata work of a resize, exclusive and with cached metadata written back."""
+        from .resize import check_resize, resize_locked
+
+        self._check_resizable()
+        check_resize(self, size, shrink, preallocation)
+        self._resize_now(resize_locked, size, preallocation)
 
     def _check_resizable(self) -> None:
         if self.meta.header.corrupt:
@@ -1715,6 +1694,93 @@ class Image:
     ) -> None:
         """:meth:`remove_passphrase` without awaiting."""
         self._keyslot_change_sync(False, old, slot, 2000, force)
+
+    # ------------------------------------------------- exclusive operations
+    async def _exclusive(self, fn: Callable[[], _T], *, flush: bool = False) -> _T:
+        """Drain, then run ``fn`` holding the metadata lock with no request in flight.
+
+        For operations that change the active L1 table, the snapshot table or the
+        refcount structure (QEMU drains for them): ``fn`` must not await, so no
+        request sees it half done; requests that arrive meanwhile wait for the lock
+        and go on after it. With ``flush``, cached metadata is written back and
+        synced first (still exclusive), so ``fn`` starts from what is on disk."""
+        while True:
+            await self._drain()
+            await self.lock.acquire()
+            if self._idle():
+                break
+            self.lock.release()  # a request registered meanwhile: let it finish first
+        try:
+            self._check_still_open()
+            if self._closing:
+                raise Qcow2Error(f"image {self.path!r} is closing")
+            if flush:
+                await self._drive_async(self._flush_steps())
+            return fn()
+        finally:
+            self.lock.release()
+
+    def _exclusive_sync(self, fn: Callable[[], _T], *, flush: bool = False) -> _T:
+        """:meth:`_exclusive` without awaiting: in a thread that runs an event loop,
+        ImageBusyError (nothing changed) if it would have to wait; elsewhere it waits
+        up to ``wait_timeout``."""
+        deadline = self._deadline()
+        while True:
+            if deadline is not None:
+                self._drain_blocking(deadline)
+            self._take_sync(deadline)
+            if self._idle():
+                break
+            self.lock.release()
+            if deadline is None:
+                raise ImageBusyError("requests are in flight on this image")
+        try:
+            self._check_still_open()
+            if self._closing:
+                raise Qcow2Error(f"image {self.path!r} is closing")
+            if flush:
+                self._drive_sync(self._flush_steps())
+            return fn()
+        finally:
+            self.lock.release()
+
+    # ------------------------------------------------------------ snapshots
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The internal snapshots, as ``qemu-img info --output=json`` lists them."""
+        from .info import _snapshots
+
+        return _snapshots(self)
+
+    def _snapshot_job(self, kind: str, name: str) -> Callable[[], None]:
+        from . import snapshot_ops
+
+        self._check_writable(0, 0)
+        run = getattr(snapshot_ops, kind)
+        return lambda: run(self, name)
+
+    async def create_snapshot(self, name: str) -> None:
+        """Take an internal (disk-only) snapshot, as ``qemu-img snapshot -c NAME``."""
+        await self._exclusive(self._snapshot_job("create", name))
+
+    def create_snapshot_sync(self, name: str) -> None:
+        """:meth:`create_snapshot` without awaiting."""
+        self._exclusive_sync(self._snapshot_job("create", name))
+
+    async def apply_snapshot(self, name_or_id: str) -> None:
+        """Revert the disk to a snapshot (an id first, then a name: ``qemu-img snapshot -a``)."""
+        await self._exclusive(self._snapshot_job("apply", name_or_id))
+
+    def apply_snapshot_sync(self, name_or_id: str) -> None:
+        """:meth:`apply_snapshot` without awaiting."""
+        self._exclusive_sync(self._snapshot_job("apply", name_or_id))
+
+    async def delete_snapshot(self, name_or_id: str) -> None:
+        """Delete a snapshot (a name first, as ``qemu-img snapshot -d``, then an id)."""
+        await self._exclusive(self._snapshot_job("delete", name_or_id))
+
+    def delete_snapshot_sync(self, name_or_id: str) -> None:
+        """:meth:`delete_snapshot` without awaiting."""
+        self._exclusive_sync(self._snapshot_job("delete", name_or_id))
 
     # ---------------------------------------------------------------- close
     def _close_files(self) -> None:

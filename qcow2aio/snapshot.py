@@ -40,6 +40,9 @@ class Snapshot:
     disk_size: int | None
     icount: int | None
     extra_data: bytes
+    # The ID and name as stored (up to the first NUL), for rewriting them unchanged.
+    id_raw: bytes = b""
+    name_raw: bytes = b""
 
 
 def validate_snapshot_l1(snap: Snapshot, index: int, cluster_size: int) -> None:
@@ -60,6 +63,10 @@ def validate_snapshot_l1(snap: Snapshot, index: int, cluster_size: int) -> None:
 def _name(raw: bytes) -> str:
     # QEMU keeps C strings: the ID and name end at the first NUL byte.
     return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace") if raw else ""
+
+
+def _c_bytes(raw: bytes) -> bytes:
+    return raw.split(b"\0", 1)[0]
 
 
 def _read_table(
@@ -99,9 +106,11 @@ def _read_table(
         p = rel + hsize
         extra = window[p : p + extra_len]
         p += extra_len
-        id_str = _name(window[p : p + id_len])
+        id_raw = _c_bytes(window[p : p + id_len])
+        id_str = _name(id_raw)
         p += id_len
-        name = _name(window[p : p + name_len])
+        name_raw = _c_bytes(window[p : p + name_len])
+        name = _name(name_raw)
         pos += entry_len
         table_length += entry_len
         if table_length > C.QCOW_MAX_SNAPSHOTS_SIZE or pos - offset > _INT_MAX:
@@ -132,6 +141,8 @@ def _read_table(
                 disk_size,
                 icount,
                 extra,
+                id_raw,
+                name_raw,
             )
         )
     return snaps, pos

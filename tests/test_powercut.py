@@ -16,6 +16,11 @@ Every state is written to a file and must:
 * reopen read-write (repairing a lazy-refcounts image left dirty), keep its guest
   content doing so, take writes, and check clean or leaks-only (dirty: clean).
 
+Snapshot operations (``test_power_cut_states_of_snapshot_operations``): create,
+delete and apply between writes (an apply journaled as a whole-disk write of the
+snapshot's content); the same checks, and on every fifth state each snapshot of ours
+that the state lists must hold its content when applied.
+
 Controls: with one flush removed from ``Writeback.flush_steps`` (its first one), or
 L2 tables written before refcount blocks, the same harness must find violations.
 
@@ -714,3 +719,163 @@ def test_l2_writes_follow_a_flush_of_the_external_data_file(
     (tmp_path / "control").mkdir()
     rec = record(tpl, tmp_path / "control", driver, 5)
     assert ordering_violations(rec.journal, lazy=False), "a missing data-file flush was not caught"
+
+
+# ------------------------------------------------------- snapshot operations
+# Snapshot create/apply/delete between writes: every crash state must check clean or
+# leaks-only (a v3 image is left dirty inside an operation's refcount/COPIED window and
+# repaired clean by the next read-write open) and keep the acknowledged writes.
+SNAP_PC_CASES = [
+    ("c4k", "sync", 11),
+    ("c512", "async", 12),
+    ("lazy", "sync", 13),
+    ("snap", "async", 14),
+    ("ext_l2", "sync", 15),
+    ("snap-luks", "sync", 16),
+]
+
+
+def _snapshot_script(
+    wl: Workload, content: bytes, seed: int
+) -> tuple[list[tuple[str, object]], dict[str, bytes]]:
+    """Writes and snapshot operations, with the guest content each snapshot holds."""
+    rng = random.Random(seed)
+    cur = bytearray(content)
+    script: list[tuple[str, object]] = []
+    states: dict[str, bytes] = {}
+
+    def writes(n: int) -> None:
+        for _ in range(n):
+            length = rng.choice([512, 4096, wl.cluster_size, 3 * 4096 + 512])
+            off = rng.randrange(0, (wl.size - length) // 512) * 512
+            data = rng.randbytes(length)
+            cur[off : off + length] = data
+            script.append(("write", (off, data)))
+
+    writes(5)
+    script.append(("create", "a"))
+    states["a"] = bytes(cur)
+    writes(5)
+    script.append(("create", "b"))
+    states["b"] = bytes(cur)
+    writes(4)
+    script.append(("delete", "a"))
+    writes(3)
+    script.append(("apply", "b"))
+    cur[:] = states["b"]
+    writes(4)
+    script.append(("create", "c"))
+    states["c"] = bytes(cur)
+    script.append(("delete", "b"))
+    writes(2)
+    return script, states
+
+
+def _record_snapshot_ops(
+    tpl: Template, folder: Path, driver: str, seed: int
+) -> tuple[Recorded, dict[str, bytes]]:
+    wl = tpl.workload
+    path = folder / "recorded.qcow2"
+    shutil.copyfile(tpl.path, path)
+    initial = path.read_bytes()
+    journal = Journal()
+    script, states = _snapshot_script(wl, tpl.content, seed)
+    img = wl.open(path, "r+", journal.factory(path))
+
+    def before(kind: str, arg: object) -> list[int]:
+        if kind == "write":
+            off, data = arg  # type: ignore[misc]
+            return [journal.issue("write", off, len(data), data)]
+        # Each operation starts with a flush of everything acknowledged before it.
+        rids = [journal.issue("flush")]
+        if kind == "apply":
+            rids.append(journal.issue("write", 0, wl.size, states[str(arg)]))
+        return rids
+
+    if driver == "sync":
+        for kind, arg in script:
+            rids = before(kind, arg)
+            if kind == "write":
+                img.write_sync(*arg)  # type: ignore[misc]
+            else:
+                getattr(img, f"{kind}_snapshot_sync")(arg)
+            for rid in rids:
+                journal.ack(rid)
+        rid = journal.issue("flush")
+        img.close()
+        journal.ack(rid)
+    else:
+
+        async def run() -> None:
+            for kind, arg in script:
+                rids = before(kind, arg)
+                if kind == "write":
+                    await img.write(*arg)  # type: ignore[misc]
+                else:
+                    await getattr(img, f"{kind}_snapshot")(arg)
+                for rid in rids:
+                    journal.ack(rid)
+            rid = journal.issue("flush")
+            await img.aclose()
+            journal.ack(rid)
+
+        asyncio.run(run())
+    return Recorded(tpl, initial, journal, [], image_file=str(path)), states
+
+
+def _snapshots_hold(
+    wl: Workload, state_file: Path, copy: Path, states: dict[str, bytes]
+) -> list[str]:
+    """Every snapshot of ours that a crash state lists holds its content (applied on a
+    copy, after the read-write open's repair of a dirty state)."""
+    shutil.copyfile(state_file, copy)
+    out = []
+    with wl.open(copy, "r+") as img:
+        for sn in img.snapshots():
+            want = states.get(sn["name"])
+            if want is None:
+                continue
+            img.apply_snapshot_sync(sn["id"])
+            if img.read_sync(0, wl.size) != want:
+                out.append(f"snapshot {sn['name']!r} does not hold its content")
+    return out
+
+
+@pytest.mark.parametrize(("wl_name", "driver", "seed"), SNAP_PC_CASES)
+def test_power_cut_states_of_snapshot_operations(
+    qemu: Qemu,
+    templates: Templates,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    wl_name: str,
+    driver: str,
+    seed: int,
+) -> None:
+    tpl = templates(wl_name)
+    rec, snap_states = _record_snapshot_ops(tpl, tmp_path, driver, seed)
+    rng = random.Random(seed)
+    states = build_states(rec.journal, rng, randoms=16 if STRESS else 4)
+    total = len(states)
+    limit = STRESS_MAX_STATES if STRESS else 150
+    if total > limit:
+        last = max(states, key=lambda s: (len(s.ops), s.torn is None))
+        states = [last, *rng.sample(states, limit)]
+    v = Verifier(qemu, rec, tmp_path, qemu_every=20 if STRESS else 10)
+    failures: list[str] = []
+    held = 0
+    for i, st in enumerate(states):
+        failures += [f"[{st.label}] {p}" for p in v.verify(st)]
+        if i % 5 == 0:
+            # v.path holds this state as the crash left it (the reopen wrote a copy).
+            v.path.write_bytes(rec.state_files(st)[0])
+            problems = _snapshots_hold(
+                tpl.workload, v.path, tmp_path / "snapcheck.qcow2", snap_states
+            )
+            failures += [f"[{st.label}] {p}" for p in problems]
+            held += 1
+    label = f"snapshot-ops/{wl_name}/{driver}/{seed}"
+    _attach(request, {"kind": "crash", "name": label, **v.counts.as_dict()})
+    print(f"{label}: {total} states built, {json.dumps(v.counts.as_dict())}")
+    assert not failures, f"{len(failures)} problems, e.g.:\n" + "\n".join(failures[:20])
+    assert v.counts.corrupt == 0 and held
+    assert v.counts.qemu_checked and v.counts.qemu_agree == v.counts.qemu_checked

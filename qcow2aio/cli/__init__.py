@@ -1,5 +1,5 @@
-"""The ``qcow2aio`` command: a qemu-img work-alike for ``create``, ``info``, ``check``
-and ``resize``.
+"""The ``qcow2aio`` command: a qemu-img work-alike for ``create``, ``info``, ``check``,
+``resize`` and ``snapshot``.
 
 Arguments, option syntax and output follow ``qemu-img`` 7.2 so the two can be
 swapped in scripts and compared in tests: ``create`` prints the same
@@ -33,6 +33,7 @@ from .options import (
     split_options,
 )
 from .resize import cmd_resize
+from .snapshot import cmd_snapshot
 
 __all__ = [
     "COMMANDS",
@@ -45,6 +46,7 @@ __all__ = [
     "cmd_create",
     "cmd_info",
     "cmd_resize",
+    "cmd_snapshot",
     "main",
     "parse_bool",
     "parse_number",
@@ -57,6 +59,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "info": cmd_info,
     "check": cmd_check,
     "resize": cmd_resize,
+    "snapshot": cmd_snapshot,
 }
 
 USAGE = (
@@ -69,6 +72,8 @@ USAGE = (
     "  check [-q] [--object OBJECTDEF] [--image-opts] [-f qcow2] [-r leaks|all]\n"
     "        [--output=human|json] FILE\n"
     "  resize [-q] [-f qcow2|raw] [--preallocation=MODE] [--shrink] FILE [+|-]SIZE\n"
+    "  snapshot [--object OBJECTDEF] [--image-opts] [-q] [-U] [-f qcow2]\n"
+    "           [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check only: backing.*)\n"
