@@ -829,6 +829,28 @@ def test_oracle_old_or_new() -> None:
     assert h.check(b"\0\0", 0, start=a.end + 1, end=h.tick()) is not None
 
 
+def test_oracle_sector_tear_only_for_concurrent_writes() -> None:
+    """History.sector_tear (encrypted images): a read's sector that a concurrent write
+    also writes is not judged; every other byte still is."""
+    from sim import History, Op
+
+    h = History(b"a" * 1024)
+    h.sector_tear = True
+    w = h.begin(Op("write", 100, 10, b"x" * 10))
+    r = h.begin(Op("read", 0, 1024))
+    h.done(w)
+    h.done(r)
+    noise = b"?" * 512 + b"a" * 512
+    assert h.check(noise, 0, start=r.start, end=r.end) is None
+    assert h.check(b"a" * 512 + b"?" * 512, 0, start=r.start, end=r.end) is not None
+    # A read after the write completed is judged in full.
+    r2 = h.begin(Op("read", 0, 1024))
+    h.done(r2)
+    assert h.check(noise, 0, start=r2.start, end=r2.end) is not None
+    h.sector_tear = False
+    assert h.check(noise, 0, start=r.start, end=r.end) is not None
+
+
 # --------------------------------------------------------- regression seeds
 # Seeds that found bugs (see the docstrings). A seed is only meaningful with the
 # scenario code as it was when it was found: if a scenario's workload changes,

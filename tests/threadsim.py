@@ -373,6 +373,7 @@ class Run:
         self.cs = setup.cs
         self.size = img.size
         self.hist = ThreadHistory(setup.initial)
+        self.hist.sector_tear = setup.crypt != "plain"
         self.out = out
         self.deadline = time.monotonic() + deadline_seconds()
         self.threads: list[threading.Thread] = []
