@@ -801,8 +801,12 @@ class Image:
         self._check_range(offset, length)
         if not self.writable:
             raise Qcow2ReadOnlyError(f"image {self.path!r} is opened read-only")
+        self._check_changeable("writes")
+
+    def _check_changeable(self, what: str) -> None:
+        """Refuse changes to a corrupt image, or one whose earlier flush failed."""
         if self.meta.header.corrupt:
-            raise Qcow2CorruptError(f"image {self.path!r} is marked corrupt; writes refused")
+            raise Qcow2CorruptError(f"image {self.path!r} is marked corrupt; {what} refused")
         if self._is_poisoned():
             raise Qcow2IOError(
                 f"image {self.path!r} refuses writes after a failed flush ({self._poisoned}); "
@@ -1502,19 +1506,9 @@ class Image:
         """The metadata work of a resize, exclusive and with cached metadata written back."""
         from .resize import check_resize, resize_locked
 
-        self._check_resizable()
+        self._check_changeable("resize")
         check_resize(self, size, shrink, preallocation)
         self._resize_now(resize_locked, size, preallocation)
-
-    def _check_resizable(self) -> None:
-        if self.meta.header.corrupt:
-            raise Qcow2CorruptError(f"image {self.path!r} is marked corrupt; resize refused")
-        if self._is_poisoned():
-            raise Qcow2IOError(
-                f"image {self.path!r} refuses writes after a failed flush ({self._poisoned}); "
-                "reopen it",
-                self._poisoned_errno,
-            )
 
     def _resize_now(self, fn: Callable[[Image, int, str], None], size: int, prealloc: str) -> None:
         try:
