@@ -355,13 +355,12 @@ class Image:
         try:
             if self._closed:
                 self._check_still_open()
-            if self._crypto is not None:
-                host = map_plain(self.meta, offset, length)
-                if host >= 0:
-                    # Encrypted data in one host run: its one-extent plan, without
-                    # map_read's general walk (a random 4 KiB read's mapping cost).
-                    return self._enter(), None, -1, [Extent(DATA, offset, length, host)], None
-            src, host = self._fast_source(offset, length)
+            host = map_plain(self.meta, offset, length)
+            if host >= 0 and self._crypto is not None:
+                # Encrypted data in one host run: its one-extent plan, without
+                # map_read's general walk (a random 4 KiB read's mapping cost).
+                return self._enter(), None, -1, [Extent(DATA, offset, length, host)], None
+            src, host = self._source_of(offset, length, host)
             plan = None
             if src is not None:
                 if inline and length <= _INLINE_READ_MAX:
@@ -465,7 +464,10 @@ class Image:
         ``_NO_FAST`` for anything else (the caller plans it with ``map_read``, which
         also reports corruption). Metadata must be readable (the caller checked).
         """
-        host = map_plain(self.meta, offset, length)
+        return self._source_of(offset, length, map_plain(self.meta, offset, length))
+
+    def _source_of(self, offset: int, length: int, host: int) -> tuple[FileBackend | None, int]:
+        """:meth:`_fast_source` given ``map_plain``'s answer ``host`` for the range."""
         if host >= 0:
             return (self._data, host) if self._plain_reads else _NO_FAST
         if host != UNALLOCATED:
@@ -537,6 +539,12 @@ class Image:
             self._located.clear()
         self._located[c] = code
         return code
+
+    def _read_locked_sync(self, dest: memoryview, offset: int, event: str = "data_read") -> None:
+        """Fill ``dest`` from guest ``offset`` with the metadata lock already held (an
+        operation's own read: it must not take the lock, nor give it up meanwhile)."""
+        plan = map_read(self.meta, offset, len(dest), self.backing is not None)
+        self._run_plan_sync(plan, dest, offset, event)
 
     def _run_plan_sync(
         self, plan: list[Extent], dest: memoryview, base: int, event: str = "data_read"
@@ -1415,8 +1423,7 @@ class Image:
         partial sectors between their read and their write-back)."""
         start, buf, reads = self._rmw_plan(offset, view)
         for off, piece in reads:
-            plan = map_read(self.meta, off, len(piece), self.backing is not None)
-            self._run_plan_sync(plan, piece, off)
+            self._read_locked_sync(piece, off)
         buf[offset - start : offset - start + len(view)] = view
         self._write_locked_sync(start, memoryview(buf))
 

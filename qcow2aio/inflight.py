@@ -167,8 +167,6 @@ class SectorRange(Completion):
     its last step is linked (``refs``: the request and any step that outlives it).
     ``serial``: a sub-sector read-modify-write, which excludes every overlap."""
 
-    __slots__ = ("_waiters", "done", "end", "refs", "serial", "start")
-
     def __init__(self, start: int, end: int, serial: bool) -> None:
         self.start = start
         self.end = end

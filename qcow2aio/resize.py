@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 from . import constants as C
 from .errors import Qcow2Error, Qcow2FormatError, Qcow2IOError, Qcow2UnsupportedError
 from .header import size_to_l1
-from .mapping import map_read
 from .metadata import DEFAULT_L2_CACHE_BYTES
 from .tables import Table, encode_be64
 from .writes import l2_for_write, zero_clusters
@@ -345,8 +344,7 @@ def _old_content(img: Image, offset: int, length: int) -> bytes:
             "preallocation from an unaligned size of an encrypted image is not supported"
         )
     out = bytearray(length)
-    plan = map_read(img.meta, offset, length, img.backing is not None)
-    img._run_plan_sync(plan, memoryview(out), offset, "cow_read")
+    img._read_locked_sync(memoryview(out), offset, "cow_read")
     return bytes(out)
 
 
