@@ -21,8 +21,14 @@ Crash ordering (docs/reliability.md):
 * create: L1 copy and refcount increases written and made durable (with the
   COPIED flags they change) before the header switch that links them; the old
   table is freed after it. A crash before the switch leaks.
-* apply: the snapshot's clusters' refcount increases are durable before the
-  active L1 table is overwritten; the old active tree's decreases come after.
+* apply: a snapshot taken at another disk size first resizes the disk (a
+  complete resize of its own, as QEMU truncates before loading; v2 images with
+  snapshots refuse it) and grows the active L1 table if the snapshot's is larger
+  (the active table never shrinks). Then the snapshot's clusters' refcount
+  increases are durable before the active L1 table is overwritten (the
+  snapshot's own L1 copy loses its COPIED flags, as in QEMU); the old active
+  tree's decreases come after, and its tables still used by snapshots get their
+  COPIED flags recomputed in place (layout only: QEMU does it too).
 * delete: the header switch first, then the decreases.
 
 Refcounts and COPIED flags are in different clusters, so between their writes
@@ -43,6 +49,7 @@ from __future__ import annotations
 import errno
 import struct
 import time
+from array import array
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -52,7 +59,6 @@ from .snapshot import Snapshot, validate_snapshot_l1
 from .tables import compressed_descriptor, encode_be64, read_table
 
 if TYPE_CHECKING:
-    from array import array
     from collections.abc import Callable
 
     from .image import Image
@@ -297,7 +303,6 @@ def recompute_copied(meta: Metadata) -> None:
     """``qcow2_update_snapshot_refcount(addend 0)`` on the active tables: COPIED set
     exactly where the refcount is 1 (compressed entries never have it)."""
     cb = meta.cluster_bits
-    step = 2 if meta.extended_l2 else 1
     copied = C.QCOW_OFLAG_COPIED
     l1 = meta.l1
     for i, l1e in enumerate(l1.entries):
@@ -308,19 +313,58 @@ def recompute_copied(meta: Metadata) -> None:
         if want != l1e:
             l1.entries[i] = want
             l1.dirty = True
-        table = meta.l2_table(l2_off)
-        entries = table.entries
-        for j in range(0, len(entries), step):
-            e = entries[j]
-            if not e or e & C.QCOW_OFLAG_COMPRESSED:
-                continue
-            host = e & C.L2E_OFFSET_MASK
-            if not host:
-                continue
-            new = e | copied if meta.get_refcount(host >> cb) == 1 else e & ~copied
-            if new != e:
-                entries[j] = new
-                table.dirty = True
+        _recompute_l2(meta, l2_off)
+
+
+def recompute_released(meta: Metadata, l2s: set[int]) -> None:
+    """The L2 tables of a tree whose references were just dropped (the old active
+    tree of an apply, a deleted snapshot's): those still used only by snapshots get
+    their COPIED flags recomputed and written in place, as QEMU does while it
+    decreases (freed ones are left alone, active ones are :func:`recompute_copied`'s).
+    Only the layout depends on it: COPIED in an inactive table means nothing, so a
+    crash around these writes loses nothing."""
+    cb = meta.cluster_bits
+    cs = meta.cluster_size
+    for l2_off in sorted(l2s):
+        if not meta.get_refcount(l2_off >> cb) or meta.meta_map.only(l2_off, cs, "l2") is None:
+            continue
+        cached = meta.l2_cache.peek(l2_off)
+        entries = array("Q", cached.entries) if cached is not None else None
+        if entries is None:
+            entries = read_table(meta.file, l2_off, cs // 8, "snapshot_l2_load")
+        if _copied_flags(meta, entries):
+            # Not in QEMU's overlap map either (inactive L2 tables are not checked),
+            # but it must not land on any active metadata.
+            meta.check_data_write(l2_off, cs)
+            meta.file.pwrite(encode_be64(entries), l2_off, "snapshot_l2_update")
+        meta.l2_cache.discard(l2_off)
+
+
+def _recompute_l2(meta: Metadata, l2_off: int) -> None:
+    table = meta.l2_table(l2_off)
+    if _copied_flags(meta, table.entries):
+        table.dirty = True
+
+
+def _copied_flags(meta: Metadata, entries: array[int]) -> bool:
+    """Set COPIED exactly on the entries whose cluster has refcount 1 (compressed
+    entries never have it); True when an entry changed."""
+    cb = meta.cluster_bits
+    step = 2 if meta.extended_l2 else 1
+    copied = C.QCOW_OFLAG_COPIED
+    changed = False
+    for j in range(0, len(entries), step):
+        e = entries[j]
+        if not e or e & C.QCOW_OFLAG_COMPRESSED:
+            continue
+        host = e & C.L2E_OFFSET_MASK
+        if not host:
+            continue
+        new = e | copied if meta.get_refcount(host >> cb) == 1 else e & ~copied
+        if new != e:
+            entries[j] = new
+            changed = True
+    return changed
 
 
 # -------------------------------------------------------------- the operations
@@ -409,7 +453,7 @@ class _Op:
             raise
 
 
-def _read_snapshot_l1(meta: Metadata, sn: Snapshot, index: int, pad_to: int = 0) -> array[int]:
+def _read_snapshot_l1(meta: Metadata, sn: Snapshot, index: int) -> array[int]:
     validate_snapshot_l1(sn, index, meta.cluster_size)
     nbytes = sn.l1_size * 8
     if sn.l1_size and sn.l1_table_offset + nbytes > meta.file.size():
@@ -420,8 +464,6 @@ def _read_snapshot_l1(meta: Metadata, sn: Snapshot, index: int, pad_to: int = 0)
     if sn.l1_size and not sn.l1_table_offset:
         raise Qcow2CorruptError(f"Snapshot {sn.id_str!r}: L1 table at offset 0")
     l1 = read_table(meta.file, sn.l1_table_offset, sn.l1_size, "snapshot_l1_load")
-    if pad_to > len(l1):
-        l1.extend([0] * (pad_to - len(l1)))
     return l1
 
 
@@ -505,37 +547,53 @@ def apply(img: Image, name_or_id: str) -> None:
     snaps = meta.snapshots
     index = find_for_apply(snaps, name_or_id)
     sn = snaps[index]
-    if sn.disk_size is not None and sn.disk_size != hdr.size:
-        raise Qcow2UnsupportedError(
-            f"snapshot {sn.id_str!r} has another disk size ({sn.disk_size}, image {hdr.size}): "
-            "loading it needs a resize"
-        )
-    if sn.l1_size > hdr.l1_size:
-        raise Qcow2UnsupportedError(
-            f"snapshot {sn.id_str!r} has a larger L1 table ({sn.l1_size} entries, active "
-            f"{hdr.l1_size}): growing the active one is not implemented"
-        )
+    resize_to = sn.disk_size if sn.disk_size is not None and sn.disk_size != hdr.size else None
+    if resize_to is not None and meta.version < 3:
+        # QEMU resizes the disk to the snapshot's size first, which v2 refuses.
+        raise Qcow2UnsupportedError("Can't resize a v2 image which has snapshots")
     what = f"snapshot {sn.id_str!r}"
-    new_l1 = _read_snapshot_l1(meta, sn, index, hdr.l1_size)
+    # Everything that could refuse is checked on the image as it is now; a resize
+    # first (only ever dropping references or adding new clusters) keeps it valid.
+    new_l1 = _read_snapshot_l1(meta, sn, index)
     plus, sn_l2s = tree_refs(meta, new_l1, what)
     _check_no_overlap(meta, plus, sn_l2s, what)
     _check_increase(meta, plus, "snapshot apply")
-    minus, act_l2s = tree_refs(meta, meta.l1.entries, "active L1 table")
+    minus, _ = tree_refs(meta, meta.l1.entries, "active L1 table")
     _check_decrease(meta, minus, "snapshot apply")
 
     def body() -> None:
+        from .resize import grow_l1, resize_locked
+
+        if resize_to is not None:
+            # The disk takes the snapshot's size first (a complete resize of its own,
+            # as QEMU truncates before it loads the table): a crash after it leaves
+            # the resized image, still consistent.
+            resize_locked(img, resize_to, "off")
+        # The active table must hold the snapshot's whole L1 (QEMU keeps a larger one).
+        grow_l1(img, sn.l1_size)
+        n = len(meta.l1.entries)
+        goto_l1 = array("Q", new_l1)
+        goto_l1.extend(array("Q", bytes(8 * (n - len(goto_l1)))))
+        minus, act_l2s = tree_refs(meta, meta.l1.entries, "active L1 table")
         op.begin()
         _apply(meta, plus, +1)
+        # Every table the snapshot's L1 names is shared now (refcount >= 2): its copy
+        # loses its COPIED flags as in QEMU, which rewrites it after the increase.
+        uncopied = array("Q", (e & ~C.QCOW_OFLAG_COPIED for e in new_l1))
+        if uncopied != new_l1:
+            meta.check_meta_write(sn.l1_table_offset, len(new_l1) * 8, "inactive_l1")
+            meta.file.pwrite(encode_be64(uncopied), sn.l1_table_offset, "snapshot_l1_update")
         op.sync()  # the increases are durable before the L1 table points at the clusters
         l1 = meta.l1
-        meta.check_meta_write(l1.offset, len(new_l1) * 8, "l1")
-        meta.file.pwrite(encode_be64(new_l1), l1.offset, "l1_update")
+        meta.check_meta_write(l1.offset, n * 8, "l1")
+        meta.file.pwrite(encode_be64(goto_l1), l1.offset, "l1_update")
         meta.flush_files("snapshot_goto")
-        l1.entries = new_l1
+        l1.entries = goto_l1
         l1.dirty = False
         meta._build_meta_map()  # the new active L2 tables may be written back from now on
         _apply(meta, minus, -1)
         _drop_freed_l2(meta, act_l2s)
+        recompute_released(meta, act_l2s)
         recompute_copied(meta)
         op.end()
 
@@ -569,6 +627,7 @@ def delete(img: Image, name_or_id: str, *, by_name_only: bool = False) -> None:
         # The old table's clusters are in ``minus`` already (checked with the rest).
         _apply(meta, minus, -1)
         _drop_freed_l2(meta, sn_l2s)
+        recompute_released(meta, sn_l2s)
         recompute_copied(meta)
         op.end()
 
