@@ -166,7 +166,9 @@ def _grow(img: Image, old: int, size: int, preallocation: str) -> None:
     else:
         _prealloc_file(img, old, size, preallocation)
     backing = img.backing
-    if backing is not None and backing.size > old:
+    if backing is not None and backing.size > old and preallocation in ("off", "metadata"):
+        # falloc/full wrote or allocated the new range as data that reads as zeros
+        # already: QEMU leaves it as data, without zero flags.
         _zero_new_range(img, old, size)
     _flush(img, "resize")
 
@@ -458,9 +460,9 @@ def _discard_all(img: Image, start: int, end: int) -> None:
     while pos < end:
         l1_index = pos >> (cb + meta.l2_bits)
         nxt = min(end, (pos & ~(l2_span - 1)) + l2_span)
-        if not meta.l2_offset_for(l1_index):
-            pos = nxt
-            continue
+        # As QEMU's discard: the table is made writable first, so a missing one is
+        # allocated (empty) and a shared one copied, even where nothing is unlinked;
+        # tables past the new end are freed again with the L1 entries.
         table = l2_for_write(img, l1_index)
         while pos < nxt:
             idx = (pos >> cb) & (meta.l2_entries - 1)

@@ -54,7 +54,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from . import constants as C
-from .errors import Qcow2CorruptError, Qcow2Error, Qcow2UnsupportedError
+from .errors import Qcow2CorruptError, Qcow2Error
 from .snapshot import Snapshot, validate_snapshot_l1
 from .tables import compressed_descriptor, encode_be64, read_table
 
@@ -76,6 +76,11 @@ class SnapshotError(Qcow2Error):
     def __init__(self, message: str, err: int = errno.EINVAL) -> None:
         super().__init__(message)
         self.errno = err
+
+
+class SnapshotResizeError(SnapshotError):
+    """Loading a snapshot of another disk size needs a resize, which was refused
+    (qemu-img reports the resize error itself, then the failed load)."""
 
 
 class SnapshotNotFoundError(SnapshotError):
@@ -550,7 +555,7 @@ def apply(img: Image, name_or_id: str) -> None:
     resize_to = sn.disk_size if sn.disk_size is not None and sn.disk_size != hdr.size else None
     if resize_to is not None and meta.version < 3:
         # QEMU resizes the disk to the snapshot's size first, which v2 refuses.
-        raise Qcow2UnsupportedError("Can't resize a v2 image which has snapshots")
+        raise SnapshotResizeError("Can't resize a v2 image which has snapshots", errno.ENOTSUP)
     what = f"snapshot {sn.id_str!r}"
     # Everything that could refuse is checked on the image as it is now; a resize
     # first (only ever dropping references or adding new clusters) keeps it valid.

@@ -9,6 +9,8 @@ the same places), and both tools must read the snapshot's content afterwards.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from images import create
 from test_snapshots import _normalized
 
 import qcow2aio
-from qcow2aio.errors import Qcow2UnsupportedError
+from qcow2aio.snapshot_ops import SnapshotResizeError
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -108,6 +110,14 @@ def test_v2_snapshot_of_other_size_refused_like_qemu(qemu: Qemu, tmp_path: Path)
     out = qemu.img("snapshot", "-a", "s1", path, check=False)
     assert out.returncode == 1
     assert "Can't resize a v2 image which has snapshots" in out.stderr
-    with qcow2aio.open(path, "r+") as img, pytest.raises(Qcow2UnsupportedError, match="v2"):
+    with qcow2aio.open(path, "r+") as img, pytest.raises(SnapshotResizeError, match="v2"):
         img.apply_snapshot_sync("s1")
+    assert path.read_bytes() == before
+    ours = subprocess.run(
+        [sys.executable, "-m", "qcow2aio", "snapshot", "-a", "s1", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert (ours.returncode, ours.stdout) == (out.returncode, out.stdout)
+    assert ours.stderr.replace("qcow2aio:", "qemu-img:") == out.stderr
     assert path.read_bytes() == before

@@ -14,10 +14,17 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import Qcow2Error
+from ..image import Image
 from ..resize import PREALLOCATION_MODES
+from .imageopts import ImageSpec, could_not_open, image_spec
 from .options import PROG, UsageError, parse_size, take_value
+from .secrets import Secrets
+from .unlock import chain_passphrases, open_chain
 
-USAGE = "resize [-f FMT] [--preallocation=MODE] [-q] [--shrink] FILE [+|-]SIZE"
+USAGE = (
+    "resize [--object OBJ] [--image-opts] [-f FMT] [--preallocation=MODE] [-q] [--shrink] "
+    "FILE [+|-]SIZE"
+)
 
 _SIZE_ERROR = (
     "Parameter 'size' expects a non-negative number below 2^64\n"
@@ -45,6 +52,8 @@ def cmd_resize(argv: Sequence[str]) -> int:
     if len(args) < 2:
         return _usage("Not enough arguments")
     fmt: str | None = None
+    image_opts = False
+    secrets = Secrets()
     prealloc = "off"
     shrink = False
     quiet = False
@@ -70,8 +79,14 @@ def cmd_resize(argv: Sequence[str]) -> int:
                 return 1
             prealloc = value
             continue
+        if a == "--object" or a.startswith("--object="):
+            text, i = take_value(args, i, "--object")
+            secrets.add_object(text)
+            continue
         if a == "--shrink":
             shrink = True
+        elif a == "--image-opts":
+            image_opts = True
         elif a == "-q":
             quiet = True
         elif a in ("-U", "--force-share"):
@@ -97,13 +112,14 @@ def cmd_resize(argv: Sequence[str]) -> int:
     if n > (1 << 63) - 1:
         sys.stderr.write(f"{PROG}: {_SIZE_ERROR}\n")
         return 1
+    spec = image_spec(name, fmt, image_opts, backing_allowed=True)
     try:
-        if fmt in (None, "qcow2"):
-            _resize_qcow2(name, fmt, n, relative, shrink, prealloc)
-        elif fmt == "raw":
-            _resize_raw(name, n, relative, shrink, prealloc)
+        if spec.fmt in (None, "qcow2"):
+            _resize_qcow2(spec, secrets, n, relative, shrink, prealloc)
+        elif spec.fmt == "raw":
+            _resize_raw(spec.path, n, relative, shrink, prealloc)
         else:
-            raise UsageError(f"Could not open '{name}': Unsupported image format: {fmt}")
+            raise UsageError(f"Could not open '{spec.name}': Unsupported image format: {spec.fmt}")
     except _Fail:
         return 1
     if not quiet:
@@ -136,28 +152,32 @@ def _refuse_shrink(total: int, current: int, shrink: bool, prealloc: str) -> Non
 
 
 def _resize_qcow2(
-    name: str,
-    fmt: str | None,
+    spec: ImageSpec,
+    secrets: Secrets,
     n: int,
     relative: int,
     shrink: bool,
     prealloc: str,
 ) -> None:
     from ..backing import probe_format
-    from ..image import Image
 
-    if not os.path.exists(name):
+    name = spec.name
+    if not os.path.exists(spec.path):
         raise UsageError(
-            f"Could not open '{name}': Could not open '{name}': No such file or directory"
+            f"Could not open '{name}': Could not open '{spec.path}': No such file or directory"
         )
-    if fmt is None:
+    if spec.fmt is None:
         try:
-            kind = probe_format(name)
+            kind = probe_format(spec.path)
         except Qcow2Error as exc:
             raise UsageError(f"Could not open '{name}': {exc}") from None
         if kind != "qcow2":
             raise UsageError(f"Could not open '{name}': Unsupported image format: {kind}")
-    img = Image(name, "r+")
+    with could_not_open(name):
+        # As qemu-img opens it for I/O: the whole chain, every encrypted level unlocked.
+        open_chain(spec, secrets)
+    passphrase, below = chain_passphrases(spec, secrets)
+    img = Image(spec.path, "r+", passphrase=passphrase, backing_passphrase=below or None)
     try:
         current = img.size
         total = _target(current, n, relative)

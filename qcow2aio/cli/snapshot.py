@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from ..errors import Qcow2Error, Qcow2UnsupportedError
 from ..image import Image
 from ..info import _snapshot_line
-from ..snapshot_ops import SnapshotNotFoundError, find_by_name
+from ..snapshot_ops import SnapshotNotFoundError, SnapshotResizeError, find_by_name
 from .imageopts import could_not_open, image_spec
 from .options import PROG, UsageError, take_value
 from .secrets import Secrets
@@ -151,6 +151,8 @@ def cmd_snapshot(argv: Sequence[str]) -> int:
             raise Qcow2Error(f"Could not delete snapshot '{name}': snapshot not found") from None
         except Qcow2Error as exc:
             err = getattr(exc, "errno", None)
+            if isinstance(exc, SnapshotResizeError):
+                sys.stderr.write(f"{PROG}: {exc}\n")
             if action == "c":
                 code = err or errno.EINVAL
                 raise Qcow2Error(

@@ -26,7 +26,7 @@ from .imageopts import ImageSpec, LevelOptions, OpenError
 from .qapi import first_unexpected, visit_order
 from .secrets import SecretError, Secrets
 
-__all__ = ["check_encrypt_options", "ensure_readable", "open_chain"]
+__all__ = ["chain_passphrases", "check_encrypt_options", "ensure_readable", "open_chain"]
 
 _METHOD_NAMES = {C.CRYPT_AES: "aes", C.CRYPT_LUKS: "luks"}
 _BACKING = "Could not open backing file: "
@@ -134,3 +134,14 @@ def open_chain(spec: ImageSpec, secrets: Secrets) -> None:
         path = full_backing_filename(path, backing)
         fmt = backing_fmt or None
         depth += 1
+
+
+def chain_passphrases(spec: ImageSpec, secrets: Secrets) -> tuple[bytes | None, list[bytes | None]]:
+    """The passphrase of the image and of each backing level that names a secret
+    (``encrypt.key-secret``, ``backing.encrypt.key-secret``, ...), for ``Image``'s
+    ``passphrase`` and ``backing_passphrase``; call after :func:`open_chain`
+    accepted the chain, which reports missing or unknown secrets as qemu-img does."""
+    found = [
+        secrets.passphrase(level.key_secret) if level.key_secret else None for level in spec.levels
+    ]
+    return (found[0] if found else None), found[1:]
