@@ -49,6 +49,7 @@ from typing import Any
 from . import constants as C
 from .errors import Qcow2Error, Qcow2ReadOnlyError
 from .metadata import Metadata
+from .refcount import RefcountBlock, encode_entries, entry_typecode
 from .tables import Table, decode_be64
 
 __all__ = ["CheckResult", "check_image"]
@@ -144,60 +145,6 @@ _JSON_KEYS = (
 def _hx(value: int) -> str:
     """C's ``%#x``/``%#PRIx64``: no ``0x`` prefix for zero."""
     return f"{value:#x}" if value else "0"
-
-
-def _typecode(order: int) -> str:
-    """The narrowest ``array`` type holding refcounts of ``1 << order`` bits."""
-    if order <= 3:
-        return "B"
-    width = 1 << (order - 3)
-    for code in ("H", "I", "L", "Q"):
-        if array(code).itemsize == width:
-            return code
-    raise AssertionError(f"no array type of {width} bytes")
-
-
-def _decode_refblock(data: bytes, order: int, typecode: str) -> array[int]:
-    """Refcount block bytes -> native array of its entries."""
-    out: array[int] = array(typecode)
-    if order >= 3:
-        out.frombytes(data)
-        if _SWAP and out.itemsize > 1:
-            out.byteswap()
-        return out
-    bits = 1 << order
-    per = 8 >> order
-    mask = (1 << bits) - 1
-    vals = bytearray(len(data) * per)
-    for j in range(per):
-        table = bytes(((b >> (j * bits)) & mask) for b in range(256))
-        vals[j::per] = data.translate(table)
-    out.frombytes(vals)
-    return out
-
-
-def _encode_refblock(entries: array[int], order: int, nbytes: int) -> bytes:
-    """Native refcount entries -> refcount block bytes of ``nbytes`` (zero padded)."""
-    if order >= 3:
-        arr: array[int] = array(entries.typecode, entries)
-        if _SWAP and arr.itemsize > 1:
-            arr.byteswap()
-        raw = arr.tobytes()
-    else:
-        bits = 1 << order
-        per = 8 >> order
-        vals = entries.tobytes()
-        vals += bytes(-len(vals) % per)
-        n = len(vals) // per
-        acc = 0
-        for j in range(per):
-            shift = j * bits
-            table = bytes(((b << shift) & 0xFF) for b in range(256))
-            acc |= int.from_bytes(vals[j::per].translate(table), "big")
-        raw = acc.to_bytes(n, "big") if n else b""
-    if len(raw) < nbytes:
-        raw += bytes(nbytes - len(raw))
-    return raw[:nbytes]
 
 
 def _last_nonzero(arr: array[int]) -> int:
@@ -439,7 +386,7 @@ class _Checker:
         self.refcount_max = (1 << (1 << self.order)) - 1
         self.rb_bits = self.cluster_bits + 3 - self.order  # refcount_block_bits
         self.rb_size = 1 << self.rb_bits  # refcount_block_size
-        self.typecode = _typecode(self.order)
+        self.typecode = entry_typecode(self.order)
         self.extended_l2 = hdr.extended_l2
         self.entry_words = 2 if self.extended_l2 else 1
         self.l2_size = self.cluster_size // (8 * self.entry_words)
@@ -453,7 +400,7 @@ class _Checker:
         self.file_len = self.file.size()
         self.imrt: array[int] = array(self.typecode)
         self.nb_clusters = 0
-        self.rb_cache: OrderedDict[int, bytearray] = OrderedDict()
+        self.rb_cache: OrderedDict[int, RefcountBlock] = OrderedDict()
         self._ones_cache: array[int] = array(self.typecode)
         self.snapshots_size = self._snapshot_table_size()
         self.bitmaps = self._bitmaps_ext()
@@ -1054,18 +1001,19 @@ class _Checker:
         return self.check_refblocks(res, fix)
 
     # ------------------------------------------------- on-disk refcounts
-    def _refblock_data(self, offset: int) -> bytearray:
+    def _refblock(self, offset: int) -> RefcountBlock:
         """The refcount block at ``offset`` (through the small write-through cache)."""
         cache = self.rb_cache
-        data = cache.get(offset)
-        if data is None:
-            data = bytearray(self._pread(offset, self.cluster_size, "refblock_load"))
-            cache[offset] = data
+        blk = cache.get(offset)
+        if blk is None:
+            raw = self._pread(offset, self.cluster_size, "refblock_load")
+            blk = RefcountBlock(offset, bytearray(raw), self.order)
+            cache[offset] = blk
             while len(cache) > _REFBLOCK_CACHE_BLOCKS:
                 cache.popitem(last=False)
         else:
             cache.move_to_end(offset)
-        return data
+        return blk
 
     def _refblock_offset(self, rt_index: int) -> int:
         """The refblock offset for ``rt_index``; 0 when none; raises on misalignment."""
@@ -1085,31 +1033,7 @@ class _Checker:
         offset = self._refblock_offset(cluster >> self.rb_bits)
         if not offset:
             return 0
-        data = self._refblock_data(offset)
-        return self._entry_get(data, cluster & (self.rb_size - 1))
-
-    def _entry_get(self, data: bytearray, index: int) -> int:
-        order = self.order
-        if order >= 3:
-            width = 1 << (order - 3)
-            return int.from_bytes(data[index * width : (index + 1) * width], "big")
-        bits = 1 << order
-        bitpos = index * bits
-        return (data[bitpos >> 3] >> (bitpos & 7)) & ((1 << bits) - 1)
-
-    def _entry_set(self, data: bytearray, index: int, value: int) -> tuple[int, int]:
-        """Set an entry; returns the byte range written (start, end)."""
-        order = self.order
-        if order >= 3:
-            width = 1 << (order - 3)
-            data[index * width : (index + 1) * width] = value.to_bytes(width, "big")
-            return index * width, (index + 1) * width
-        bits = 1 << order
-        bitpos = index * bits
-        mask = ((1 << bits) - 1) << (bitpos & 7)
-        byte = bitpos >> 3
-        data[byte] = (data[byte] & ~mask) | ((value << (bitpos & 7)) & mask)
-        return byte, byte + 1
+        return self._refblock(offset).get(cluster & (self.rb_size - 1))
 
     def update_refcount(self, cluster: int, addend: int, decrease: bool) -> bool:
         """update_refcount() for one cluster whose refcount block exists; False on failure."""
@@ -1119,9 +1043,9 @@ class _Checker:
             return False
         if not offset:
             return False  # not reached: only called for clusters with a refcount
-        data = self._refblock_data(offset)
+        blk = self._refblock(offset)
         index = cluster & (self.rb_size - 1)
-        refcount = self._entry_get(data, index)
+        refcount = blk.get(index)
         if decrease:
             if refcount - addend < 0:
                 return False
@@ -1132,9 +1056,10 @@ class _Checker:
             refcount += addend
         if not self._pre_write_overlap_check(_OL_REFCOUNT_BLOCK, offset, self.cluster_size):
             return False
-        start, end = self._entry_set(data, index, refcount)
+        blk.set(index, refcount)
+        start, end = blk.entry_span(index)
         try:
-            self._write(bytes(data[start:end]), offset + start, "refblock_update")
+            self._write(bytes(blk.data[start:end]), offset + start, "refblock_update")
         except _CheckFailed:
             return False
         self.ctx.refblocks_written = True
@@ -1148,9 +1073,7 @@ class _Checker:
             return None
         if not offset:
             return array(self.typecode, bytes(count * array(self.typecode).itemsize))
-        data = self._refblock_data(offset)
-        nbytes = ((count << self.order) + 7) >> 3
-        return _decode_refblock(bytes(data[:nbytes]), self.order, self.typecode)[:count]
+        return self._refblock(offset).decode(count)
 
     def _oflag_all_consistent(
         self, entries: array[int], blocks: dict[int, array[int] | None]
@@ -1275,9 +1198,8 @@ class _Checker:
 
     def _refblock_bytes(self, rt_index: int) -> bytes:
         start = rt_index * self.rb_size
-        return _encode_refblock(
-            self.imrt[start : start + self.rb_size], self.order, self.cluster_size
-        )
+        entries = self.imrt[start : start + self.rb_size]
+        return encode_entries(entries, self.order, self.cluster_size)
 
     def _write_refblocks(self, first: int, end: int, reftable: list[int]) -> bool:
         """rebuild_refcounts_write_refblocks(); returns whether ``reftable`` grew."""
