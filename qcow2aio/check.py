@@ -50,6 +50,7 @@ from . import constants as C
 from .errors import Qcow2Error, Qcow2ReadOnlyError
 from .metadata import Metadata
 from .refcount import RefcountBlock, encode_entries, entry_typecode
+from .snapshot import Snapshot, SnapshotTableError, read_snapshot_table_for_check
 from .tables import Table, decode_be64
 
 __all__ = ["CheckResult", "check_image"]
@@ -117,8 +118,6 @@ _BT_DIRTY_TRACKING_BITMAP = 1
 _MAX_BITMAP_DIRECTORY_SIZE = 1024 * 65535
 _BITMAPS_EXT = struct.Struct(">IIQQ")
 _BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
-
-_SNAP_HDR = struct.Struct(">QIHHIIQII")  # 40 bytes
 
 # Refcount blocks read during one check: a small write-through cache (like QEMU's
 # refcount block cache), so memory does not grow with the image.
@@ -432,18 +431,11 @@ class _Checker:
         return (size + self.cluster_size - 1) >> self.cluster_bits
 
     def _snapshot_table_size(self) -> int:
-        """``s->snapshots_size``: from the table start to the end of the last entry (unpadded)."""
-        hdr = self.hdr
-        if not hdr.nb_snapshots:
+        """``s->snapshots_size``: from the table start to the end of the last entry
+        (unpadded), as :func:`_check_read_snapshot_table` read it."""
+        if not self.hdr.nb_snapshots:
             return 0
-        pos = hdr.snapshots_offset
-        for _ in range(hdr.nb_snapshots):
-            pos = (pos + 7) & ~7
-            head = self._pread(pos, _SNAP_HDR.size, "snapshot_load")
-            fields = _SNAP_HDR.unpack(head)
-            id_len, name_len, extra = fields[2], fields[3], fields[8]
-            pos += _SNAP_HDR.size + extra + id_len + name_len
-        return pos - hdr.snapshots_offset
+        return self.meta.snapshot_table_end - self.hdr.snapshots_offset
 
     def _bitmaps_ext(self) -> tuple[int, int, int] | None:
         """(nb_bitmaps, directory offset, directory size) when QEMU uses the bitmaps."""
@@ -1475,12 +1467,18 @@ def _co_check(ctx: _Context, fix: int) -> _Res:
 
 
 def _co_check_locked(ctx: _Context, fix: int) -> _Res:
-    """The refcount check, then (after a clean repair) clean/consistent marking."""
+    """qcow2_co_check_locked(): the snapshot table, the refcounts, the table's repair,
+    then (after a clean repair) clean/consistent marking."""
     if ctx.drv_dead:
         raise _CheckFailed(errno.ENOMEDIUM)
+    snapshot_res = _Res()
+    _check_read_snapshot_table(ctx, snapshot_res, fix)
     res = _Res()
     checker = _Checker(ctx)
     checker.check_refcounts(res, fix)
+    _check_fix_snapshot_table(ctx, checker, snapshot_res, fix)
+    for name in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed"):
+        setattr(res, name, getattr(res, name) + getattr(snapshot_res, name))
     if fix and res.check_errors == 0 and res.corruptions == 0:
         hdr = ctx.meta.header
         if hdr.version >= 3 and hdr.incompatible_features & C.INCOMPAT_DIRTY:
@@ -1490,6 +1488,200 @@ def _co_check_locked(ctx: _Context, fix: int) -> _Res:
             ctx.meta.file.flush(event="flush")
             ctx.set_incompat(hdr.incompatible_features & ~C.INCOMPAT_CORRUPT)
     return res
+
+
+# ------------------------------------------------------------ snapshot table
+def _set_snapshot_table(meta: Metadata, offset: int, snaps: list[Snapshot], end: int) -> None:
+    """The in-memory snapshot table (header fields, entries, extent) after a read or switch."""
+    hdr = meta.header
+    hdr.nb_snapshots = len(snaps)
+    hdr.snapshots_offset = offset
+    meta.snapshots = snaps
+    meta.snapshot_table_end = end
+
+
+def _check_read_snapshot_table(ctx: _Context, res: _Res, fix: int) -> None:
+    """qcow2_check_read_snapshot_table(): read the table the open left unread.
+
+    The pointer comes from the file (an open for check ignores it). Without
+    ``FIX_ERRORS`` a table QEMU cannot read fails the check with QEMU's message.
+    With it, as ``qemu-img check -r all``: a count above 65536 is cut to 65536,
+    extra data beyond 1024 bytes is cut, entries past the 64 MiB limit are
+    dropped (a dropped count is written to the header at once: the refcount pass
+    must see the header's count; the clusters this leaks it frees), and each of
+    those and each v3 entry with less than 16 bytes of extra data is a
+    corruption that :func:`_check_fix_snapshot_table` fixes by rewriting the table.
+    """
+    meta = ctx.meta
+    try:
+        nb, offset = struct.unpack(">IQ", meta.file.pread(60, 12, "header_read"))
+    except Qcow2Error as exc:
+        err = getattr(exc, "errno", None) or errno.EIO
+        res.check_errors += 1
+        ctx.msg(
+            "ERROR failed to read the snapshot table pointer from the image header: "
+            f"{os.strerror(err)}"
+        )
+        raise _CheckFailed(err) from exc
+    repair = bool(fix & FIX_ERRORS)
+    reduced = 0
+    if nb > C.QCOW_MAX_SNAPSHOTS and repair:
+        ctx.msg(f"Discarding {nb - C.QCOW_MAX_SNAPSHOTS} overhanging snapshots")
+        reduced = nb - C.QCOW_MAX_SNAPSHOTS
+        nb = C.QCOW_MAX_SNAPSHOTS
+    # qcow2_validate_table(..., "snapshot table"): 40 bytes an entry header.
+    invalid: tuple[str, int] | None = None
+    if nb > C.QCOW_MAX_SNAPSHOTS:
+        invalid = ("snapshot table too large", errno.EFBIG)
+    elif C.INT64_MAX - nb * 40 < offset or offset % meta.cluster_size:
+        invalid = ("snapshot table offset invalid", errno.EINVAL)
+    if invalid is not None:
+        res.check_errors += 1
+        ctx.msg(f"qemu-img: ERROR {invalid[0]}")
+        if nb > C.QCOW_MAX_SNAPSHOTS:
+            ctx.msg(
+                f"You can force-remove all {nb - C.QCOW_MAX_SNAPSHOTS} overhanging snapshots "
+                "with qemu-img check -r all"
+            )
+        _set_snapshot_table(meta, 0, [], 0)
+        raise _CheckFailed(invalid[1])
+    try:
+        read = read_snapshot_table_for_check(meta.file, offset, nb, repair=repair)
+    except SnapshotTableError as exc:
+        res.check_errors += 1
+        ctx.msg(f"qemu-img: ERROR failed to read the snapshot table: {exc.qemu_message}")
+        if exc.hint:
+            ctx.msg(exc.hint)
+        _set_snapshot_table(meta, 0, [], 0)
+        raise _CheckFailed(exc.errno) from exc
+    except Qcow2Error as exc:
+        err = getattr(exc, "errno", None) or errno.EIO
+        res.check_errors += 1
+        ctx.msg(
+            "qemu-img: ERROR failed to read the snapshot table: Failed to read snapshot table: "
+            f"{os.strerror(err)}"
+        )
+        _set_snapshot_table(meta, 0, [], 0)
+        raise _CheckFailed(err) from exc
+    ctx.messages.extend(read.messages)
+    snaps = read.snapshots
+    _set_snapshot_table(meta, offset, snaps, read.end)
+    reduced += read.nb_reduced
+    res.corruptions += reduced + read.extra_data_dropped
+    if reduced:
+        try:
+            ctx.write(struct.pack(">I", len(snaps)), 60, "header_update")
+            meta.file.flush(event="header_update")
+        except Qcow2Error as exc:
+            err = getattr(exc, "errno", None) or errno.EIO
+            res.check_errors += 1
+            ctx.msg(
+                f"ERROR failed to update the snapshot count in the image header: {os.strerror(err)}"
+            )
+            raise _CheckFailed(err) from exc
+        res.corruptions_fixed += reduced
+        res.corruptions -= reduced
+    if meta.header.version >= 3:
+        # Every v3 entry needs at least vm_state_size_large and disk_size (16 bytes).
+        word = "Repairing" if repair else "ERROR"
+        for i, sn in enumerate(snaps):
+            if len(sn.extra_data) < 16:
+                res.corruptions += 1
+                ctx.msg(f"{word} snapshot table entry {i} is incomplete")
+
+
+def _check_fix_snapshot_table(ctx: _Context, checker: _Checker, res: _Res, fix: int) -> None:
+    """qcow2_check_fix_snapshot_table(): rewrite a table found corrupt (``-r all``)."""
+    if not (res.corruptions and fix & FIX_ERRORS):
+        return
+    try:
+        _write_snapshot_table(ctx, checker)
+    except _CheckFailed as exc:
+        res.check_errors += 1
+        ctx.msg(f"ERROR failed to update snapshot table: {exc}")
+        raise
+    res.corruptions_fixed += res.corruptions
+    res.corruptions = 0
+
+
+def _write_snapshot_table(ctx: _Context, checker: _Checker) -> None:
+    """qcow2_write_snapshots() after the refcount pass, in the project's order: the
+    entries as read (repaired) encoded by :func:`snapshot_ops.encode_table` into new
+    clusters from the image's allocator, their refcounts durable, the table written
+    and durable, then one 12-byte header write (``nb_snapshots`` + ``snapshots_offset``)
+    switches to it, and only then is the old table freed. A crash leaks, at worst.
+    """
+    from .snapshot_ops import SnapshotError, encode_table
+
+    meta = ctx.meta
+    hdr = meta.header
+    try:
+        table = encode_table(meta.snapshots, hdr.size)
+    except SnapshotError as exc:
+        raise _CheckFailed(exc.errno) from exc
+    if ctx.refblocks_written:
+        # The refcount pass wrote refcount blocks behind the metadata's cache.
+        meta.refblock_cache.clear()
+    if meta.allocator is None or meta.writeback is None:
+        meta.enable_writes(None)
+    alloc, wb = meta.allocator, meta.writeback
+    assert alloc is not None and wb is not None
+    alloc.free_cluster_index = 0  # first fit, as from a fresh open
+    old_offset, old_size = hdr.snapshots_offset, checker.snapshots_size
+    try:
+        new_offset = alloc.alloc_clusters(checker._size_to_clusters(len(table))) if table else 0
+        wb.write_refblocks()  # bdrv_flush: the refcount cache goes out first
+        meta.file.flush(event="snapshot_table_write")
+    except Qcow2Error as exc:
+        raise _CheckFailed(getattr(exc, "errno", None) or errno.EIO) from exc
+    ctx.refblocks_written = True
+    # The overlap check sees the refcount structures as they are now.
+    checker.reftable = array("Q", meta.reftable.entries)
+    checker.reftable_offset = meta.reftable.offset
+    if table and not checker._pre_write_overlap_check(0, new_offset, len(table)):
+        raise _CheckFailed(errno.EIO)
+    if table:
+        checker._write(table, new_offset, "snapshot_table_write")
+    checker._flush("snapshot_table_write")
+    checker._write(struct.pack(">IQ", len(meta.snapshots), new_offset), 60, "snapshot_table_switch")
+    checker._flush("snapshot_table_switch")
+    _set_snapshot_table(meta, new_offset, meta.snapshots, new_offset + len(table))
+    _free_clusters(ctx, old_offset, old_size)
+
+
+def _free_clusters(ctx: _Context, offset: int, size: int) -> None:
+    """qcow2_free_clusters(): all or nothing; a failure is only reported (the clusters
+    stay allocated: a leak).
+
+    As QEMU's ``update_refcount``, the clusters are taken in order and the first
+    problem stops it: a cluster without a refcount block gets one (allocated and
+    linked, as when counting a new cluster) and the free fails with EAGAIN; a
+    refcount that would drop below zero fails it with EINVAL.
+    """
+    meta = ctx.meta
+    alloc, wb = meta.allocator, meta.writeback
+    assert alloc is not None and wb is not None
+    if size <= 0:
+        return
+    cb = meta.cluster_bits
+    rb_bits = cb + 3 - meta.header.refcount_order
+    try:
+        for cluster in range(offset >> cb, ((offset + size - 1) >> cb) + 1):
+            if meta.refblock(cluster >> rb_bits) is None:
+                alloc.ensure_refblock(cluster >> rb_bits)
+                wb.write_refblocks()
+                meta.file.flush(event="snapshot_table_free")
+                ctx.msg(f"qcow2_free_clusters failed: {os.strerror(errno.EAGAIN)}")
+                return
+            if meta.get_refcount(cluster) == 0:
+                ctx.msg(f"qcow2_free_clusters failed: {os.strerror(errno.EINVAL)}")
+                return
+        alloc.update_refcount(offset, size, -1)
+        wb.write_refblocks()
+        meta.file.flush(event="snapshot_table_free")
+    except Qcow2Error as exc:
+        err = getattr(exc, "errno", None) or errno.EIO
+        ctx.msg(f"qcow2_free_clusters failed: {os.strerror(err)}")
 
 
 def check_image(
