@@ -892,3 +892,35 @@ def test_refcount_codec_whole_block_matches_entry_access(order: int) -> None:
         changed = [k for k in range(size) if blk.data[k] != before[k]]
         assert all(start <= k < end for k in changed)
         assert list(decode_entries(blk.data, order)) == [blk.get(k) for k in range(n)]
+
+
+def test_image_check_repairs_snapshot_table_like_qemu(qemu: Qemu, tmp_path: Path) -> None:
+    """``Image.check(repair="all")`` on an open image whose v3 snapshot entries lack the
+    16 bytes of extra data: the table is rewritten as by ``qemu-img check -r all`` (same
+    counts, same snapshot list), the open image follows the new table, and a snapshot
+    taken afterwards leaves an image qemu-img finds clean."""
+    from test_cli_check import _damage, _snap_image
+
+    import qcow2aio
+
+    base = _snap_image(qemu, tmp_path)
+    raw = bytearray(base.read_bytes())
+    _damage("short-extra", raw)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    ours.write_bytes(raw)
+    theirs.write_bytes(raw)
+    rc, plain = qemu.check(theirs)
+    assert rc == 2 and plain["corruptions"] == 2
+    rc, report = qemu.check(theirs, extra_args=["-r", "all"])
+    assert rc == 0 and report["corruptions-fixed"] == 2
+    with qcow2aio.Image(str(ours), "r+") as img:
+        assert img.check() == {**plain, "filename": str(ours)}
+        got = img.check(repair="all")
+        assert got == {**report, "filename": str(ours)}
+        assert [s["name"] for s in img.snapshots()] == ["s1", "s2", "s3"]
+        assert img.snapshots() == qemu.info(theirs)["snapshots"]
+        img.create_snapshot_sync("s4")
+    assert qemu.img("snapshot", "-l", str(ours)).stdout.count("\n") == 6
+    assert qemu.check(ours)[0] == 0
+    listed = [qemu.img("snapshot", "-l", str(p)).stdout.splitlines()[:5] for p in (ours, theirs)]
+    assert listed[0] == listed[1]
