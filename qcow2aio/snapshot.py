@@ -14,14 +14,19 @@ its clusters as metadata).
 
 from __future__ import annotations
 
+import bisect
 import errno
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import constants as C
-from .errors import Qcow2FormatError
+from .errors import Qcow2CorruptError, Qcow2FormatError
 from .io import FileBackend
+
+if TYPE_CHECKING:
+    from .metadata import Metadata
 
 _SNAP = struct.Struct(">QIHHIIQII")  # 40 bytes
 _INT_MAX = 0x7FFFFFFF
@@ -249,3 +254,88 @@ def read_snapshot_table_for_check(
     if count == 0:
         return TableRead([], offset)
     return _read_table(lambda pos, n: file.pread(pos, n, "snapshot_load"), offset, count, repair)
+
+
+def check_placement(meta: Metadata) -> None:
+    """Refuse a snapshot table or snapshot L1 table that shares a cluster with other
+    metadata (the header, the active L1 table, the refcount table or blocks, an active
+    L2 table) or with each other.
+
+    QEMU does not look: it frees the old snapshot table after writing a new one, and
+    a snapshot's L1 table when deleting it, so a table lying on other metadata takes
+    that metadata's refcount down with it (the cluster can then be reused: data
+    loss). Snapshot operations call this before their first write, so a hostile
+    table gets a :class:`Qcow2CorruptError` naming the field and value and the
+    file is left as it was. Costs one sort of the image's metadata clusters.
+    """
+    hdr = meta.header
+    cb = meta.cluster_bits
+    others: list[tuple[int, int, str]] = []  # (first cluster, last cluster, what)
+    ours: list[tuple[int, int, str]] = []
+
+    def add(into: list[tuple[int, int, str]], offset: int, length: int, what: str) -> None:
+        if length > 0:
+            into.append((offset >> cb, (offset + length - 1) >> cb, what))
+
+    add(others, 0, meta.cluster_size, "the image header")
+    add(
+        others,
+        hdr.l1_table_offset,
+        hdr.l1_size * 8,
+        f"the active L1 table (l1_table_offset={hdr.l1_table_offset:#x})",
+    )
+    add(
+        others,
+        hdr.refcount_table_offset,
+        hdr.refcount_table_clusters << cb,
+        f"the refcount table (refcount_table_offset={hdr.refcount_table_offset:#x})",
+    )
+    for i, entry in enumerate(meta.reftable.entries):
+        off = entry & C.REFT_OFFSET_MASK
+        if off:
+            add(others, off, 1, f"refcount block {i} (at {off:#x})")
+    for i, entry in enumerate(meta.l1.entries):
+        off = entry & C.L1E_OFFSET_MASK
+        if off:
+            add(others, off, 1, f"the active L2 table of L1 entry {i} (at {off:#x})")
+    if hdr.nb_snapshots:
+        add(
+            ours,
+            hdr.snapshots_offset,
+            meta.snapshot_table_end - hdr.snapshots_offset,
+            f"the snapshot table (snapshots_offset={hdr.snapshots_offset:#x}, "
+            f"nb_snapshots={hdr.nb_snapshots})",
+        )
+    for i, sn in enumerate(meta.snapshots):
+        add(
+            ours,
+            sn.l1_table_offset,
+            sn.l1_size * 8,
+            f"the L1 table of snapshot {i} (id {sn.id_str!r}, "
+            f"l1_table_offset={sn.l1_table_offset:#x}, l1_size={sn.l1_size})",
+        )
+    if not ours:
+        return
+    # Snapshot tables against each other: one sweep in cluster order.
+    ours.sort()
+    reach, owner = -1, ""
+    for first, last, what in ours:
+        if first <= reach:
+            raise Qcow2CorruptError(
+                f"Snapshot metadata overlaps: {what} shares a cluster with {owner}"
+            )
+        if last > reach:
+            reach, owner = last, what
+    # Against the rest: for each, the one reaching furthest among those starting
+    # at or before its last cluster.
+    others.sort()
+    firsts = [o[0] for o in others]
+    best: list[int] = []  # index of the furthest-reaching item so far
+    for k, item in enumerate(others):
+        best.append(k if not best or item[1] > others[best[-1]][1] else best[-1])
+    for first, last, what in ours:
+        i = bisect.bisect_right(firsts, last) - 1
+        if i >= 0 and others[best[i]][1] >= first:
+            raise Qcow2CorruptError(
+                f"Snapshot metadata overlaps: {what} shares a cluster with {others[best[i]][2]}"
+            )
