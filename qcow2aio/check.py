@@ -9,6 +9,15 @@ disk: a refcount lower than the references is a corruption, a higher one a
 leak. Finally the ``QCOW_OFLAG_COPIED`` flags of the active L1/L2 tables are
 checked against the refcounts (set exactly when the refcount is 1).
 
+Before the refcounts, the snapshot table is read as QEMU's check reads it
+(``qcow2_check_read_snapshot_table``): the open for a check leaves it unread, so
+a table that stops a normal open is reported here with QEMU's message, and with
+``repair="all"`` repaired (count cut to 65536, extra data cut to 1024 bytes,
+entries past 64 MiB dropped, v3 entries without 16 bytes of extra data
+completed). After the refcount pass such a table is rewritten
+(``qcow2_check_fix_snapshot_table``): new clusters from the allocator, one
+header write to switch, the old table freed last.
+
 Repair follows QEMU step by step: ``repair="leaks"`` lowers leaked refcounts in
 place; ``repair="all"`` also raises refcounts that are too low, fixes
 ``OFLAG_COPIED`` flags and misaligned preallocated zero clusters, and, when a
@@ -1703,6 +1712,11 @@ def check_image(
     and ``meta.reftable`` describe the new refcount table. As when qemu-img
     closes the image, a repair clears the dirty bit (it also clears the
     corrupt bit when no corruption remains).
+
+    The snapshot table is read from the file (``meta`` may come from an open that
+    skipped it: ``Metadata(..., check=True)``); afterwards ``meta.snapshots``,
+    ``meta.snapshot_table_end`` and the header's ``nb_snapshots`` /
+    ``snapshots_offset`` describe the table as read, or as rewritten by the repair.
 
     ``data_file_size`` is accepted for callers that know the external data
     file; QEMU 7.2's check never looks at the data file, and neither does this.

@@ -300,3 +300,45 @@ def test_check_of_copy_leaves_hostile_original(base: bytes, tmp_path: Path) -> N
         "snapshot table entry 1"
     )
     assert _sha(path) == before
+
+
+def _l1_past_eof(raw: bytearray) -> None:
+    struct.pack_into(">Q", raw, _entries(raw)[1], 1 << 30)
+
+
+@pytest.mark.parametrize("op", ["apply-damaged", "delete-damaged"])
+def test_l1_past_eof_refused_when_used(base: bytes, tmp_path: Path, op: str) -> None:
+    """A snapshot whose L1 table lies past the end of the file: loading or deleting it
+    is refused before anything is written (QEMU's delete frees half and fails:
+    ``qcow2_free_clusters failed: Invalid argument``)."""
+    raw = bytearray(base)
+    _l1_past_eof(raw)
+    path = tmp_path / "eof.qcow2"
+    path.write_bytes(raw)
+    before = _sha(path)
+    with qcow2aio.Image(str(path), "r+") as img, pytest.raises(Qcow2CorruptError) as info:
+        if op == "apply-damaged":
+            img.apply_snapshot_sync("s2")
+        else:
+            img.delete_snapshot_sync("s2")
+    assert "0x40000000" in str(info.value)
+    assert _sha(path) == before
+
+
+@pytest.mark.parametrize("op", ["create", "apply-healthy", "delete-healthy"])
+def test_l1_past_eof_other_snapshots_usable(
+    qemu: Qemu, base: bytes, tmp_path: Path, op: str
+) -> None:
+    """The other snapshots stay usable, as in QEMU: the same snapshot list afterwards."""
+    raw = bytearray(base)
+    _l1_past_eof(raw)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    ours.write_bytes(raw)
+    theirs.write_bytes(raw)
+    args = {"create": ["-c", "new"], "apply-healthy": ["-a", "s1"], "delete-healthy": ["-d", "s3"]}
+    qemu.img("snapshot", *args[op], str(theirs))
+    with qcow2aio.Image(str(ours), "r+") as img:
+        OPS[op](img)
+    rows = [qemu.img("snapshot", "-l", str(p)).stdout.splitlines() for p in (ours, theirs)]
+    assert [r.split()[:2] for r in rows[0]] == [r.split()[:2] for r in rows[1]]
+    assert qemu.convert_raw(ours) == qemu.convert_raw(theirs)
