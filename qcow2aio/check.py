@@ -9,6 +9,15 @@ disk: a refcount lower than the references is a corruption, a higher one a
 leak. Finally the ``QCOW_OFLAG_COPIED`` flags of the active L1/L2 tables are
 checked against the refcounts (set exactly when the refcount is 1).
 
+Before the refcounts, the snapshot table is read as QEMU's check reads it
+(``qcow2_check_read_snapshot_table``): the open for a check leaves it unread, so
+a table that stops a normal open is reported here with QEMU's message, and with
+``repair="all"`` repaired (count cut to 65536, extra data cut to 1024 bytes,
+entries past 64 MiB dropped, v3 entries without 16 bytes of extra data
+completed). After the refcount pass such a table is rewritten
+(``qcow2_check_fix_snapshot_table``): new clusters from the allocator, one
+header write to switch, the old table freed last.
+
 Repair follows QEMU step by step: ``repair="leaks"`` lowers leaked refcounts in
 place; ``repair="all"`` also raises refcounts that are too low, fixes
 ``OFLAG_COPIED`` flags and misaligned preallocated zero clusters, and, when a
@@ -49,6 +58,8 @@ from typing import Any
 from . import constants as C
 from .errors import Qcow2Error, Qcow2ReadOnlyError
 from .metadata import Metadata
+from .refcount import RefcountBlock, encode_entries, entry_typecode
+from .snapshot import Snapshot, SnapshotTableError, read_snapshot_table_for_check
 from .tables import Table, decode_be64
 
 __all__ = ["CheckResult", "check_image"]
@@ -117,8 +128,6 @@ _MAX_BITMAP_DIRECTORY_SIZE = 1024 * 65535
 _BITMAPS_EXT = struct.Struct(">IIQQ")
 _BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
 
-_SNAP_HDR = struct.Struct(">QIHHIIQII")  # 40 bytes
-
 # Refcount blocks read during one check: a small write-through cache (like QEMU's
 # refcount block cache), so memory does not grow with the image.
 _REFBLOCK_CACHE_BLOCKS = 16
@@ -144,60 +153,6 @@ _JSON_KEYS = (
 def _hx(value: int) -> str:
     """C's ``%#x``/``%#PRIx64``: no ``0x`` prefix for zero."""
     return f"{value:#x}" if value else "0"
-
-
-def _typecode(order: int) -> str:
-    """The narrowest ``array`` type holding refcounts of ``1 << order`` bits."""
-    if order <= 3:
-        return "B"
-    width = 1 << (order - 3)
-    for code in ("H", "I", "L", "Q"):
-        if array(code).itemsize == width:
-            return code
-    raise AssertionError(f"no array type of {width} bytes")
-
-
-def _decode_refblock(data: bytes, order: int, typecode: str) -> array[int]:
-    """Refcount block bytes -> native array of its entries."""
-    out: array[int] = array(typecode)
-    if order >= 3:
-        out.frombytes(data)
-        if _SWAP and out.itemsize > 1:
-            out.byteswap()
-        return out
-    bits = 1 << order
-    per = 8 >> order
-    mask = (1 << bits) - 1
-    vals = bytearray(len(data) * per)
-    for j in range(per):
-        table = bytes(((b >> (j * bits)) & mask) for b in range(256))
-        vals[j::per] = data.translate(table)
-    out.frombytes(vals)
-    return out
-
-
-def _encode_refblock(entries: array[int], order: int, nbytes: int) -> bytes:
-    """Native refcount entries -> refcount block bytes of ``nbytes`` (zero padded)."""
-    if order >= 3:
-        arr: array[int] = array(entries.typecode, entries)
-        if _SWAP and arr.itemsize > 1:
-            arr.byteswap()
-        raw = arr.tobytes()
-    else:
-        bits = 1 << order
-        per = 8 >> order
-        vals = entries.tobytes()
-        vals += bytes(-len(vals) % per)
-        n = len(vals) // per
-        acc = 0
-        for j in range(per):
-            shift = j * bits
-            table = bytes(((b << shift) & 0xFF) for b in range(256))
-            acc |= int.from_bytes(vals[j::per].translate(table), "big")
-        raw = acc.to_bytes(n, "big") if n else b""
-    if len(raw) < nbytes:
-        raw += bytes(nbytes - len(raw))
-    return raw[:nbytes]
 
 
 def _last_nonzero(arr: array[int]) -> int:
@@ -439,7 +394,7 @@ class _Checker:
         self.refcount_max = (1 << (1 << self.order)) - 1
         self.rb_bits = self.cluster_bits + 3 - self.order  # refcount_block_bits
         self.rb_size = 1 << self.rb_bits  # refcount_block_size
-        self.typecode = _typecode(self.order)
+        self.typecode = entry_typecode(self.order)
         self.extended_l2 = hdr.extended_l2
         self.entry_words = 2 if self.extended_l2 else 1
         self.l2_size = self.cluster_size // (8 * self.entry_words)
@@ -453,7 +408,7 @@ class _Checker:
         self.file_len = self.file.size()
         self.imrt: array[int] = array(self.typecode)
         self.nb_clusters = 0
-        self.rb_cache: OrderedDict[int, bytearray] = OrderedDict()
+        self.rb_cache: OrderedDict[int, RefcountBlock] = OrderedDict()
         self._ones_cache: array[int] = array(self.typecode)
         self.snapshots_size = self._snapshot_table_size()
         self.bitmaps = self._bitmaps_ext()
@@ -485,18 +440,11 @@ class _Checker:
         return (size + self.cluster_size - 1) >> self.cluster_bits
 
     def _snapshot_table_size(self) -> int:
-        """``s->snapshots_size``: from the table start to the end of the last entry (unpadded)."""
-        hdr = self.hdr
-        if not hdr.nb_snapshots:
+        """``s->snapshots_size``: from the table start to the end of the last entry
+        (unpadded), as :func:`_check_read_snapshot_table` read it."""
+        if not self.hdr.nb_snapshots:
             return 0
-        pos = hdr.snapshots_offset
-        for _ in range(hdr.nb_snapshots):
-            pos = (pos + 7) & ~7
-            head = self._pread(pos, _SNAP_HDR.size, "snapshot_load")
-            fields = _SNAP_HDR.unpack(head)
-            id_len, name_len, extra = fields[2], fields[3], fields[8]
-            pos += _SNAP_HDR.size + extra + id_len + name_len
-        return pos - hdr.snapshots_offset
+        return self.meta.snapshot_table_end - self.hdr.snapshots_offset
 
     def _bitmaps_ext(self) -> tuple[int, int, int] | None:
         """(nb_bitmaps, directory offset, directory size) when QEMU uses the bitmaps."""
@@ -1054,18 +1002,19 @@ class _Checker:
         return self.check_refblocks(res, fix)
 
     # ------------------------------------------------- on-disk refcounts
-    def _refblock_data(self, offset: int) -> bytearray:
+    def _refblock(self, offset: int) -> RefcountBlock:
         """The refcount block at ``offset`` (through the small write-through cache)."""
         cache = self.rb_cache
-        data = cache.get(offset)
-        if data is None:
-            data = bytearray(self._pread(offset, self.cluster_size, "refblock_load"))
-            cache[offset] = data
+        blk = cache.get(offset)
+        if blk is None:
+            raw = self._pread(offset, self.cluster_size, "refblock_load")
+            blk = RefcountBlock(offset, bytearray(raw), self.order)
+            cache[offset] = blk
             while len(cache) > _REFBLOCK_CACHE_BLOCKS:
                 cache.popitem(last=False)
         else:
             cache.move_to_end(offset)
-        return data
+        return blk
 
     def _refblock_offset(self, rt_index: int) -> int:
         """The refblock offset for ``rt_index``; 0 when none; raises on misalignment."""
@@ -1085,31 +1034,7 @@ class _Checker:
         offset = self._refblock_offset(cluster >> self.rb_bits)
         if not offset:
             return 0
-        data = self._refblock_data(offset)
-        return self._entry_get(data, cluster & (self.rb_size - 1))
-
-    def _entry_get(self, data: bytearray, index: int) -> int:
-        order = self.order
-        if order >= 3:
-            width = 1 << (order - 3)
-            return int.from_bytes(data[index * width : (index + 1) * width], "big")
-        bits = 1 << order
-        bitpos = index * bits
-        return (data[bitpos >> 3] >> (bitpos & 7)) & ((1 << bits) - 1)
-
-    def _entry_set(self, data: bytearray, index: int, value: int) -> tuple[int, int]:
-        """Set an entry; returns the byte range written (start, end)."""
-        order = self.order
-        if order >= 3:
-            width = 1 << (order - 3)
-            data[index * width : (index + 1) * width] = value.to_bytes(width, "big")
-            return index * width, (index + 1) * width
-        bits = 1 << order
-        bitpos = index * bits
-        mask = ((1 << bits) - 1) << (bitpos & 7)
-        byte = bitpos >> 3
-        data[byte] = (data[byte] & ~mask) | ((value << (bitpos & 7)) & mask)
-        return byte, byte + 1
+        return self._refblock(offset).get(cluster & (self.rb_size - 1))
 
     def update_refcount(self, cluster: int, addend: int, decrease: bool) -> bool:
         """update_refcount() for one cluster whose refcount block exists; False on failure."""
@@ -1119,9 +1044,9 @@ class _Checker:
             return False
         if not offset:
             return False  # not reached: only called for clusters with a refcount
-        data = self._refblock_data(offset)
+        blk = self._refblock(offset)
         index = cluster & (self.rb_size - 1)
-        refcount = self._entry_get(data, index)
+        refcount = blk.get(index)
         if decrease:
             if refcount - addend < 0:
                 return False
@@ -1132,9 +1057,10 @@ class _Checker:
             refcount += addend
         if not self._pre_write_overlap_check(_OL_REFCOUNT_BLOCK, offset, self.cluster_size):
             return False
-        start, end = self._entry_set(data, index, refcount)
+        blk.set(index, refcount)
+        start, end = blk.entry_span(index)
         try:
-            self._write(bytes(data[start:end]), offset + start, "refblock_update")
+            self._write(bytes(blk.data[start:end]), offset + start, "refblock_update")
         except _CheckFailed:
             return False
         self.ctx.refblocks_written = True
@@ -1148,9 +1074,7 @@ class _Checker:
             return None
         if not offset:
             return array(self.typecode, bytes(count * array(self.typecode).itemsize))
-        data = self._refblock_data(offset)
-        nbytes = ((count << self.order) + 7) >> 3
-        return _decode_refblock(bytes(data[:nbytes]), self.order, self.typecode)[:count]
+        return self._refblock(offset).decode(count)
 
     def _oflag_all_consistent(
         self, entries: array[int], blocks: dict[int, array[int] | None]
@@ -1275,9 +1199,8 @@ class _Checker:
 
     def _refblock_bytes(self, rt_index: int) -> bytes:
         start = rt_index * self.rb_size
-        return _encode_refblock(
-            self.imrt[start : start + self.rb_size], self.order, self.cluster_size
-        )
+        entries = self.imrt[start : start + self.rb_size]
+        return encode_entries(entries, self.order, self.cluster_size)
 
     def _write_refblocks(self, first: int, end: int, reftable: list[int]) -> bool:
         """rebuild_refcounts_write_refblocks(); returns whether ``reftable`` grew."""
@@ -1553,12 +1476,18 @@ def _co_check(ctx: _Context, fix: int) -> _Res:
 
 
 def _co_check_locked(ctx: _Context, fix: int) -> _Res:
-    """The refcount check, then (after a clean repair) clean/consistent marking."""
+    """qcow2_co_check_locked(): the snapshot table, the refcounts, the table's repair,
+    then (after a clean repair) clean/consistent marking."""
     if ctx.drv_dead:
         raise _CheckFailed(errno.ENOMEDIUM)
+    snapshot_res = _Res()
+    _check_read_snapshot_table(ctx, snapshot_res, fix)
     res = _Res()
     checker = _Checker(ctx)
     checker.check_refcounts(res, fix)
+    _check_fix_snapshot_table(ctx, checker, snapshot_res, fix)
+    for name in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed"):
+        setattr(res, name, getattr(res, name) + getattr(snapshot_res, name))
     if fix and res.check_errors == 0 and res.corruptions == 0:
         hdr = ctx.meta.header
         if hdr.version >= 3 and hdr.incompatible_features & C.INCOMPAT_DIRTY:
@@ -1568,6 +1497,200 @@ def _co_check_locked(ctx: _Context, fix: int) -> _Res:
             ctx.meta.file.flush(event="flush")
             ctx.set_incompat(hdr.incompatible_features & ~C.INCOMPAT_CORRUPT)
     return res
+
+
+# ------------------------------------------------------------ snapshot table
+def _set_snapshot_table(meta: Metadata, offset: int, snaps: list[Snapshot], end: int) -> None:
+    """The in-memory snapshot table (header fields, entries, extent) after a read or switch."""
+    hdr = meta.header
+    hdr.nb_snapshots = len(snaps)
+    hdr.snapshots_offset = offset
+    meta.snapshots = snaps
+    meta.snapshot_table_end = end
+
+
+def _check_read_snapshot_table(ctx: _Context, res: _Res, fix: int) -> None:
+    """qcow2_check_read_snapshot_table(): read the table the open left unread.
+
+    The pointer comes from the file (an open for check ignores it). Without
+    ``FIX_ERRORS`` a table QEMU cannot read fails the check with QEMU's message.
+    With it, as ``qemu-img check -r all``: a count above 65536 is cut to 65536,
+    extra data beyond 1024 bytes is cut, entries past the 64 MiB limit are
+    dropped (a dropped count is written to the header at once: the refcount pass
+    must see the header's count; the clusters this leaks it frees), and each of
+    those and each v3 entry with less than 16 bytes of extra data is a
+    corruption that :func:`_check_fix_snapshot_table` fixes by rewriting the table.
+    """
+    meta = ctx.meta
+    try:
+        nb, offset = struct.unpack(">IQ", meta.file.pread(60, 12, "header_read"))
+    except Qcow2Error as exc:
+        err = getattr(exc, "errno", None) or errno.EIO
+        res.check_errors += 1
+        ctx.msg(
+            "ERROR failed to read the snapshot table pointer from the image header: "
+            f"{os.strerror(err)}"
+        )
+        raise _CheckFailed(err) from exc
+    repair = bool(fix & FIX_ERRORS)
+    reduced = 0
+    if nb > C.QCOW_MAX_SNAPSHOTS and repair:
+        ctx.msg(f"Discarding {nb - C.QCOW_MAX_SNAPSHOTS} overhanging snapshots")
+        reduced = nb - C.QCOW_MAX_SNAPSHOTS
+        nb = C.QCOW_MAX_SNAPSHOTS
+    # qcow2_validate_table(..., "snapshot table"): 40 bytes an entry header.
+    invalid: tuple[str, int] | None = None
+    if nb > C.QCOW_MAX_SNAPSHOTS:
+        invalid = ("snapshot table too large", errno.EFBIG)
+    elif C.INT64_MAX - nb * 40 < offset or offset % meta.cluster_size:
+        invalid = ("snapshot table offset invalid", errno.EINVAL)
+    if invalid is not None:
+        res.check_errors += 1
+        ctx.msg(f"qemu-img: ERROR {invalid[0]}")
+        if nb > C.QCOW_MAX_SNAPSHOTS:
+            ctx.msg(
+                f"You can force-remove all {nb - C.QCOW_MAX_SNAPSHOTS} overhanging snapshots "
+                "with qemu-img check -r all"
+            )
+        _set_snapshot_table(meta, 0, [], 0)
+        raise _CheckFailed(invalid[1])
+    try:
+        read = read_snapshot_table_for_check(meta.file, offset, nb, repair=repair)
+    except SnapshotTableError as exc:
+        res.check_errors += 1
+        ctx.msg(f"qemu-img: ERROR failed to read the snapshot table: {exc.qemu_message}")
+        if exc.hint:
+            ctx.msg(exc.hint)
+        _set_snapshot_table(meta, 0, [], 0)
+        raise _CheckFailed(exc.errno) from exc
+    except Qcow2Error as exc:
+        err = getattr(exc, "errno", None) or errno.EIO
+        res.check_errors += 1
+        ctx.msg(
+            "qemu-img: ERROR failed to read the snapshot table: Failed to read snapshot table: "
+            f"{os.strerror(err)}"
+        )
+        _set_snapshot_table(meta, 0, [], 0)
+        raise _CheckFailed(err) from exc
+    ctx.messages.extend(read.messages)
+    snaps = read.snapshots
+    _set_snapshot_table(meta, offset, snaps, read.end)
+    reduced += read.nb_reduced
+    res.corruptions += reduced + read.extra_data_dropped
+    if reduced:
+        try:
+            ctx.write(struct.pack(">I", len(snaps)), 60, "header_update")
+            meta.file.flush(event="header_update")
+        except Qcow2Error as exc:
+            err = getattr(exc, "errno", None) or errno.EIO
+            res.check_errors += 1
+            ctx.msg(
+                f"ERROR failed to update the snapshot count in the image header: {os.strerror(err)}"
+            )
+            raise _CheckFailed(err) from exc
+        res.corruptions_fixed += reduced
+        res.corruptions -= reduced
+    if meta.header.version >= 3:
+        # Every v3 entry needs at least vm_state_size_large and disk_size (16 bytes).
+        word = "Repairing" if repair else "ERROR"
+        for i, sn in enumerate(snaps):
+            if len(sn.extra_data) < 16:
+                res.corruptions += 1
+                ctx.msg(f"{word} snapshot table entry {i} is incomplete")
+
+
+def _check_fix_snapshot_table(ctx: _Context, checker: _Checker, res: _Res, fix: int) -> None:
+    """qcow2_check_fix_snapshot_table(): rewrite a table found corrupt (``-r all``)."""
+    if not (res.corruptions and fix & FIX_ERRORS):
+        return
+    try:
+        _write_snapshot_table(ctx, checker)
+    except _CheckFailed as exc:
+        res.check_errors += 1
+        ctx.msg(f"ERROR failed to update snapshot table: {exc}")
+        raise
+    res.corruptions_fixed += res.corruptions
+    res.corruptions = 0
+
+
+def _write_snapshot_table(ctx: _Context, checker: _Checker) -> None:
+    """qcow2_write_snapshots() after the refcount pass, in the project's order: the
+    entries as read (repaired) encoded by :func:`snapshot_ops.encode_table` into new
+    clusters from the image's allocator, their refcounts durable, the table written
+    and durable, then one 12-byte header write (``nb_snapshots`` + ``snapshots_offset``)
+    switches to it, and only then is the old table freed. A crash leaks, at worst.
+    """
+    from .snapshot_ops import SnapshotError, encode_table
+
+    meta = ctx.meta
+    hdr = meta.header
+    try:
+        table = encode_table(meta.snapshots, hdr.size)
+    except SnapshotError as exc:
+        raise _CheckFailed(exc.errno) from exc
+    if ctx.refblocks_written:
+        # The refcount pass wrote refcount blocks behind the metadata's cache.
+        meta.refblock_cache.clear()
+    if meta.allocator is None or meta.writeback is None:
+        meta.enable_writes(None)
+    alloc, wb = meta.allocator, meta.writeback
+    assert alloc is not None and wb is not None
+    alloc.free_cluster_index = 0  # first fit, as from a fresh open
+    old_offset, old_size = hdr.snapshots_offset, checker.snapshots_size
+    try:
+        new_offset = alloc.alloc_clusters(checker._size_to_clusters(len(table))) if table else 0
+        wb.write_refblocks()  # bdrv_flush: the refcount cache goes out first
+        meta.file.flush(event="snapshot_table_write")
+    except Qcow2Error as exc:
+        raise _CheckFailed(getattr(exc, "errno", None) or errno.EIO) from exc
+    ctx.refblocks_written = True
+    # The overlap check sees the refcount structures as they are now.
+    checker.reftable = array("Q", meta.reftable.entries)
+    checker.reftable_offset = meta.reftable.offset
+    if table and not checker._pre_write_overlap_check(0, new_offset, len(table)):
+        raise _CheckFailed(errno.EIO)
+    if table:
+        checker._write(table, new_offset, "snapshot_table_write")
+    checker._flush("snapshot_table_write")
+    checker._write(struct.pack(">IQ", len(meta.snapshots), new_offset), 60, "snapshot_table_switch")
+    checker._flush("snapshot_table_switch")
+    _set_snapshot_table(meta, new_offset, meta.snapshots, new_offset + len(table))
+    _free_clusters(ctx, old_offset, old_size)
+
+
+def _free_clusters(ctx: _Context, offset: int, size: int) -> None:
+    """qcow2_free_clusters(): all or nothing; a failure is only reported (the clusters
+    stay allocated: a leak).
+
+    As QEMU's ``update_refcount``, the clusters are taken in order and the first
+    problem stops it: a cluster without a refcount block gets one (allocated and
+    linked, as when counting a new cluster) and the free fails with EAGAIN; a
+    refcount that would drop below zero fails it with EINVAL.
+    """
+    meta = ctx.meta
+    alloc, wb = meta.allocator, meta.writeback
+    assert alloc is not None and wb is not None
+    if size <= 0:
+        return
+    cb = meta.cluster_bits
+    rb_bits = cb + 3 - meta.header.refcount_order
+    try:
+        for cluster in range(offset >> cb, ((offset + size - 1) >> cb) + 1):
+            if meta.refblock(cluster >> rb_bits) is None:
+                alloc.ensure_refblock(cluster >> rb_bits)
+                wb.write_refblocks()
+                meta.file.flush(event="snapshot_table_free")
+                ctx.msg(f"qcow2_free_clusters failed: {os.strerror(errno.EAGAIN)}")
+                return
+            if meta.get_refcount(cluster) == 0:
+                ctx.msg(f"qcow2_free_clusters failed: {os.strerror(errno.EINVAL)}")
+                return
+        alloc.update_refcount(offset, size, -1)
+        wb.write_refblocks()
+        meta.file.flush(event="snapshot_table_free")
+    except Qcow2Error as exc:
+        err = getattr(exc, "errno", None) or errno.EIO
+        ctx.msg(f"qcow2_free_clusters failed: {os.strerror(err)}")
 
 
 def check_image(
@@ -1589,6 +1712,11 @@ def check_image(
     and ``meta.reftable`` describe the new refcount table. As when qemu-img
     closes the image, a repair clears the dirty bit (it also clears the
     corrupt bit when no corruption remains).
+
+    The snapshot table is read from the file (``meta`` may come from an open that
+    skipped it: ``Metadata(..., check=True)``); afterwards ``meta.snapshots``,
+    ``meta.snapshot_table_end`` and the header's ``nb_snapshots`` /
+    ``snapshots_offset`` describe the table as read, or as rewritten by the repair.
 
     ``data_file_size`` is accepted for callers that know the external data
     file; QEMU 7.2's check never looks at the data file, and neither does this.

@@ -42,11 +42,16 @@ class Metadata:
         writable: bool,
         l2_cache_size: int | None = None,
         refcount_cache_size: int | None = None,
+        check: bool = False,
     ) -> None:
+        # ``check``: opened for ``qemu-img check`` (BDRV_O_CHECK), which leaves the
+        # snapshot table unread; the check reads, reports and repairs it (check.py).
         self.file = file
         self.writable = writable
         file_size = file.size()
         cluster0 = file.pread(0, min(file_size, 1 << C.MAX_CLUSTER_BITS), "header_read")
+        if check:
+            cluster0 = cluster0[:60] + bytes(12) + cluster0[72:]  # nb_snapshots, snapshots_offset
         hdr = parse_header(cluster0, writable=writable)
         self.header: Header = hdr
         self.cluster_bits = hdr.cluster_bits

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 
 from . import constants as C
 from .errors import Qcow2CorruptError, Qcow2Error
-from .snapshot import Snapshot, validate_snapshot_l1
+from .snapshot import Snapshot, check_placement, validate_snapshot_l1
 from .tables import compressed_descriptor, encode_be64, read_table
 
 if TYPE_CHECKING:
@@ -497,6 +497,7 @@ def create(img: Image, name: str) -> None:
     meta = op.meta
     hdr = meta.header
     op.sync()
+    check_placement(meta)
     snaps = list(meta.snapshots)
     if len(snaps) >= C.QCOW_MAX_SNAPSHOTS:
         raise SnapshotError(f"Too many snapshots: {len(snaps)}", errno.EFBIG)
@@ -549,6 +550,7 @@ def apply(img: Image, name_or_id: str) -> None:
     meta = op.meta
     hdr = meta.header
     op.sync()
+    check_placement(meta)
     snaps = meta.snapshots
     index = find_for_apply(snaps, name_or_id)
     sn = snaps[index]
@@ -611,6 +613,7 @@ def delete(img: Image, name_or_id: str, *, by_name_only: bool = False) -> None:
     op = _Op(img)
     meta = op.meta
     op.sync()
+    check_placement(meta)
     snaps = meta.snapshots
     index = find_by_name(snaps, name_or_id) if by_name_only else find_for_delete(snaps, name_or_id)
     sn = snaps[index]

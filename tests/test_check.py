@@ -859,3 +859,68 @@ def test_dirty_cached_tables_are_refused(qemu: Qemu, tmp_path: Path) -> None:
             check_image(meta, repair="everything")
     finally:
         fb.close()
+
+
+@pytest.mark.parametrize("order", range(7))
+def test_refcount_codec_whole_block_matches_entry_access(order: int) -> None:
+    """check's whole-block codec and the write path's per-entry access are one packing:
+    decode(bytes) equals get() entry by entry, encode(decode(bytes)) gives the bytes back,
+    and entry_span() covers exactly the bytes set() changes."""
+    import random
+
+    from qcow2aio.refcount import RefcountBlock, decode_entries, encode_entries
+
+    rng = random.Random(order)
+    size = 256
+    n = size * 8 >> order
+    top = (1 << (1 << order)) - 1
+    raw = bytes(rng.getrandbits(8) for _ in range(size))
+    blk = RefcountBlock(0, bytearray(raw), order)
+    entries = decode_entries(raw, order)
+    assert list(entries) == [blk.get(i) for i in range(n)]
+    assert encode_entries(entries, order, size) == raw
+    assert list(blk.decode(n // 3)) == list(entries[: n // 3])
+    # Short entry lists are zero padded; a shorter byte count cuts.
+    padded = encode_entries(entries[:3], order, size)
+    assert list(decode_entries(padded, order)) == list(entries[:3]) + [0] * (n - 3)
+    assert encode_entries(entries, order, size // 2) == raw[: size // 2]
+    for _ in range(50):
+        i = rng.randrange(n)
+        before = bytes(blk.data)
+        blk.set(i, rng.randint(0, top))
+        start, end = blk.entry_span(i)
+        changed = [k for k in range(size) if blk.data[k] != before[k]]
+        assert all(start <= k < end for k in changed)
+        assert list(decode_entries(blk.data, order)) == [blk.get(k) for k in range(n)]
+
+
+def test_image_check_repairs_snapshot_table_like_qemu(qemu: Qemu, tmp_path: Path) -> None:
+    """``Image.check(repair="all")`` on an open image whose v3 snapshot entries lack the
+    16 bytes of extra data: the table is rewritten as by ``qemu-img check -r all`` (same
+    counts, same snapshot list), the open image follows the new table, and a snapshot
+    taken afterwards leaves an image qemu-img finds clean."""
+    from test_cli_check import _damage, _snap_image
+
+    import qcow2aio
+
+    base = _snap_image(qemu, tmp_path)
+    raw = bytearray(base.read_bytes())
+    _damage("short-extra", raw)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    ours.write_bytes(raw)
+    theirs.write_bytes(raw)
+    rc, plain = qemu.check(theirs)
+    assert rc == 2 and plain["corruptions"] == 2
+    rc, report = qemu.check(theirs, extra_args=["-r", "all"])
+    assert rc == 0 and report["corruptions-fixed"] == 2
+    with qcow2aio.Image(str(ours), "r+") as img:
+        assert img.check() == {**plain, "filename": str(ours)}
+        got = img.check(repair="all")
+        assert got == {**report, "filename": str(ours)}
+        assert [s["name"] for s in img.snapshots()] == ["s1", "s2", "s3"]
+        assert img.snapshots() == qemu.info(theirs)["snapshots"]
+        img.create_snapshot_sync("s4")
+    assert qemu.img("snapshot", "-l", str(ours)).stdout.count("\n") == 6
+    assert qemu.check(ours)[0] == 0
+    listed = [qemu.img("snapshot", "-l", str(p)).stdout.splitlines()[:5] for p in (ours, theirs)]
+    assert listed[0] == listed[1]

@@ -94,7 +94,7 @@ def cmd_check(argv: Sequence[str]) -> int:
     path = spec.path
     file = FileBackend(path, repair is not None)
     try:
-        meta = Metadata(file, writable=repair is not None)
+        meta = Metadata(file, writable=repair is not None, check=True)
         result = check_image(meta, repair=repair)
     finally:
         file.close()
