@@ -71,18 +71,24 @@ USAGE = (
     "       [--backing-chain] FILE\n"
     "  check [-q] [--object OBJECTDEF] [--image-opts] [-f qcow2] [-r leaks|all]\n"
     "        [--output=human|json] FILE\n"
-    "  resize [-q] [-f qcow2|raw] [--preallocation=MODE] [--shrink] FILE [+|-]SIZE\n"
+    "  resize [-q] [--object OBJECTDEF] [--image-opts] [-f qcow2|raw]\n"
+    "         [--preallocation=MODE] [--shrink] FILE [+|-]SIZE\n"
     "  snapshot [--object OBJECTDEF] [--image-opts] [-q] [-U] [-f qcow2]\n"
     "           [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
-    "              [,backing.encrypt.key-secret=ID] (check only: backing.*)\n"
+    "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"
 )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qcow2aio`` console script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-V", "--version"):
+        from .. import __version__
+
+        sys.stdout.write(f"{PROG} version {__version__}\n")
+        return 0
     if not args or args[0] in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)
         return 0 if args else 1
