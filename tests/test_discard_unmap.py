@@ -282,3 +282,27 @@ def test_compressed_host_cluster_punched_when_all_gone(qemu: Qemu, tmp_path: Pat
 def test_bad_discard_option() -> None:
     with pytest.raises(ValueError, match="discard"):
         qcow2aio.open("/nonexistent.qcow2", "r+", discard="punch")
+
+
+@pytest.mark.parametrize("mode", ["unmap", "ignore"])
+def test_snapshot_delete_gives_space_back(qemu: Qemu, tmp_path: Path, mode: str) -> None:
+    """Deleting a snapshot punches the clusters only it held, whatever the discard
+    option (`qemu-img snapshot -d` does so even with discard=ignore)."""
+    ours, theirs = _filled(qemu, tmp_path, name="ours"), _filled(qemu, tmp_path, name="theirs")
+    for p in (ours, theirs):
+        qemu.img("snapshot", "-c", "s", p)
+        qemu.io(p, "write -P 2 0 4M")
+    before = _blocks(ours)
+    qemu.img(
+        "snapshot",
+        "--image-opts",
+        "-d",
+        "s",
+        f"driver=qcow2,file.filename={theirs},discard={mode}",
+    )
+    with qcow2aio.open(ours, "r+", discard=mode) as img:
+        img.delete_snapshot_sync("s")
+    assert _blocks(ours) <= before - 4 * MiB // 512
+    assert abs(_blocks(ours) - _blocks(theirs)) <= 32
+    _clean(qemu, ours)
+    qemu.io(ours, "read -P 2 0 4M")
