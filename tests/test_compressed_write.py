@@ -323,3 +323,37 @@ def test_discarded_compressed_space_reused(qemu: Qemu, tmp_path: Path) -> None:
     asyncio.run(main())
     qemu.io(path, *(f"read -P {c + 9} {c * cs} {cs}" for c in range(4)), "read -P 0x33 256k 64k")
     _assert_clean(qemu, path, compressed=4)
+
+
+def test_threshold_as_qemu(qemu: Qemu, tmp_path: Path) -> None:
+    """A cluster deflating to cluster_size - 2 bytes is stored compressed, one
+    deflating to cluster_size - 1 as a normal cluster: the same choice as
+    `qemu-img convert -c` for the same data."""
+    import zlib
+
+    cs = 65536
+    base = random.Random(1).randbytes(cs)
+
+    def deflated(n: int) -> int:
+        obj = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+        data = base[:n] + bytes(cs - n)
+        return len(obj.compress(data) + obj.flush())
+
+    found: dict[int, int] = {}
+    for n in range(cs - 160, cs):
+        found.setdefault(deflated(n), n)
+    assert cs - 2 in found and cs - 1 in found, sorted(found)
+    for size, expect_compressed in ((cs - 2, True), (cs - 1, False)):
+        n = found[size]
+        data = base[:n] + bytes(cs - n)
+        src = tmp_path / f"src{size}.raw"
+        src.write_bytes(data)
+        theirs = tmp_path / f"theirs{size}.qcow2"
+        qemu.img("convert", "-c", "-f", "raw", "-O", "qcow2", src, theirs)
+        ours = _mkimg(qemu, tmp_path, "cluster_size=65536", size=cs, name=f"ours{size}")
+        with qcow2aio.open(ours, "r+") as img:
+            img.write_compressed_sync(0, data)
+        for path in (ours, theirs):
+            assert bool(_l2_entries(path, 1)[0] >> 62 & 1) == expect_compressed, (path, size)
+        assert _l2_entries(ours, 1) == _l2_entries(theirs, 1)
+        assert qemu.convert_raw(ours) == data
