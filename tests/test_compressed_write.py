@@ -133,7 +133,7 @@ def test_mixed_with_normal_writes(qemu: Qemu, tmp_path: Path, opts: str) -> None
     normal writes over compressed clusters (partial: COW from the compressed one);
     QEMU reads exactly the oracle, check is clean, map/check see the compressed ones."""
     cs = {"4096": 4096, "65536": 65536, "2M": 2 << 20}[opts.split("cluster_size=")[1]]
-    size = max(SIZE, 12 * cs)
+    size = max(SIZE, 10 * cs)
     path = _mkimg(qemu, tmp_path, opts, size=size)
     rng = random.Random(opts)
     oracle = bytearray(size)
