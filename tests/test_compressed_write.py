@@ -15,6 +15,7 @@ import os
 import random
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Qemu
@@ -444,3 +445,44 @@ def test_cancelled_async_leaves_no_leak(qemu: Qemu, tmp_path: Path, turns: int) 
 
     asyncio.run(main())
     _assert_clean(qemu, path)
+
+
+@pytest.mark.parametrize("other", ["discard", "write"])
+def test_waits_for_inflight_compressed(qemu: Qemu, tmp_path: Path, other: str) -> None:
+    """While a compressed cluster's data is being written (allocated, not linked), a
+    discard or a normal write of that cluster waits for its link, then runs on the
+    compressed cluster (the write as a COW of it)."""
+    cs = 65536
+    path = _mkimg(qemu, tmp_path, "cluster_size=65536")
+    want = bytes(cs) if other == "discard" else b"\x01" * 100 + b"\x02" * 100 + b"\x01" * (cs - 200)
+
+    async def main() -> None:
+        async with qcow2aio.open(path, "r+") as img:
+            gate, entered = asyncio.Event(), asyncio.Event()
+            real = img._file.apwritev
+
+            async def gated(bufs: Any, offset: int, event: str = "write") -> None:
+                if event == "write_compressed":
+                    entered.set()
+                    await gate.wait()
+                await real(bufs, offset, event)
+
+            img._file.apwritev = gated  # type: ignore[method-assign]
+            try:
+                comp = asyncio.ensure_future(img.write_compressed(0, b"\x01" * cs))
+                await entered.wait()
+                if other == "discard":
+                    later = asyncio.ensure_future(img.discard(0, cs))
+                else:
+                    later = asyncio.ensure_future(img.write(100, b"\x02" * 100))
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                assert not later.done()
+            finally:
+                gate.set()
+            await asyncio.gather(comp, later)
+            assert await img.read(0, cs) == want
+
+    asyncio.run(main())
+    _assert_clean(qemu, path, compressed=0)
+    assert qemu.convert_raw(path)[:cs] == want
