@@ -57,6 +57,7 @@ def open(
     open_backing: bool = True,
     io_backend: BackendFactory | None = None,
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+    discard: str = "unmap",
 ) -> Image:
     """Open a qcow2 image, ``mode`` "r" (read-only) or "r+" (read-write).
 
@@ -75,6 +76,11 @@ def open(
     bounds how long a synchronous call in a thread without an event loop waits (for
     the metadata lock, an overlapping allocation, a drain) before it raises
     :class:`WaitTimeoutError` (see docs/concurrency.md, "Threads and loops").
+    ``discard`` is QEMU's ``discard=`` option: "unmap" (the default, as ``qemu-io``
+    and ``qemu-img`` open images) frees discarded clusters and punches the clusters
+    freed by discard or write-zeroes with unmap from the file once no request can
+    still use them, and cuts free clusters off the end of the file at close;
+    "ignore" makes :meth:`Image.discard` a no-op and never punches.
     """
     return Image(
         path,
@@ -87,4 +93,5 @@ def open(
         open_backing=open_backing,
         io_backend=io_backend,
         wait_timeout=wait_timeout,
+        discard=discard,
     )

@@ -42,6 +42,7 @@ class PendingFree:
     length: int  # bytes
     epoch: int  # requests registered at or before this epoch may still use the range
     durable: bool = False  # set once a flush has made the unlink durable
+    punch: bool = False  # a discard-type free: punch the clusters it frees from the file
 
 
 _TOO_LARGE = "The image size is too large for file format 'qcow2'"
@@ -63,7 +64,19 @@ class Allocator:
         self.rb_bits = meta.cluster_bits + 3 - self.order
         self.refcount_max = (1 << (1 << self.order)) - 1
         self.free_cluster_index = 0
+        # Where the next compressed cluster goes (QEMU's free byte offset): the end of
+        # the last one, inside a host cluster that still has room; 0 = start a new one.
+        # In memory only, as in QEMU: a reopened image starts a fresh host cluster.
+        self.free_byte_offset = 0
         self.pending: list[PendingFree] = []
+        # Punch the clusters freed by discard-type frees from the file (discard="unmap").
+        # ``punch_error``: the last failed punch (kept for tests; a failed punch is
+        # harmless, the cluster is free either way and just keeps its bytes).
+        self.punch_enabled = False
+        self.punch_error: Qcow2Error | None = None
+        # The end of the highest range a discard-type free gave back while punching
+        # was on: closing cuts the file's free tail only if such a range lies in it.
+        self.discarded_end = 0
         self.max_clusters = (C.QCOW_MAX_CLUSTER_OFFSET + 1) >> meta.cluster_bits
 
     # ------------------------------------------------------------ lookups
@@ -128,8 +141,13 @@ class Allocator:
                     f"refcount_bits={1 << self.order}"
                 )
             blk.set(cluster & mask, new)
-            if new == 0 and cluster < self.free_cluster_index:
-                self.free_cluster_index = cluster
+            if new == 0:
+                if cluster < self.free_cluster_index:
+                    self.free_cluster_index = cluster
+                if self.free_byte_offset >> self.cluster_bits == cluster:
+                    # The host cluster being filled with compressed clusters is free
+                    # again and may be handed out whole: start the next one afresh.
+                    self.free_byte_offset = 0
 
     def alloc_clusters(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1 each); returns the host offset.
@@ -221,10 +239,47 @@ class Allocator:
         )
         raise _Retry
 
+    def alloc_bytes(self, size: int) -> int:
+        """Room for one compressed cluster of ``size`` bytes; returns its host offset.
+
+        Compressed clusters are packed byte after byte into host clusters, as QEMU
+        lays them out (``qemu-img map``/L2 entries of ``qemu-io -c 'write -c ...'``):
+        each starts where the previous one ended; when it does not fit in the rest
+        of the current host cluster, a new cluster is allocated (first fit) and, if it
+        is the very next one, the compressed cluster spans both, else it starts at the
+        new cluster. Every host cluster the bytes touch gets one more reference (what
+        ``qemu-img check`` counts for compressed clusters).
+        """
+        cs = self.cluster_size
+        if not 0 < size <= cs:
+            raise Qcow2Error(f"compressed size {size} outside 1..{cs} (cluster_size)")
+        offset = self.free_byte_offset
+        if offset and self.refcount(offset >> self.cluster_bits) >= self.refcount_max:
+            offset = 0  # that host cluster cannot take one more reference
+        room = cs - (offset & (cs - 1)) if offset else 0
+        if room >= size:
+            self.update_refcount(offset, size, 1)
+        else:
+            new = self.alloc_clusters(1)  # refcount 1: the reference of this cluster
+            if offset and ((offset + cs - 1) & ~(cs - 1)) == new:
+                # Contiguous: the bytes run over from the current cluster into the new.
+                self.update_refcount(offset, room, 1)
+            else:
+                offset = new
+        end = offset + size
+        self.free_byte_offset = 0 if end & (cs - 1) == 0 else end
+        return offset
+
+    def free_bytes_now(self, offset: int, size: int) -> None:
+        """Undo :meth:`alloc_bytes` for bytes never linked (a failed data write)."""
+        self.update_refcount(offset, size, -1)
+
     # -------------------------------------------------------------- frees
-    def free_later(self, offset: int, length: int, epoch: int) -> None:
-        """Queue a decrease; applied by :meth:`apply_frees` once safe."""
-        self.pending.append(PendingFree(offset, length, epoch))
+    def free_later(self, offset: int, length: int, epoch: int, *, punch: bool = False) -> None:
+        """Queue a decrease; applied by :meth:`apply_frees` once safe. ``punch``: a
+        discard-type free (guest discard, write-zeroes with unmap), whose clusters are
+        punched from the file once free if the image discards with "unmap"."""
+        self.pending.append(PendingFree(offset, length, epoch, punch=punch))
 
     def mark_frees_durable(self) -> None:
         """Called after a flush made every queued unlink durable."""
@@ -232,27 +287,69 @@ class Allocator:
             p.durable = True
 
     def apply_frees(self, oldest_active_epoch: int | None) -> int:
-        """Apply durable decreases no in-flight request can still depend on."""
+        """Apply durable decreases no in-flight request can still depend on.
+
+        This is the only place a discard-type free punches its clusters from the file
+        (``punch_enabled``): the unlink is durable and no request that might still
+        read or write the old host range is running, so the bytes are nobody's. Only
+        clusters whose refcount reached 0 are punched (a host cluster shared by
+        compressed clusters or snapshots keeps its bytes).
+        """
         keep: list[PendingFree] = []
         done = 0
         items = self.pending
-        for i, p in enumerate(items):
-            if p.durable and (oldest_active_epoch is None or oldest_active_epoch > p.epoch):
-                try:
-                    self.meta.file.event("cluster_free")
-                    self.update_refcount(p.offset, p.length, -1)
-                except BaseException:
-                    # Applied ones are gone from the queue, so a later flush cannot apply
-                    # them twice (a refcount below its references: corruption). This one
-                    # may be half applied (a range over two clusters): dropped, so it
-                    # leaks at worst. The rest stay queued.
-                    self.pending = keep + items[i + 1 :]
-                    raise
-                done += 1
-            else:
-                keep.append(p)
-        self.pending = keep
+        punch: list[tuple[int, int]] = []
+        try:
+            for i, p in enumerate(items):
+                if p.durable and (oldest_active_epoch is None or oldest_active_epoch > p.epoch):
+                    try:
+                        self.meta.file.event("cluster_free")
+                        self.update_refcount(p.offset, p.length, -1)
+                    except BaseException:
+                        # Applied ones are gone from the queue, so a later flush cannot
+                        # apply them twice (a refcount below its references: corruption).
+                        # This one may be half applied (a range over two clusters):
+                        # dropped, so it leaks at worst. The rest stay queued.
+                        self.pending = keep + items[i + 1 :]
+                        raise
+                    if p.punch and self.punch_enabled:
+                        punch.append((p.offset, p.length))
+                        self.discarded_end = max(self.discarded_end, p.offset + p.length)
+                    done += 1
+                else:
+                    keep.append(p)
+            self.pending = keep
+        finally:
+            self.punch_free(punch)
         return done
+
+    def punch_free(self, ranges: list[tuple[int, int]]) -> None:
+        """Punch from the file the clusters touched by ``ranges`` that are free now.
+
+        Called only once those frees are applied. Adjacent clusters are punched in one
+        call. A failure (or a file system without hole punching) changes nothing that
+        matters: the clusters are free whatever they hold.
+        """
+        cb = self.cluster_bits
+        free: list[int] = []
+        for off, length in ranges:
+            if length <= 0:
+                continue
+            for c in range(off >> cb, ((off + length - 1) >> cb) + 1):
+                if self.meta.get_refcount(c) == 0:
+                    free.append(c)
+        free.sort()
+        runs: list[list[int]] = []
+        for c in free:
+            if runs and c <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], c + 1)
+            else:
+                runs.append([c, c + 1])
+        for a, b in runs:
+            try:
+                self.meta.file.punch_hole(a << cb, (b - a) << cb)
+            except Qcow2Error as exc:
+                self.punch_error = exc
 
     # ------------------------------------------------------------ resize
     def alloc_at(self, offset: int, n: int) -> int:

@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 from . import constants as C
 from . import testing
 from .backing import RAW_FORMATS, RawImage, check_chain, probe_format, resolve_name
-from .compression import decompress_cluster
+from .compressed_write import check_compressed_write, prepare_compressed
+from .compression import compress_cluster, decompress_cluster
 from .crypto.payload import SECTOR_MASK, PayloadCrypto, open_crypto
 from .errors import (
     ImageBusyError,
@@ -130,10 +131,19 @@ class Image:
         open_backing: bool = True,
         io_backend: BackendFactory | None = None,
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+        discard: str = "unmap",
         _chain: tuple[str, ...] = (),
     ) -> None:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+        if discard not in ("unmap", "ignore"):
+            raise ValueError(f"discard must be 'unmap' or 'ignore', not {discard!r}")
+        # QEMU's ``discard=`` block option. "unmap" (what qemu-io and qemu-img open
+        # with): discards free clusters, and clusters freed by discard or write-zeroes
+        # with unmap are punched from the file once the free is applied. "ignore":
+        # discards do nothing at all; write-zeroes still unmaps in the metadata but
+        # nothing is punched.
+        self.discard_mode = discard
         if metadata_only and mode != "r":
             raise ValueError("metadata_only needs mode 'r'")
         if not wait_timeout > 0:
@@ -775,6 +785,8 @@ class Image:
         meta = self.meta
         hdr = meta.header
         meta.enable_writes(self._data if self._data is not self._file else None)
+        assert meta.allocator is not None
+        meta.allocator.punch_enabled = self.discard_mode == "unmap"
         if hdr.dirty:
             # Lazy refcounts left the refcounts stale: rebuild them before any write.
             from .check import check_image
@@ -1257,6 +1269,8 @@ class Image:
         file discard does nothing (there is no way to hide the backing data).
         """
         self._check_writable(offset, length)
+        if self.discard_mode == "ignore":
+            return  # QEMU's discard=ignore: the request succeeds and changes nothing
         if self.meta.version < 3 and self.backing is not None:
             return
         _, mid, _ = self._split_aligned(offset, length, for_discard=True)
@@ -1445,6 +1459,119 @@ class Image:
             assert not isinstance(step, L2Meta)
             self._finish_step_sync(step, view[pos : pos + step.length])
             pos += step.length
+
+    # ---------------------------------------------------- compressed writes
+    def _compressed_chunks(self, offset: int, view: memoryview) -> Iterator[tuple[int, memoryview]]:
+        """Check a compressed write (see :func:`check_compressed_write`) and cut it into
+        (guest offset, cluster bytes) pairs; the last may be the image's partial cluster."""
+        n = len(view)
+        self._check_writable(offset, n)
+        check_compressed_write(self, offset, n)
+        cs = self.meta.cluster_size
+        return ((offset + pos, view[pos : pos + cs]) for pos in range(0, n, cs))
+
+    def _compress(self, chunk: memoryview) -> bytes | None:
+        """One cluster compressed as QEMU stores it (a partial last cluster padded
+        with zeros), or None when it is to be written as a normal cluster. Touches
+        no image state: it runs in an I/O thread on the async path."""
+        cs = self.meta.cluster_size
+        data: Buffer = chunk if len(chunk) == cs else bytes(chunk) + bytes(cs - len(chunk))
+        return compress_cluster(data, cs, self.meta.header.compression_type)
+
+    async def write_compressed(self, offset: int, data: Buffer) -> int:
+        """Write whole clusters compressed, as QEMU's ``write -c``.
+
+        ``offset`` must be cluster aligned and the length a multiple of the cluster
+        size, or end at the end of the image (its last cluster may be partial):
+        else Qcow2RangeError. A cluster is compressed with the image's
+        compression type; one that does not compress is written as a normal
+        cluster. A compressed cluster may only go where the image has nothing
+        allocated (unallocated or zero cluster): else Qcow2IOError (EIO), as
+        QEMU. Refused with Qcow2UnsupportedError on encrypted images and with an
+        external data file. Clusters before a failing one stay written.
+        """
+        view = memoryview(data).cast("B")
+        for guest, chunk in self._compressed_chunks(offset, view):
+            if len(chunk) >= 32768:
+                # zlib and zstd release the GIL: compress in an I/O thread (ours, never
+                # the loop's default executor) while the loop serves other requests.
+                payload = await to_thread(self._compress, chunk)
+            else:
+                payload = self._compress(chunk)
+            if payload is None:
+                await self._write_body(guest, chunk, None)
+            else:
+                await self._write_compressed_cluster(guest, payload)
+        return len(view)
+
+    async def _write_compressed_cluster(self, guest: int, payload: bytes) -> None:
+        while True:
+            ep = self._enter()
+            try:
+                await self.lock.acquire()
+                try:
+                    self._check_still_open()
+                    self._check_size(guest, 1)
+                    step = prepare_compressed(self, guest, payload)
+                finally:
+                    self.lock.release()
+                if not isinstance(step, L2Meta):
+                    # Data, then link (or free), even if the caller is cancelled.
+                    await self._shielded(ep, self._finish_compressed(step, payload))
+                    return
+            finally:
+                self._leave(ep)
+            await step.wait()
+
+    async def _finish_compressed(self, step: WriteStep, payload: bytes) -> None:
+        try:
+            await self._file.apwritev([payload], step.host, "write_compressed")
+        except BaseException:
+            await self._settle(step, ok=False)
+            raise
+        await self._settle(step, ok=True)
+
+    def write_compressed_sync(self, offset: int, data: Buffer) -> int:
+        """:meth:`write_compressed` without awaiting; waits (or raises ImageBusyError)
+        as :meth:`write_sync` does. Each cluster is compressed before the lock is
+        taken, then allocated, written and linked in one hold of the lock."""
+        view = memoryview(data).cast("B")
+        for guest, chunk in self._compressed_chunks(offset, view):
+            payload = self._compress(chunk)
+            if payload is None:
+                self.write_sync(guest, chunk)
+            else:
+                self._write_compressed_cluster_sync(guest, payload)
+        return len(view)
+
+    def _write_compressed_cluster_sync(self, guest: int, payload: bytes) -> None:
+        deadline = self._deadline()
+        while True:
+            self._take_sync(deadline)
+            try:
+                self._check_size(guest, 1)
+                ep = self._enter()
+                try:
+                    step = prepare_compressed(self, guest, payload)
+                    if not isinstance(step, L2Meta):
+                        try:
+                            self._file.pwritev([payload], step.host, "write_compressed")
+                        except BaseException:
+                            abort_step(self, step)
+                            raise
+                        commit_step(self, step)
+                        return
+                finally:
+                    self._leave(ep)
+            finally:
+                self.lock.release()
+            if deadline is None:
+                raise ImageBusyError(f"a request in flight overlaps the cluster at {guest}")
+            if not step.wait_blocking(max(0.0, deadline - time.monotonic())):
+                raise WaitTimeoutError(
+                    f"waited {self.wait_timeout:.1f} s for a request in flight "
+                    f"overlapping the cluster at {guest} on {self.path!r}"
+                )
 
     def writev_sync(self, offset: int, buffers: Sequence[Buffer]) -> int:
         if len(buffers) == 1:
@@ -1863,6 +1990,30 @@ class Image:
         assert self.meta.writeback is not None and self.meta.allocator is not None
         yield from self._flush_steps()
         yield from self.meta.writeback.close_steps()
+        if self.discard_mode == "unmap" and self._truncate_free_tail():
+            yield "close_truncate"
+
+    def _truncate_free_tail(self) -> bool:
+        """With discard "unmap": cut the free clusters at the end of the image file
+        when a discard (or write-zeroes with unmap) of this session freed some of them.
+
+        QEMU never truncates at close; we do so only for space a discard gave back
+        (the hole punching of the tail, so to say), so that other operations leave
+        the file exactly as QEMU's tools would. Run at close, after the last flush
+        applied every free it could and the refcount blocks are written back:
+        everything past the last cluster with a nonzero refcount is referenced by
+        nothing on disk. Frees still queued keep their clusters counted, so they are
+        not cut. True if the file was cut."""
+        alloc = self.meta.allocator
+        assert alloc is not None
+        if alloc.pending or self.meta.refblock_cache.dirty() or self.meta.reftable.dirty:
+            return False
+        size = self._file.size()
+        end = (alloc.last_used_cluster(size) + 1) << self.meta.cluster_bits
+        if end <= 0 or end >= size or alloc.discarded_end <= end:
+            return False
+        self._file.truncate(end, "close_truncate")
+        return True
 
     async def aclose(self) -> None:
         """Drain, then close like :meth:`close`.

@@ -85,6 +85,30 @@ INLINE_WRITE_BACKOFF = 1.0
 
 _ZEROS = bytes(1 << 16)
 
+# fallocate(2) modes (linux/falloc.h): free the range's blocks, keep the file size.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+# Errors that mean "this file (system) cannot punch holes": nothing to do.
+_NO_PUNCH = frozenset({_errno.EOPNOTSUPP, _errno.ENOSYS, _errno.EINVAL, _errno.ENOTTY})
+_fallocate_fn: Any = None
+
+
+def _libc_fallocate() -> Any:
+    """libc's ``fallocate`` through ctypes (Python's ``os`` has only
+    ``posix_fallocate``, which cannot punch), or None where there is none."""
+    global _fallocate_fn
+    if _fallocate_fn is None:
+        fn: Any = False
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.fallocate
+            fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+            fn.restype = ctypes.c_int
+        _fallocate_fn = fn
+    return _fallocate_fn or None
+
 
 def _zero_fill(view: memoryview) -> None:
     """Zero ``view`` in bounded chunks (a huge table past EOF must not double its memory)."""
@@ -494,6 +518,17 @@ class FileBackend:
     def _sys_ftruncate(self, size: int, event: str) -> None:
         os.ftruncate(self.fd, size)
 
+    def _sys_fallocate(self, mode: int, offset: int, length: int, event: str) -> None:
+        """``fallocate(2)``; OSError out (ENOSYS where libc has none)."""
+        fn = _libc_fallocate()
+        if fn is None:
+            raise OSError(_errno.ENOSYS, "fallocate is not available")
+        import ctypes
+
+        if fn(self.fd, mode, offset, length) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
     # ---------------------------------------------------------------- engine
     def offload(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         """Run a blocking call off the event loop: aiofiles, on :func:`blocking_executor`."""
@@ -632,6 +667,20 @@ class FileBackend:
             self._sys_ftruncate(size, event)
         except OSError as exc:
             raise _ioerror(f"truncate ({event})", self.path, exc) from exc
+
+    def punch_hole(self, offset: int, length: int, event: str = "punch_hole") -> bool:
+        """Give the blocks of ``[offset, offset+length)`` back to the file system (the
+        range then reads as zeros; the file size is kept). False when the file system
+        cannot punch holes (nothing done); other failures raise Qcow2IOError."""
+        if length <= 0:
+            return True
+        try:
+            self._sys_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, event)
+        except OSError as exc:
+            if exc.errno in _NO_PUNCH:
+                return False
+            raise _ioerror(f"punch hole ({event})", self.path, exc) from exc
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:

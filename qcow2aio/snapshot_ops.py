@@ -634,6 +634,10 @@ def delete(img: Image, name_or_id: str, *, by_name_only: bool = False) -> None:
         op.switch(new, off, length)
         # The old table's clusters are in ``minus`` already (checked with the rest).
         _apply(meta, minus, -1)
+        # As QEMU (whatever its discard option): the clusters nothing references any
+        # more are punched from the file; the unlink is durable, nothing is in flight.
+        assert meta.allocator is not None
+        meta.allocator.punch_free([(c << meta.cluster_bits, meta.cluster_size) for c in minus])
         _drop_freed_l2(meta, sn_l2s)
         recompute_released(meta, sn_l2s)
         recompute_copied(meta)

@@ -122,19 +122,22 @@ def l2_for_write(img: Image, l1_index: int) -> Table:
     return meta.l2_table(new)
 
 
-def _queue_free_old(img: Image, entry: int) -> None:
-    """Drop the reference an L2 entry held (compressed range or cluster), safely later."""
+def _queue_free_old(img: Image, entry: int, *, punch: bool = False) -> None:
+    """Drop the reference an L2 entry held (compressed range or cluster), safely later
+    (``punch``: a discard-type free, see :meth:`Allocator.free_later`)."""
     meta = img.meta
     alloc = meta.allocator
     assert alloc is not None
     if entry & C.QCOW_OFLAG_COMPRESSED:
         # The sectors the descriptor names, whole: QEMU frees exactly those clusters.
         d = compressed_descriptor(entry, meta.cluster_bits)
-        alloc.free_later(d.offset & ~511, d.size + (d.offset & 511), img.retire_epoch())
+        alloc.free_later(
+            d.offset & ~511, d.size + (d.offset & 511), img.retire_epoch(), punch=punch
+        )
         return
     host = entry & C.L2E_OFFSET_MASK
     if host and not meta.has_data_file:
-        alloc.free_later(host, meta.cluster_size, img.retire_epoch())
+        alloc.free_later(host, meta.cluster_size, img.retire_epoch(), punch=punch)
 
 
 def _cow_plan(img: Image, start: int, end: int, entry: int = -1) -> list[Extent]:
@@ -439,7 +442,7 @@ def zero_clusters(
             _set_entry(table, idx, ext, new_entry, new_bitmap)
             keeps_host = host is not None and (new_entry & C.L2E_OFFSET_MASK) == host and host
             if (compressed or host is not None) and not keeps_host:
-                _queue_free_old(img, entry)
+                _queue_free_old(img, entry, punch=True)
         pos = cend
     return leftover
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import threading
 from collections.abc import Iterator
@@ -173,6 +174,14 @@ class RecordingBackend(FileBackend):
     def _sys_ftruncate(self, size: int, event: str) -> None:
         super()._sys_ftruncate(size, event)
         self.journal.truncate(size, self.path)
+
+    def _sys_fallocate(self, mode: int, offset: int, length: int, event: str) -> None:
+        # A hole punch (size kept): the range reads as zeros from now on, like a write
+        # of zeros that may be lost or land at a power cut (up to the end of the file).
+        end = min(offset + length, os.fstat(self.fd).st_size)
+        super()._sys_fallocate(mode, offset, length, event)
+        if end > offset:
+            self.journal.write(offset, bytes(end - offset), event, self.path)
 
 
 # ----------------------------------------------------------------- states

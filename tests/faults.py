@@ -239,6 +239,13 @@ class FaultBackend(FileBackend):
             raise self._fail(kind, "truncate")
         super()._sys_ftruncate(size, event)
 
+    def _sys_fallocate(self, mode: int, offset: int, length: int, event: str) -> None:
+        # A hole punch ("punch_hole"): counted as a write, failing as one.
+        kind = self._decide("write", event)
+        if kind is not None:
+            raise self._fail(kind, "write")
+        super()._sys_fallocate(mode, offset, length, event)
+
 
 # ---------------------------------------------------------------- workloads
 @dataclass(frozen=True)
