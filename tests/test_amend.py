@@ -118,16 +118,25 @@ CASES = [
 
 @pytest.mark.parametrize(("create", "opts", "exact"), CASES, ids=[c[1] for c in CASES])
 def test_cli_same_as_qemu_img(
-    qemu: Qemu, tmp_path: Path, create: str, opts: str, exact: bool
+    qemu: Qemu,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    create: str,
+    opts: str,
+    exact: bool,
 ) -> None:
+    from qcow2aio.cli import main
+
     base = tmp_path / "base.qcow2"
     _plain(qemu, base, create)
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
     shutil.copyfile(base, ours)
     shutil.copyfile(base, theirs)
     qemu.img("amend", "-o", opts, theirs)
-    proc = _ours("-o", opts, ours)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    capsys.readouterr()
+    code = main(["amend", "-o", opts, str(ours)])
+    out = capsys.readouterr()
+    assert (code, out.out, out.err) == (0, "", "")
     _judge(qemu, ours, theirs, exact=exact)
     if "size=1M" not in opts and "size=2M" not in opts:
         _reads(qemu, ours)
@@ -304,32 +313,39 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize(("create", "opts"), REFUSALS, ids=[f"{c}:{o}" for c, o in REFUSALS])
-def test_refusals_like_qemu_img(qemu: Qemu, tmp_path: Path, create: str, opts: str) -> None:
-    results = []
-    for name in ("q", "o"):
-        folder = tmp_path / name
-        folder.mkdir()
-        path = folder / "x.qcow2"
-        args = ["-o", create] if create else []
-        proc = _qemu_img_in(qemu, folder, "create", "-q", "-f", "qcow2", *args, "x.qcow2", "1M")
-        assert proc.returncode == 0, proc.stderr
-        io = subprocess.run(
-            [qemu.qemu_io, "-c", "write -P 3 0 64k", "x.qcow2"], cwd=folder, capture_output=True
-        )
-        assert io.returncode == 0, io.stderr
-        before = path.read_bytes()
-        argv = ["-o", opts, "x.qcow2"]
-        if name == "q":
-            proc = subprocess.run(
-                [qemu.qemu_img, "amend", *argv], cwd=folder, capture_output=True, text=True
+def test_refusals_like_qemu_img(
+    qemu: Qemu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each refusal: qemu-img's message and exit status 1, the image left untouched
+    (by both tools: so one image per create option serves every case). Ours runs
+    in-process (``qcow2aio.cli.main``), the command-line path without the start-up."""
+    from qcow2aio.cli import main
+
+    folders: dict[str, Path] = {}
+    for create, opts in REFUSALS:
+        folder = folders.get(create)
+        if folder is None:
+            folder = folders[create] = tmp_path / f"f{len(folders)}"
+            folder.mkdir()
+            args = ["-o", create] if create else []
+            proc = _qemu_img_in(qemu, folder, "create", "-q", "-f", "qcow2", *args, "x.qcow2", "1M")
+            assert proc.returncode == 0, proc.stderr
+            io = subprocess.run(
+                [qemu.qemu_io, "-c", "write -P 3 0 64k", "x.qcow2"], cwd=folder, capture_output=True
             )
-        else:
-            proc = _ours(*argv, cwd=folder)
-        results.append((proc.returncode, proc.stdout, proc.stderr.replace("qcow2aio", "qemu-img")))
-        assert path.read_bytes() == before, f"{name}: the refusal changed the image"
-    assert results[0] == results[1]
-    assert results[0][0] == 1
+            assert io.returncode == 0, io.stderr
+        path = folder / "x.qcow2"
+        before = path.read_bytes()
+        theirs = _qemu_img_in(qemu, folder, "amend", "-o", opts, "x.qcow2")
+        assert path.read_bytes() == before, f"{create}:{opts}: qemu-img changed the image"
+        monkeypatch.chdir(folder)
+        capsys.readouterr()
+        code = main(["amend", "-o", opts, "x.qcow2"])
+        out = capsys.readouterr()
+        assert path.read_bytes() == before, f"{create}:{opts}: the refusal changed the image"
+        ours = (code, out.out, out.err.replace("qcow2aio", "qemu-img"))
+        assert ours == (theirs.returncode, theirs.stdout, theirs.stderr), (create, opts)
+        assert code == 1
 
 
 def test_zstd_downgrade_with_compressed_clusters_refused(qemu: Qemu, tmp_path: Path) -> None:
