@@ -45,6 +45,7 @@ from .refcount import RefcountBlock
 from .tables import Table, decode_be64, encode_be64
 
 if TYPE_CHECKING:
+    from .crypto.payload import PayloadCrypto
     from .image import Image
     from .metadata import Metadata
 
@@ -306,9 +307,10 @@ def _l1_tables(meta: Metadata) -> Iterator[array[int]]:
         yield _read_snapshot_l1(meta, sn, i)
 
 
-def _l2_offsets(meta: Metadata) -> list[int]:
-    """Every distinct L2 table of the image, active ones first, in L1 order."""
-    seen: dict[int, None] = {}
+def _l2_offsets(meta: Metadata) -> dict[int, int]:
+    """Every distinct L2 table of the image (-> the L1 index it was first seen at),
+    active ones first, in L1 order."""
+    seen: dict[int, int] = {}
     cmask = meta.cluster_size - 1
     for l1 in _l1_tables(meta):
         for i, l1e in enumerate(l1):
@@ -317,8 +319,8 @@ def _l2_offsets(meta: Metadata) -> list[int]:
                 continue
             if l1e & C.L1E_RESERVED_MASK or off & cmask:
                 raise Qcow2CorruptError(f"Invalid L1 entry {i}: {l1e:#018x}")
-            seen.setdefault(off)
-    return list(seen)
+            seen.setdefault(off, i)
+    return seen
 
 
 def _read_l2(meta: Metadata, off: int) -> array[int]:
@@ -355,8 +357,9 @@ def _downgrade(img: Image) -> None:
                 if host:
                     zero_refs[host] += rc
     only_zero = {h for h, n in zero_refs.items() if meta.get_refcount(h >> cb) == n}
-    for off in tables:
-        _expand_zeros(meta, off, has_backing, only_zero)
+    for off, l1_index in tables.items():
+        guest = l1_index << (cb + meta.l2_bits)
+        _expand_zeros(meta, off, guest, has_backing, only_zero, img._crypto)
     _settle_refcounts(meta, "amend_refcounts")
     _rewrite_cluster0(
         meta,
@@ -373,7 +376,14 @@ def _downgrade(img: Image) -> None:
     meta.writeback.dirty_on_disk = False
 
 
-def _expand_zeros(meta: Metadata, l2_off: int, has_backing: bool, only_zero: set[int]) -> None:
+def _expand_zeros(
+    meta: Metadata,
+    l2_off: int,
+    guest_base: int,
+    has_backing: bool,
+    only_zero: set[int],
+    crypto: PayloadCrypto | None,
+) -> None:
     """Rewrite one L2 table without zero flags (v2 has none).
 
     A zero cluster without an offset becomes unallocated when no backing file can
@@ -381,7 +391,11 @@ def _expand_zeros(meta: Metadata, l2_off: int, has_backing: bool, only_zero: set
     tree using the table uses it). One with an offset keeps it, zeros written into it,
     when every use of that cluster is a zero entry (``only_zero``); else it gets a new
     one and the old reference is dropped after the table is rewritten. Refcounts and
-    zeros durable before the table, the table durable before any decrease."""
+    zeros durable before the table, the table durable before any decrease.
+
+    On an encrypted image the zeros are written encrypted for their host (LUKS) or
+    guest (legacy AES) offset, so they read as zeros (QEMU 7.2 writes plain zeros
+    there, which then decrypt to garbage)."""
     alloc = meta.allocator
     assert alloc is not None
     cb = meta.cluster_bits
@@ -397,14 +411,14 @@ def _expand_zeros(meta: Metadata, l2_off: int, has_backing: bool, only_zero: set
     table_rc = meta.get_refcount(l2_off >> cb)
     if table_rc == 0:
         raise Qcow2CorruptError(f"L2 table at {l2_off:#x} is in use but its refcount is 0")
-    targets: list[int] = []
+    targets: list[tuple[int, int]] = []  # (host, guest) of the clusters to zero
     drops: list[int] = []
     for i in zero_entries:
         e = entries[i]
         host = e & C.L2E_OFFSET_MASK
         if host and host in only_zero:
             entries[i] = e & ~C.QCOW_OFLAG_ZERO
-            targets.append(host)
+            targets.append((host, guest_base + (i << cb)))
             continue
         if host:
             drops.append(host)
@@ -415,9 +429,11 @@ def _expand_zeros(meta: Metadata, l2_off: int, has_backing: bool, only_zero: set
         if table_rc > 1:
             alloc.update_refcount(new, cs, table_rc - 1)
         entries[i] = new | (C.QCOW_OFLAG_COPIED if table_rc == 1 else 0)
-        targets.append(new)
-    zeros = bytes(cs)
-    for host in targets:
+        targets.append((new, guest_base + (i << cb)))
+    for host, guest in targets:
+        zeros = bytearray(cs)
+        if crypto is not None:
+            crypto.encrypt(zeros, host, guest)
         meta.check_data_write(host, cs)
         meta.file.pwrite(zeros, host, "amend_zero_cluster")
     _settle_refcounts(meta, "amend_zero_data")
