@@ -596,3 +596,39 @@ def test_lazy_off_on_an_image_left_dirty(qemu: Qemu, tmp_path: Path) -> None:
         img.amend_sync(lazy_refcounts=False)
     _judge(qemu, ours, theirs, exact=False)
     qemu.io(ours, "read -P 1 0 64k", "read -P 2 1M 64k")
+
+
+def test_amends_and_writes_in_one_session(qemu: Qemu, tmp_path: Path) -> None:
+    """Down, up, width, lazy and size in one session, writes between: every later
+    request follows the new format (no zero flags in v2, the new refcount width)."""
+    path = tmp_path / "x.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", path, "4M")
+    qemu.io(path, "write -P 1 0 1M")
+
+    async def run() -> None:
+        async with qcow2aio.open(path, "r+") as img:
+            await img.amend(compat="0.10")
+            await img.write_zeroes(0, 128 * KiB, unmap=False)
+            await img.discard(256 * KiB, 64 * KiB)
+            await img.write(512 * KiB, b"\x07" * 4096)
+            await img.amend(compat="1.1", lazy_refcounts=True)
+            await img.write_zeroes(640 * KiB, 64 * KiB)
+            await img.amend(refcount_bits=2)
+            await img.write(2 * MiB, b"\x08" * 65536)
+            await img.amend(lazy_refcounts=False, size=8 * MiB)
+
+    asyncio.run(run())
+    _clean(qemu, path)
+    qemu.io(
+        path,
+        "read -P 0 0 128k",
+        "read -P 1 128k 128k",
+        "read -P 0 256k 64k",
+        "read -P 7 512k 4k",
+        "read -P 0 640k 64k",
+        "read -P 8 2M 64k",
+        "read -P 0 4M 4M",
+    )
+    data = qemu.info(path)["format-specific"]["data"]
+    assert (data["compat"], data["lazy-refcounts"], data["refcount-bits"]) == ("1.1", False, 2)
+    assert qemu.info(path)["virtual-size"] == 8 * MiB
