@@ -478,7 +478,7 @@ def test_power_cut_states_of_amend(qemu: Qemu, tmp_path: Path, kind: str) -> Non
         img.amend_sync(**_pc_amend(kind))
     rng = random.Random(kind)
     states = [
-        st for st in build_states(journal, rng, randoms=24 if STRESS else 4) if st.crash > start
+        st for st in build_states(journal, rng, randoms=1000 if STRESS else 8) if st.crash > start
     ]
     total = len(states)
     if not STRESS:
