@@ -63,7 +63,7 @@ stress: venv qemu
 		-p no:cacheprovider \
 		-p tests.sim_report -p tests.crashsim \
 		tests/test_interleavings.py tests/test_thread_interleavings.py \
-		tests/test_faults.py tests/test_powercut.py
+		tests/test_faults.py tests/test_powercut.py tests/test_amend.py
 
 lint: venv
 	$(VENV)/bin/ruff check qcow2aio tests

@@ -79,6 +79,15 @@ class Allocator:
         self.discarded_end = 0
         self.max_clusters = (C.QCOW_MAX_CLUSTER_OFFSET + 1) >> meta.cluster_bits
 
+    def set_order(self, order: int) -> None:
+        """Follow a change of the refcount width (``qemu-img amend -o refcount_bits``):
+        the refcount table and blocks were switched to ``order``; queued frees stay
+        queued (they are byte ranges, not entries)."""
+        self.order = order
+        self.rb_bits = self.cluster_bits + 3 - order
+        self.refcount_max = (1 << (1 << order)) - 1
+        self.free_cluster_index = 0
+
     # ------------------------------------------------------------ lookups
     def refcount(self, cluster: int) -> int:
         return self.meta.get_refcount(cluster)

@@ -1636,6 +1636,39 @@ class Image:
         check_resize(self, size, shrink, preallocation)
         self._exclusive_sync(lambda: self._resize_job(size, shrink, preallocation), flush=True)
 
+    async def amend(self, **options: object) -> None:
+        """Change format options as ``qemu-img amend -o ...``: ``compat`` ("0.10"/"v2",
+        "1.1"/"v3"), ``lazy_refcounts`` (bool), ``refcount_bits`` (int), ``data_file``
+        (str), ``data_file_raw`` (only False, as QEMU), ``size`` (int bytes; may shrink).
+        Refusals (QEMU's messages) come before any change; the work runs exclusive like
+        :meth:`resize`; see :mod:`qcow2aio.amend` for the crash-safe order."""
+        from .amend import parse_amend
+
+        plan = parse_amend(options)
+        self._amend_ready()
+        await self._exclusive(lambda: self._amend_job(plan), flush=True)
+
+    def amend_sync(self, **options: object) -> None:
+        """:meth:`amend` without awaiting (drains and waits like :meth:`resize_sync`)."""
+        from .amend import parse_amend
+
+        plan = parse_amend(options)
+        self._amend_ready()
+        self._exclusive_sync(lambda: self._amend_job(plan), flush=True)
+
+    def _amend_ready(self) -> None:
+        if self._closed or self._closing:
+            raise Qcow2Error(f"image {self.path!r} is {'closed' if self._closed else 'closing'}")
+        if not self.writable:
+            raise Qcow2ReadOnlyError(f"image {self.path!r} is opened read-only")
+
+    def _amend_job(self, plan: Any) -> None:
+        from .amend import amend_locked, check_amend
+
+        self._check_changeable("amend")
+        check_amend(self, plan)
+        self._resize_now(lambda img, _s, _p: amend_locked(img, plan), 0, "off")
+
     def _resize_job(self, size: int, shrink: bool, preallocation: str) -> None:
         """The metadata work of a resize, exclusive and with cached metadata written back."""
         from .resize import check_resize, resize_locked

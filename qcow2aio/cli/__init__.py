@@ -1,5 +1,5 @@
 """The ``qcow2aio`` command: a qemu-img work-alike for ``create``, ``info``, ``check``,
-``resize`` and ``snapshot``.
+``resize``, ``snapshot`` and ``amend``.
 
 Arguments, option syntax and output follow ``qemu-img`` 7.2 so the two can be
 swapped in scripts and compared in tests: ``create`` prints the same
@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import Qcow2Error
+from .amend import cmd_amend
 from .check import cmd_check
 from .create import cmd_create
 from .info import cmd_info
@@ -42,6 +43,7 @@ __all__ = [
     "USAGE",
     "CreateOpts",
     "UsageError",
+    "cmd_amend",
     "cmd_check",
     "cmd_create",
     "cmd_info",
@@ -60,6 +62,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "check": cmd_check,
     "resize": cmd_resize,
     "snapshot": cmd_snapshot,
+    "amend": cmd_amend,
 }
 
 USAGE = (
@@ -75,6 +78,7 @@ USAGE = (
     "         [--preallocation=MODE] [--shrink] FILE [+|-]SIZE\n"
     "  snapshot [--object OBJECTDEF] [--image-opts] [-q] [-U] [-f qcow2]\n"
     "           [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE\n"
+    "  amend [--object OBJECTDEF] [--image-opts] [-q] [-f qcow2] -o OPTIONS FILE\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"
