@@ -229,12 +229,27 @@ def _record(tpl_get: Templates, name: str, op: str, folder: Path, driver: str, s
                 await img.write(off, data)
                 journal.ack(rid)
 
-            await asyncio.gather(*(w(o, d) for o, d in before))
+            async def concurrently(writes: list[tuple[int, bytes]]) -> None:
+                # Batches of writes to distinct clusters run at once (overlapping ones
+                # in flight together have no defined order to judge them by).
+                cs = wl.cluster_size
+                batch: list[tuple[int, bytes]] = []
+                for off, data in [*writes, (-1, b"")]:
+                    span = set(range(off // cs, (off + len(data) - 1) // cs + 1))
+                    taken = {
+                        c for o, d in batch for c in range(o // cs, (o + len(d) - 1) // cs + 1)
+                    }
+                    if off < 0 or span & taken:
+                        await asyncio.gather(*(w(o, d) for o, d in batch))
+                        batch = []
+                    batch.append((off, data))
+
+            await concurrently(before)
             rids = issue_op()
             await call_async()
             for rid in rids:
                 journal.ack(rid)
-            await asyncio.gather(*(w(o, d) for o, d in after))
+            await concurrently(after)
             rid = journal.issue("flush")
             await img.aclose()
             journal.ack(rid)
