@@ -34,6 +34,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Qemu
@@ -373,8 +374,21 @@ RESIZE_OPS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["eio", "enospc", "short", "eio-persistent"])
-@pytest.mark.parametrize("op", list(RESIZE_OPS))
+def _resize_fault_cases() -> list[Any]:
+    out = []
+    for op in RESIZE_OPS:
+        for kind in ("eio", "enospc", "short", "eio-persistent"):
+            marks = []
+            if STRESS and op == "grow-metadata" and kind in ("eio", "enospc"):
+                # Open driver bug (found here, 2026-12-05, also at ab43805 before this
+                # branch): a one-off error at I/O step 9 of this grow leaves 257
+                # corruptions (qemu-img check agrees). Quick runs skip that step.
+                marks.append(pytest.mark.xfail(strict=True, reason="open resize bug"))
+            out.append(pytest.param(op, kind, marks=marks, id=f"{op}-{kind}"))
+    return out
+
+
+@pytest.mark.parametrize(("op", "kind"), _resize_fault_cases())
 def test_resize_fault_at_every_io_step(
     qemu: Qemu, tmp_path: Path, request: pytest.FixtureRequest, op: str, kind: str
 ) -> None:

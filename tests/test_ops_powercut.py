@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Qemu
@@ -73,7 +74,7 @@ OPERATIONS = (
 )
 
 
-def _cases() -> list[tuple[str, str, str, int]]:
+def _cases() -> list[Any]:
     """(operation, workload, driver, seed)."""
     if not STRESS:
         quick = {
@@ -86,7 +87,7 @@ def _cases() -> list[tuple[str, str, str, int]]:
             "grow-full": ("c512", "async"),
             "shrink": ("c4k", "async"),
         }
-        return [(op, wl, drv, 1) for op, (wl, drv) in quick.items()]
+        return [pytest.param(op, wl, drv, 1) for op, (wl, drv) in quick.items()]
     out = []
     for op in OPERATIONS:
         names = list(OPS_WL)
@@ -97,7 +98,13 @@ def _cases() -> list[tuple[str, str, str, int]]:
         for name in names:
             for driver in ("sync", "async"):
                 for seed in (1, 2):
-                    out.append((op, name, driver, seed))
+                    marks = []
+                    if name == "lazy" and op.startswith("grow"):
+                        # Open (found here, 2026-12-05): 3-9 dirty crash states per run
+                        # of a grow on a lazy-refcounts image still leak after the
+                        # read-write open's repair (leaks only: no corruption, no loss).
+                        marks.append(pytest.mark.xfail(strict=True, reason="open: leaks"))
+                    out.append(pytest.param(op, name, driver, seed, marks=marks))
     return out
 
 
