@@ -55,6 +55,8 @@ test: venv qemu
 # The full race, fault and power-cut sets (issue 4): >= 10,000 seeds per scenario, every
 # fault point x error kind, >= 20,000 crash states; and the thread scenarios (issue 10):
 # 10,000 seeds per scenario and driver, real threads and event loops on one image.
+# Image operations mid-I/O (issue 12): 1,000 seeds per scenario and driver (300
+# encrypted), over 2,000 crash states per operation, every resize I/O step x error kind.
 # Takes a long while; prints the counts.
 # --maxschedchunk 1: xdist hands out tests one at a time, so the 30 long interleaving
 # tests (first in collection order) do not all land on one worker while the other idles.
@@ -63,7 +65,8 @@ stress: venv qemu
 		-p no:cacheprovider \
 		-p tests.sim_report -p tests.crashsim \
 		tests/test_interleavings.py tests/test_thread_interleavings.py \
-		tests/test_faults.py tests/test_powercut.py tests/test_amend.py
+		tests/test_ops_races.py \
+		tests/test_faults.py tests/test_powercut.py tests/test_ops_powercut.py tests/test_amend.py
 
 lint: venv
 	$(VENV)/bin/ruff check qcow2aio tests

@@ -14,6 +14,7 @@ awaits only in phase 2. Both use the same mapping code.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno as _errno
 import os
 import struct
@@ -95,6 +96,13 @@ Mapped = tuple[int, "FileBackend | None", int, "list[Extent] | None", Any]
 # enough for any flush, short enough that a holder that can never finish (a coroutine
 # of a loop that stopped running) does not hang the thread forever.
 DEFAULT_WAIT_TIMEOUT = 60.0
+
+# The image whose admission gate (Image._admit) the running request has already passed:
+# a sub-request it makes while holding something a drained request may wait for (a
+# sub-sector write's reads, holding its sectors) must not wait at the gate again.
+_ADMITTED: contextvars.ContextVar[Image | None] = contextvars.ContextVar(
+    "qcow2aio_admitted", default=None
+)
 
 
 def _write_event(step: WriteStep) -> str:
@@ -183,6 +191,10 @@ class Image:
         # request is in flight (woken in its own loop or thread).
         self._closing = False
         self._idle_waiters: list[Wakeup] = []
+        # Exclusive operations draining or running (Image._exclusive): while there is
+        # one, new requests wait at the gate (_admit) so that the drain ends.
+        self._ops_gated = 0
+        self._gate_waiters: list[Wakeup] = []
         self._poisoned: str | None = None
         self._poisoned_errno = _errno.EIO
         self._backing_passphrase = backing_passphrase
@@ -422,6 +434,7 @@ class Image:
     # ----------------------------------------------------------- sync reads
     def read_sync(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` without ever awaiting."""
+        self._admit_sync()
         self._check_range(offset, length)
         ep, src, host, plan, done = self._map_sync(offset, length)
         if ep < 0:
@@ -449,6 +462,7 @@ class Image:
 
     def readinto_sync(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from guest ``offset`` without awaiting."""
+        self._admit_sync()
         self._check_range(offset, len(buf))
         ep, src, host, plan, _ = self._map_sync(offset, len(buf), buf)
         if ep < 0:
@@ -679,6 +693,8 @@ class Image:
     # ---------------------------------------------------------- async reads
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at guest ``offset``."""
+        if self._ops_gated:  # an exclusive operation is draining or running
+            await self._admit()
         self._check_range(offset, length)
         mapped = self._map_now(offset, length, self._reader_wait, None, True)
         if mapped is None:
@@ -731,6 +747,8 @@ class Image:
 
     async def readinto(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from guest ``offset``."""
+        if self._ops_gated:  # an exclusive operation is draining or running
+            await self._admit()
         self._check_range(offset, len(buf))
         mapped = self._map_now(offset, len(buf), self._reader_wait, buf, True)
         if mapped is None:
@@ -918,9 +936,66 @@ class Image:
         with self._reqs_mutex:
             return not self._active
 
+    # The admission gate: closed while an exclusive operation drains or runs, so that
+    # its drain cannot be starved by requests that keep arriving on a busy image.
+    def _gate_close(self) -> None:
+        with self._reqs_mutex:
+            self._ops_gated += 1
+
+    def _gate_open(self) -> None:
+        with self._reqs_mutex:
+            self._ops_gated -= 1
+            if self._ops_gated or not self._gate_waiters:
+                return
+            waiters, self._gate_waiters = self._gate_waiters, []
+        for w in waiters:
+            w.wake()
+
+    def _gate_waiter(self) -> Wakeup | None:
+        """A waiter woken when the gate opens, or None if it is open now (or the caller
+        already passed it: a sub-request of an admitted request)."""
+        with self._reqs_mutex:
+            if not self._ops_gated or _ADMITTED.get() is self:
+                return None
+            w = Wakeup()
+            self._gate_waiters.append(w)
+            return w
+
+    async def _admit(self) -> None:
+        """Where every async request starts (nothing held yet), when ``_ops_gated`` is
+        set (read without the mutex: a request that misses the gate closing is one the
+        drain waits for): wait until the exclusive operations have finished. Requests
+        already registered are not stopped, so the drain they hold up ends."""
+        while (w := self._gate_waiter()) is not None:
+            await w.wait_async()
+
+    def _admit_sync(self) -> None:
+        """:meth:`_admit` for a synchronous request: in a thread that runs an event
+        loop ImageBusyError if it would have to wait; elsewhere it waits up to
+        ``wait_timeout`` (then WaitTimeoutError), having done nothing."""
+        if not self._ops_gated:
+            return
+        deadline = self._deadline()
+        if deadline is None:
+            with self._reqs_mutex:
+                if self._ops_gated and _ADMITTED.get() is not self:
+                    raise ImageBusyError(
+                        "an image operation (snapshot, resize) is waiting for the requests "
+                        "in flight"
+                    )
+            return
+        while (w := self._gate_waiter()) is not None:
+            if not w.wait_blocking(max(0.0, deadline - time.monotonic())):
+                raise WaitTimeoutError(
+                    f"waited {self.wait_timeout:.1f} s for an image operation on "
+                    f"{self.path!r} to finish"
+                )
+
     # ------------------------------------------------------- async writes
     async def write(self, offset: int, data: Buffer) -> int:
         """Write ``data`` at guest ``offset``; returns the number of bytes written."""
+        if self._ops_gated:  # an exclusive operation is draining or running
+            await self._admit()
         view = memoryview(data).cast("B")
         n = len(view)
         self._check_writable(offset, n)
@@ -997,12 +1072,16 @@ class Image:
         ranges = self._ranges
         assert ranges is not None
         entry = await ranges.begin(start, start + len(buf), serial=True)
+        # Its reads hold the sectors: they must not wait at the gate for an operation
+        # whose drain may wait for a request blocked on those sectors.
+        token = _ADMITTED.set(self)
         try:
             for off, piece in reads:
                 await self.readinto(piece, off)
             buf[offset - start : offset - start + n] = view
             await self._write_body(start, memoryview(buf), entry)
         finally:
+            _ADMITTED.reset(token)
             ranges.end(entry)
         return n
 
@@ -1252,6 +1331,8 @@ class Image:
         flag and, with ``unmap``, their host clusters are freed; the unaligned
         rest, and everything on v2 images, is written as zeros.
         """
+        if self._ops_gated:  # an exclusive operation is draining or running
+            await self._admit()
         self._check_writable(offset, length)
         head, mid, tail = self._split_aligned(offset, length, for_discard=False)
         if mid[1]:
@@ -1268,6 +1349,8 @@ class Image:
         Like QEMU, unaligned parts are ignored, and on a v2 image with a backing
         file discard does nothing (there is no way to hide the backing data).
         """
+        if self._ops_gated:  # an exclusive operation is draining or running
+            await self._admit()
         self._check_writable(offset, length)
         if self.discard_mode == "ignore":
             return  # QEMU's discard=ignore: the request succeeds and changes nothing
@@ -1395,6 +1478,7 @@ class Image:
         ImageBusyError (having changed nothing) if the lock is held or an in-flight
         allocation overlaps the range; in a thread without one, waits for them (up to
         ``wait_timeout``, then WaitTimeoutError, having changed nothing)."""
+        self._admit_sync()
         view = memoryview(data).cast("B")
         n = len(view)
         self._check_writable(offset, n)
@@ -1862,48 +1946,60 @@ class Image:
 
         For operations that change the active L1 table, the snapshot table or the
         refcount structure (QEMU drains for them): ``fn`` must not await, so no
-        request sees it half done; requests that arrive meanwhile wait for the lock
-        and go on after it. With ``flush``, cached metadata is written back and
-        synced first (still exclusive), so ``fn`` starts from what is on disk."""
-        while True:
-            await self._drain()
-            await self.lock.acquire()
-            if self._idle():
-                break
-            self.lock.release()  # a request registered meanwhile: let it finish first
+        request sees it half done. From the call on, the admission gate is closed:
+        new requests wait (``_admit``, no lock held) until the operation has finished,
+        while requests already registered run to completion, so the drain ends however
+        busy the image is. With ``flush``, cached metadata is written back and synced
+        first (still exclusive), so ``fn`` starts from what is on disk."""
+        self._gate_close()
         try:
-            self._check_still_open()
-            if self._closing:
-                raise Qcow2Error(f"image {self.path!r} is closing")
-            if flush:
-                await self._drive_async(self._flush_steps())
-            return fn()
+            while True:
+                await self._drain()
+                await self.lock.acquire()
+                if self._idle():
+                    break
+                # A request admitted before the gate closed registered meanwhile (it
+                # was between the gate and its registration): let it finish first.
+                self.lock.release()
+            try:
+                self._check_still_open()
+                if self._closing:
+                    raise Qcow2Error(f"image {self.path!r} is closing")
+                if flush:
+                    await self._drive_async(self._flush_steps())
+                return fn()
+            finally:
+                self.lock.release()
         finally:
-            self.lock.release()
+            self._gate_open()
 
     def _exclusive_sync(self, fn: Callable[[], _T], *, flush: bool = False) -> _T:
         """:meth:`_exclusive` without awaiting: in a thread that runs an event loop,
         ImageBusyError (nothing changed) if it would have to wait; elsewhere it waits
-        up to ``wait_timeout``."""
+        up to ``wait_timeout``. New requests wait at the gate meanwhile, as there."""
         deadline = self._deadline()
-        while True:
-            if deadline is not None:
-                self._drain_blocking(deadline)
-            self._take_sync(deadline)
-            if self._idle():
-                break
-            self.lock.release()
-            if deadline is None:
-                raise ImageBusyError("requests are in flight on this image")
+        self._gate_close()
         try:
-            self._check_still_open()
-            if self._closing:
-                raise Qcow2Error(f"image {self.path!r} is closing")
-            if flush:
-                self._drive_sync(self._flush_steps())
-            return fn()
+            while True:
+                if deadline is not None:
+                    self._drain_blocking(deadline)
+                self._take_sync(deadline)
+                if self._idle():
+                    break
+                self.lock.release()
+                if deadline is None:
+                    raise ImageBusyError("requests are in flight on this image")
+            try:
+                self._check_still_open()
+                if self._closing:
+                    raise Qcow2Error(f"image {self.path!r} is closing")
+                if flush:
+                    self._drive_sync(self._flush_steps())
+                return fn()
+            finally:
+                self.lock.release()
         finally:
-            self.lock.release()
+            self._gate_open()
 
     # ------------------------------------------------------------ snapshots
     def snapshots(self) -> list[dict[str, Any]]:

@@ -307,20 +307,25 @@ def _prealloc_map(img: Image, start: int, end: int, mode: str) -> None:
         else:
             host = alloc.alloc_clusters(n)
             got = n
+        # Copy-on-write of the partial first and last clusters (they read as zeros).
+        # The head is read before the link: linked, it would read the new (unwritten)
+        # cluster instead of the backing file's or the old cluster's bytes.
+        head = pos - cstart
+        head_data = _old_content(img, cstart, head) if head else b""
+        if not data_file:
+            _zero_reused(img, host, got, cstart)
         for k in range(got):
             i = idx + k
             e, _ = _entry_words(ext, table, i)
             if e & C.L2E_OFFSET_MASK and not data_file:
                 alloc.free_later(e & C.L2E_OFFSET_MASK, cs, img.retire_epoch())
             _link(table, i, ext, host + k * cs)
-        # Copy-on-write of the partial first and last clusters (they read as zeros).
-        head = pos - cstart
         run_end = min(end, cstart + got * cs)
         tail_from = run_end - cstart
         tail_to = (tail_from + (1 << meta.subcluster_bits) - 1) & ~((1 << meta.subcluster_bits) - 1)
         target = img._data
         if head:
-            target.pwrite(_old_content(img, cstart, head), host, "cow_read")
+            target.pwrite(head_data, host, "cow_read")
         if tail_to > tail_from:
             zeros = bytearray(tail_to - tail_from)
             if img._crypto is not None:
@@ -337,6 +342,25 @@ def _prealloc_map(img: Image, start: int, end: int, mode: str) -> None:
             target.truncate(last_end, "resize_truncate")
         else:
             _truncate_data(img, last_end, "off" if mode == "metadata" else mode)
+
+
+def _zero_reused(img: Image, host: int, n: int, guest: int) -> None:
+    """Zero the part of ``n`` new clusters at ``host`` (mapping guest ``guest``) that
+    lies inside the file: clusters freed earlier (a shrink) keep their old bytes, which
+    QEMU's discard punches out of the file (they read as zeros) and we do not; a
+    preallocated cluster must not show a dropped range's data. Written before the
+    link, as any data (the writeback syncs it before the L2 table)."""
+    f = img._file
+    cs = img.meta.cluster_size
+    end = min(host + n * cs, f.size())
+    pos = host
+    while pos < end:
+        k = min(end - pos, _WRITE_CHUNK)
+        zeros = bytearray(k)
+        if img._crypto is not None:
+            img._crypto.encrypt(zeros, pos, guest + (pos - host))
+        f.pwrite(zeros, pos, "cow_write")
+        pos += k
 
 
 def _old_content(img: Image, offset: int, length: int) -> bytes:

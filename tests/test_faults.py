@@ -34,6 +34,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Qemu
@@ -355,3 +356,105 @@ def test_l2_eviction_failure_keeps_the_new_table_linked(qemu: Qemu, tmp_path: Pa
         assert ro.read_sync(0, 512) == b"a" * 512
         assert ro.read_sync(1 << 20, 512) == b"b" * 512
     _sound(qemu, path, leaks_ok=False)
+
+
+# ------------------------------------------------------- image operations: resize
+# Snapshot create/apply/delete get an error of every kind at every I/O step in
+# tests/test_snapshots.py (test_io_error_at_every_step). Here the same for each kind of
+# resize: every I/O operation it does (so every fault point it reaches: l1 growth,
+# refcount blocks and table, L2 tables, data clusters, truncate, fsyncs) fails in turn
+# with each error kind, once or from then on.
+RESIZE_OPS = {
+    # (cluster size, size before, size after, preallocation)
+    "grow": (512, 1 << 20, 3 << 20, "off"),  # 32 KiB per L1 entry: the L1 table moves
+    "grow-metadata": (4096, 1 << 20, (5 << 20) + 512, "metadata"),
+    "grow-falloc": (4096, 1 << 20, 5 << 20, "falloc"),
+    "grow-full": (512, 1 << 20, 2 << 20, "full"),
+    "shrink": (4096, 2 << 20, (1 << 20) + 1536, "off"),
+}
+
+
+def _resize_fault_cases() -> list[Any]:
+    out = []
+    for op in RESIZE_OPS:
+        for kind in ("eio", "enospc", "short", "eio-persistent"):
+            marks = []
+            if STRESS and op == "grow-metadata" and kind in ("eio", "enospc"):
+                # Open driver bug (found here, 2026-12-05, also at ab43805 before this
+                # branch): a one-off error at I/O step 9 of this grow leaves 257
+                # corruptions (qemu-img check agrees). Quick runs skip that step.
+                marks.append(pytest.mark.xfail(strict=True, reason="open resize bug"))
+            out.append(pytest.param(op, kind, marks=marks, id=f"{op}-{kind}"))
+    return out
+
+
+@pytest.mark.parametrize(("op", "kind"), _resize_fault_cases())
+def test_resize_fault_at_every_io_step(
+    qemu: Qemu, tmp_path: Path, request: pytest.FixtureRequest, op: str, kind: str
+) -> None:
+    """The call fails with a Qcow2Error (or completes); the file then checks without
+    corruption (leaks at most), has the old or the new size, keeps the data below
+    both, reopens read-write and takes a write. Quick runs take every few steps;
+    QCOW2AIO_STRESS=1 every step."""
+    import contextlib
+
+    from faults import ANY_IO, Fault, FaultState
+
+    import qcow2aio
+
+    cs, old, new, prealloc = RESIZE_OPS[op]
+    template = tmp_path / "template.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", template, str(old))
+    data = random.Random(op).randbytes(min(old, new) - 4096)
+    with qcow2aio.open(template, "r+") as img:
+        img.write_sync(0, data)
+    shrink = new < old
+
+    def run(fault: Fault | None, path: Path) -> tuple[FaultState, int, bool]:
+        path.write_bytes(template.read_bytes())
+        state = FaultState(fault)
+        state.enabled = False
+        img = qcow2aio.open(path, "r+", io_backend=state.factory())
+        state.enabled = True
+        start = state.ops
+        failed = False
+        try:
+            img.resize_sync(new, shrink=shrink, preallocation=prealloc)
+        except qcow2aio.Qcow2Error:
+            failed = True
+        used = state.ops - start
+        with contextlib.suppress(qcow2aio.Qcow2Error):
+            img.close()
+        return state, used, failed
+
+    _, total, _ = run(None, tmp_path / "probe.qcow2")
+    assert total > 3
+    stride = 1 if STRESS else max(1, total // 8)
+    path = tmp_path / "f.qcow2"
+    fired = failed_calls = 0
+    problems: list[str] = []
+    for k in range(0, total, stride):
+        fault = Fault(ANY_IO, kind.split("-")[0], persistent=kind.endswith("persistent"), skip=k)
+        state, _, failed = run(fault, path)
+        fired += state.fired > 0
+        failed_calls += failed
+        code, rep = qemu.check(path)
+        if code not in (0, 3) or rep.get("corruptions"):
+            problems.append(f"step {k}: qemu-img check {code} {rep}")
+            continue
+        with qcow2aio.open(path, "r+") as img:
+            if img.size not in (old, new):
+                problems.append(f"step {k}: size {img.size}")
+            if img.read_sync(0, len(data)) != data:
+                problems.append(f"step {k}: data below both sizes changed")
+            img.write_sync(0, b"after")
+            if img.read_sync(0, 5) != b"after":
+                problems.append(f"step {k}: a write after reopening does not read back")
+        code, rep = qemu.check(path)
+        if code not in (0, 3) or rep.get("corruptions"):
+            problems.append(f"step {k}: after the reopen and a write, qemu-img check {code}")
+    steps = len(range(0, total, stride))
+    _attach(request, steps, fired, failed_calls, len(problems))
+    print(json.dumps({"resize": op, "kind": kind, "io_ops": total, "steps": steps, "fired": fired}))
+    assert not problems, "\n".join(problems[:10])
+    assert fired == steps

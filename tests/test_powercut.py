@@ -217,12 +217,26 @@ def record(
 class Verifier:
     """Checks crash states of one recorded run; counts what they came to."""
 
-    def __init__(self, qemu: Qemu, rec: Recorded, folder: Path, *, qemu_every: int) -> None:
+    def __init__(
+        self,
+        qemu: Qemu,
+        rec: Recorded,
+        folder: Path,
+        *,
+        qemu_every: int,
+        sizes: tuple[int, ...] | None = None,
+    ) -> None:
         self.qemu = qemu
         self.rec = rec
         self.folder = folder
         self.path = folder / "state.qcow2"
         self.qemu_every = qemu_every
+        # A run that resizes (tests/test_ops_powercut.py): the virtual sizes a state
+        # may have (before or after). The guest content is then read at the state's
+        # size and judged as the workload's size: a shrunk state's dropped tail as
+        # zeros (the shrink is journaled as a zero request over it), a grown range
+        # must read zeros.
+        self.sizes = sizes
         self.expected: dict[int, Expected] = {}
         self.counts = Counts()
         self.n = 0
@@ -256,10 +270,17 @@ class Verifier:
             with qcow2aio.open(self.path, **crypt_open(wl.crypt)) as img:
                 res = check_image(img.meta)
                 dirty = img.meta.header.dirty
-                got = img.read_sync(0, wl.size)
+                got = img.read_sync(0, wl.size if self.sizes is None else img.size)
         except qcow2aio.Qcow2Error as exc:
             c.reopen_failed += 1
             return self._done(state, [f"read-only open/read failed: {exc!r}"])
+        judged = got
+        if self.sizes is not None:
+            if len(got) not in self.sizes:
+                problems.append(f"virtual size {len(got)}, neither of {self.sizes}")
+            if any(got[wl.size :]):
+                problems.append(f"a grown range past {wl.size} does not read as zeros")
+            judged = got[: wl.size] + bytes(max(0, wl.size - len(got)))
         ours = res.exit_code()
         if dirty:
             c.dirty += 1
@@ -274,7 +295,7 @@ class Verifier:
                 f"{res.check_errors} errors: {res.messages[:3]}"
             )
         exp = self._expect(state.crash)
-        bad, lost = exp.problems(got)
+        bad, lost = exp.problems(judged)
         if bad:
             c.bad_data += not lost
             c.lost_ack += lost
@@ -318,16 +339,17 @@ class Verifier:
         c = self.counts
         wl = self.rec.template.workload
         rng = random.Random(self.n)
+        size = len(got)  # the workload's size, or the state's (self.sizes)
         writes = [
-            (rng.randrange(0, wl.size - 5000), rng.randbytes(5000)),
-            (rng.randrange(0, wl.size // 512) * 512, rng.randbytes(wl.cluster_size)),
+            (rng.randrange(0, size - 5000), rng.randbytes(5000)),
+            (rng.randrange(0, size // 512) * 512, rng.randbytes(wl.cluster_size)),
         ]
-        writes = [(o, b[: wl.size - o]) for o, b in writes]
+        writes = [(o, b[: size - o]) for o, b in writes]
         out: list[str] = []
         key = crypt_open(wl.crypt)
         try:
             with qcow2aio.open(self.path, "r+", **key) as img:
-                if img.read_sync(0, wl.size) != got:
+                if img.read_sync(0, size) != got:
                     out.append("the read-write open changed the guest content")
                 if not writes_read_back(img, got, writes):
                     out.append("after reopen + writes the disk does not read as written")
