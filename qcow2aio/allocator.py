@@ -59,11 +59,7 @@ class Allocator:
         self.meta = meta
         self.cluster_bits = meta.cluster_bits
         self.cluster_size = meta.cluster_size
-        self.order = meta.header.refcount_order
-        # Refcount entries per block, as a shift.
-        self.rb_bits = meta.cluster_bits + 3 - self.order
-        self.refcount_max = (1 << (1 << self.order)) - 1
-        self.free_cluster_index = 0
+        self.set_order(meta.header.refcount_order)
         # Where the next compressed cluster goes (QEMU's free byte offset): the end of
         # the last one, inside a host cluster that still has room; 0 = start a new one.
         # In memory only, as in QEMU: a reopened image starts a fresh host cluster.
@@ -80,10 +76,11 @@ class Allocator:
         self.max_clusters = (C.QCOW_MAX_CLUSTER_OFFSET + 1) >> meta.cluster_bits
 
     def set_order(self, order: int) -> None:
-        """Follow a change of the refcount width (``qemu-img amend -o refcount_bits``):
-        the refcount table and blocks were switched to ``order``; queued frees stay
-        queued (they are byte ranges, not entries)."""
+        """The refcount width ``order`` (at open, and after ``qemu-img amend -o
+        refcount_bits`` switched the refcount table and blocks to it); queued frees
+        stay queued (they are byte ranges, not entries)."""
         self.order = order
+        # Refcount entries per block, as a shift.
         self.rb_bits = self.cluster_bits + 3 - order
         self.refcount_max = (1 << (1 << order)) - 1
         self.free_cluster_index = 0

@@ -265,14 +265,20 @@ def _settle_refcounts(meta: Metadata, event: str) -> None:
 
 # ------------------------------------------------------------------ compat / lazy
 def _upgrade(meta: Metadata) -> None:
+    _set_version(meta, 3)
+
+
+def _set_version(meta: Metadata, version: int) -> None:
+    """Cluster 0 rewritten as a plain header of ``version`` (feature bits cleared,
+    16-bit refcounts, zlib): what both directions of a compat change leave."""
     _rewrite_cluster0(
         meta,
-        version=3,
+        version=version,
         incompatible_features=0,
         compatible_features=0,
         autoclear_features=0,
         refcount_order=4,
-        header_length=C.V3_HEADER_LENGTH,
+        header_length=C.V3_HEADER_LENGTH if version >= 3 else C.V2_HEADER_LENGTH,
         compression_type=C.COMPRESSION_ZLIB,
         unknown_fields=b"",
     )
@@ -361,17 +367,7 @@ def _downgrade(img: Image) -> None:
         guest = l1_index << (cb + meta.l2_bits)
         _expand_zeros(meta, off, guest, has_backing, only_zero, img._crypto)
     _settle_refcounts(meta, "amend_refcounts")
-    _rewrite_cluster0(
-        meta,
-        version=2,
-        incompatible_features=0,
-        compatible_features=0,
-        autoclear_features=0,
-        refcount_order=4,
-        header_length=C.V2_HEADER_LENGTH,
-        compression_type=C.COMPRESSION_ZLIB,
-        unknown_fields=b"",
-    )
+    _set_version(meta, 2)
     assert meta.writeback is not None
     meta.writeback.dirty_on_disk = False
 

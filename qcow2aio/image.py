@@ -304,9 +304,12 @@ class Image:
         return self.meta.header
 
     # -------------------------------------------------------------- mapping
-    def _check_range(self, offset: int, length: int) -> None:
+    def _check_open(self) -> None:
         if self._closed or self._closing:
             raise Qcow2Error(f"image {self.path!r} is {'closed' if self._closed else 'closing'}")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        self._check_open()
         size = self.meta.header.size & ~511
         if offset < 0 or length < 0 or offset + length > size:
             raise Qcow2RangeError(
@@ -1574,6 +1577,8 @@ class Image:
         QEMU. Refused with Qcow2UnsupportedError on encrypted images and with an
         external data file. Clusters before a failing one stay written.
         """
+        if self._ops_gated:  # an exclusive operation is draining or running
+            await self._admit()
         view = memoryview(data).cast("B")
         for guest, chunk in self._compressed_chunks(offset, view):
             if len(chunk) >= 32768:
@@ -1619,6 +1624,7 @@ class Image:
         """:meth:`write_compressed` without awaiting; waits (or raises ImageBusyError)
         as :meth:`write_sync` does. Each cluster is compressed before the lock is
         taken, then allocated, written and linked in one hold of the lock."""
+        self._admit_sync()
         view = memoryview(data).cast("B")
         for guest, chunk in self._compressed_chunks(offset, view):
             payload = self._compress(chunk)
@@ -1705,8 +1711,7 @@ class Image:
         """
         from .resize import check_resize
 
-        if self._closed or self._closing:
-            raise Qcow2Error(f"image {self.path!r} is {'closed' if self._closed else 'closing'}")
+        self._check_open()
         check_resize(self, size, shrink, preallocation)
         await self._exclusive(lambda: self._resize_job(size, shrink, preallocation), flush=True)
 
@@ -1715,8 +1720,7 @@ class Image:
         :meth:`close` (or ImageBusyError in a thread running an event loop)."""
         from .resize import check_resize
 
-        if self._closed or self._closing:
-            raise Qcow2Error(f"image {self.path!r} is {'closed' if self._closed else 'closing'}")
+        self._check_open()
         check_resize(self, size, shrink, preallocation)
         self._exclusive_sync(lambda: self._resize_job(size, shrink, preallocation), flush=True)
 
@@ -1741,8 +1745,7 @@ class Image:
         self._exclusive_sync(lambda: self._amend_job(plan), flush=True)
 
     def _amend_ready(self) -> None:
-        if self._closed or self._closing:
-            raise Qcow2Error(f"image {self.path!r} is {'closed' if self._closed else 'closing'}")
+        self._check_open()
         if not self.writable:
             raise Qcow2ReadOnlyError(f"image {self.path!r} is opened read-only")
 
@@ -1751,7 +1754,7 @@ class Image:
 
         self._check_changeable("amend")
         check_amend(self, plan)
-        self._resize_now(lambda img, _s, _p: amend_locked(img, plan), 0, "off")
+        self._run_op(lambda: amend_locked(self, plan))
 
     def _resize_job(self, size: int, shrink: bool, preallocation: str) -> None:
         """The metadata work of a resize, exclusive and with cached metadata written back."""
@@ -1759,11 +1762,12 @@ class Image:
 
         self._check_changeable("resize")
         check_resize(self, size, shrink, preallocation)
-        self._resize_now(resize_locked, size, preallocation)
+        self._run_op(lambda: resize_locked(self, size, preallocation))
 
-    def _resize_now(self, fn: Callable[[Image, int, str], None], size: int, prealloc: str) -> None:
+    def _run_op(self, fn: Callable[[], None]) -> None:
+        """Run an exclusive operation's work; a failed write-back poisons the image."""
         try:
-            fn(self, size, prealloc)
+            fn()
         except Qcow2Error as exc:
             if self.meta.flush_error is not None:
                 self._poison(self.meta.flush_error)
