@@ -241,6 +241,10 @@ class IOThreads:
                 done(fut, None, exc)
             else:
                 done(fut, result, None)
+                del result
+            # An idle worker must not hold its last job: the future's loop (and the
+            # caller's buffers) would stay alive until the next job comes along.
+            del fn, args, done, fut
 
 
 _THREADS = IOThreads(max(2, min(4, os.cpu_count() or 1)))
