@@ -531,6 +531,10 @@ class Op:
     result: bytes | None = None
     error: str = ""
     tag: str = ""
+    # A discard that may have been a no-op: on a v2 image with a backing file QEMU
+    # (and we) discard nothing, having no zero flag to hide the backing file with.
+    # It may show zeros but supersedes nothing.
+    maybe_noop: bool = False
 
     def label(self) -> str:
         via = "sync " if self.sync else ""
@@ -667,7 +671,8 @@ class History:
             dom = [
                 d
                 for d in cover
-                if (d.status == "ok" and d.end < start) or (done_before and id(d) in done_before)
+                if not d.maybe_noop
+                and ((d.status == "ok" and d.end < start) or (done_before and id(d) in done_before))
             ]
             cands: list[tuple[str, bytes]] = []
             if not dom:
@@ -952,10 +957,16 @@ class Ctx:
         return op
 
     async def discard(self, off: int, n: int, *, delay: int = 0, tag: str = "") -> Op:
-        """Discard whole clusters (callers pass a cluster-aligned range: v3 reads zeros)."""
+        """Discard whole clusters (callers pass a cluster-aligned range: v3 reads zeros;
+        on v2 over a backing file the discard does nothing: ``Op.maybe_noop``, also
+        when ``notes["may_downgrade"]`` says an amend may make the image v2 while this
+        discard waits for it)."""
         assert off % self.cs == 0 and (n % self.cs == 0 or off + n == self.size)
         await turns(delay)
         op = Op("discard", off, n, tag=tag)
+        op.maybe_noop = self.img.backing is not None and (
+            self.img.meta.version < 3 or bool(self.notes.get("may_downgrade"))
+        )
         if (await self._request(op, lambda: self.img.discard(off, n)))[0]:
             self.hist.done(op)
         return op

@@ -1,4 +1,4 @@
-"""Image operations (snapshot create/apply/delete, resize) in the middle of concurrent I/O.
+"""Image operations (snapshot create/apply/delete, resize, amend) in the middle of concurrent I/O.
 
 Two parts:
 
@@ -514,6 +514,81 @@ async def resize_mid_io(ctx: Ctx) -> None:
     ctx.spawn(ops())
 
 
+WIDTHS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _amend_options(ctx: Ctx, w: random.Random, grow_to: int | None) -> dict[str, object]:
+    """One amend QEMU accepts on the image as it is now: a refcount width, lazy
+    refcounts on or off, a downgrade to 0.10 (with the options v2 requires) or an
+    upgrade, optionally with a grow (``size``) in the same call."""
+    hdr = ctx.img.meta.header
+    v2 = hdr.version < 3
+    r = w.random()
+    opts: dict[str, object]
+    if r < 0.35:
+        opts = {"refcount_bits": w.choice([b for b in WIDTHS if b != 1 << hdr.refcount_order])}
+    elif r < 0.6:
+        opts = {"lazy_refcounts": not hdr.lazy_refcounts}
+    elif v2:
+        opts = {"compat": "1.1"}
+    else:
+        opts = {"compat": "0.10", "lazy_refcounts": False, "refcount_bits": 16}
+    if v2 and opts.get("compat") != "1.1" and (r < 0.35 or opts.get("lazy_refcounts")):
+        opts["compat"] = "1.1"  # widths and lazy refcounts need v3: upgrade with them
+    if grow_to is not None:
+        opts["size"] = grow_to
+    return opts
+
+
+async def amend_op(ctx: Ctx, opts: dict[str, object]) -> None:
+    """``img.amend(**opts)`` as an operation: no guest write (a grow shows zeros, the
+    padded initial contents), then the header must hold what was asked."""
+    old = ctx.img.size
+    size = opts.get("size")
+    grown = size - old if isinstance(size, int) and size > old else 0
+    tag = ",".join(f"{k}={v}" for k, v in opts.items())
+    op = Op("amend", old if grown else 0, grown, tag=tag)
+    if opts.get("compat") == "0.10":
+        ctx.notes["may_downgrade"] = True  # see Ctx.discard
+    if not await _operation(ctx, op, "amend", (), opts):
+        return
+    hdr = ctx.img.meta.header
+    want = {
+        "compat": ("1.1" if hdr.version >= 3 else "0.10"),
+        "lazy_refcounts": hdr.lazy_refcounts,
+        "refcount_bits": 1 << hdr.refcount_order,
+        "size": ctx.img.size,
+    }
+    for key, value in opts.items():
+        if want[key] != value:
+            ctx.fail("extra", f"{op.label()}: {key}={want[key]} after amending it to {value}")
+
+
+async def amend_mid_io(ctx: Ctx) -> None:
+    """Amends (refcount width rebuilds, lazy refcounts on/off, downgrade to 0.10 with
+    zero clusters expanded and back, grows through ``size``) while 2-3 workers write,
+    zero, discard, read and flush below the original size."""
+    _instrument(ctx)
+    w, cs = ctx.wrng, ctx.cs
+    span = max(8 * cs, 64 << 10)
+    lo = w.randrange(0, ctx.size - span + 1) // cs * cs
+    for _ in range(w.randint(2, 3)):
+        ctx.spawn(_worker(ctx, lo, lo + span, w.randint(6, 12)))
+    steps = [(w.randint(0, 12), w.random() < 0.3) for _ in range(w.randint(2, 4))]
+
+    async def ops() -> None:
+        for delay, grow in steps:
+            for _ in range(delay + 1):
+                await asyncio.sleep(0)
+            size = ctx.img.size
+            grow_to = None
+            if grow and size < MAX_SIZE:
+                grow_to = w.randrange(size // 512 + 1, MAX_SIZE // 512 + 1) * 512
+            await amend_op(ctx, _amend_options(ctx, w, grow_to))
+
+    ctx.spawn(ops())
+
+
 def _snapshot_files_hold(ctx: Ctx, env: SimEnv) -> None:
     """End of a seed: the snapshot table lists exactly the snapshots made and not
     deleted, each holds its content (our apply on a copy; on sampled seeds QEMU's
@@ -638,10 +713,26 @@ def ops_scenarios(env: SimEnv) -> dict[str, Scenario]:
             resize_mid_io,
             verify=verify,
         ),
+        "amend_mid_io": Scenario(
+            "amend_mid_io",
+            padded(
+                one_of(
+                    image(4096),
+                    image(512),
+                    image(65536),
+                    image(4096, backing=True),
+                    image(4096, opts="lazy_refcounts=on"),
+                    image(4096, opts="compat=0.10"),
+                    image(16384, opts="refcount_bits=64"),
+                )
+            ),
+            amend_mid_io,
+            verify=verify,
+        ),
     }
 
 
-OPS_SCENARIOS = ("snapshots_mid_io", "resize_mid_io")
+OPS_SCENARIOS = ("snapshots_mid_io", "resize_mid_io", "amend_mid_io")
 # Seeds per scenario and driver in a quick run (plain images; encrypted: ENCRYPTED).
 QUICK_SEEDS = 10
 ENCRYPTED = 3
