@@ -18,6 +18,11 @@ QEMU's). Scenarios:
    another thread closes it, with ``close()`` (no loop there) or with ``aclose()`` on
    its own loop: requests complete, or fail with a ``Qcow2Error`` saying closing or
    closed; nothing is acknowledged after the close returned; no corruption, no leak.
+6. ``ops_from_threads``: sync threads and a loop thread busy on the image while an
+   operator thread's loop creates and deletes snapshots, amends the refcount width
+   and lazy refcounts and grows the image, awaited or as the sync twins in
+   ``asyncio.to_thread``; each snapshot holds a state the history allows during its
+   call, the header holds the amended options.
 
 Drivers: ``serialized`` (the normal image; must pass every seed) and
 ``unserialized`` (``qcow2aio.testing.unserialized()``: no lock, no in-flight list;
@@ -42,7 +47,9 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sim import CRYPTS, ENCRYPTED_SEEDS, Op, SimEnv, publish_seeds, replay_seed, seed_list
@@ -157,6 +164,115 @@ def _after_close(run: Run, out: Outcome) -> None:
             )
 
 
+def ops_from_threads(run: Run) -> None:
+    """Image operations from threads while sync threads and a loop thread do I/O: an
+    operator thread with its own loop creates and deletes snapshots, amends (refcount
+    width, lazy refcounts) and grows the image, each call either awaited on its loop
+    or run through ``asyncio.to_thread`` as the sync twin (``*_sync``, no loop there).
+    The workers stay below the original size; a snapshot's content must be a state
+    the history allows during its call (checked by ``_snapshots_hold``)."""
+    rng = run.rng("shape")
+    hot = _hot(run)
+    img = run.img
+    for i in range(rng.randint(1, 2)):
+        run.spawn(f"sync{i}", run.sync_worker(f"sync{i}", 16, hot=hot))
+    run.spawn_loop("loop", run.async_tasks("loop", 3, 10, hot=hot, sync_p=0.05))
+    orng = run.rng("operator")
+    made: dict[str, Op] = run.notes.setdefault("snapshots", {})
+
+    def plan() -> tuple[str, str, dict[str, object]]:
+        """(method, op kind, kwargs) for the next operation, valid on the image now:
+        at most two live snapshots, widths from 4 bits (an apply of one of them, as the
+        verification does, counts a cluster up to 4)."""
+        r = orng.random()
+        if (r < 0.3 and len(made) < 2) or (not made and r < 0.45):
+            return "create_snapshot", "snapshot-create", {"name": f"s{len(run.hist.ops)}"}
+        if r < 0.45:
+            return "delete_snapshot", "snapshot-delete", {"name": orng.choice(sorted(made))}
+        hdr = img.meta.header
+        if r < 0.7:
+            bits = orng.choice([b for b in (4, 8, 16, 32, 64) if b != 1 << hdr.refcount_order])
+            return "amend", "amend", {"refcount_bits": bits}
+        if r < 0.85:
+            return "amend", "amend", {"lazy_refcounts": not hdr.lazy_refcounts}
+        return "resize", "resize", {"size": img.size + orng.randint(1, 8) * run.cs}
+
+    async def operator() -> None:
+        import asyncio
+
+        for _ in range(orng.randint(3, 5)):
+            await asyncio.sleep(orng.random() * 0.004)
+            method, kind, kwargs = plan()
+            name = kwargs.get("name", "")
+            args = (kwargs.pop("name"),) if name else ()
+            if method == "resize":
+                args = (kwargs.pop("size"),)
+            tag = f"{name}{kwargs or ''}{args if method == 'resize' else ''}"
+            use_thread = orng.random() < 0.5
+            op = Op(kind, tag=("to_thread " if use_thread else "") + tag)
+            fn = getattr(img, f"{method}_sync" if use_thread else method)
+
+            def call(
+                fn: Any = fn, args: Any = args, kwargs: Any = kwargs, thread: bool = use_thread
+            ) -> Awaitable[Any]:
+                if thread:
+                    return asyncio.to_thread(fn, *args, **kwargs)
+                return fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+            ok, _ = await run.async_call(op, call, "operator")
+            run.finish(op, ok)
+            if ok and method == "create_snapshot":
+                made[str(name)] = op
+            elif ok and method == "delete_snapshot":
+                del made[str(name)]
+            if ok and method == "amend":
+                hdr = img.meta.header
+                got = {
+                    "refcount_bits": 1 << hdr.refcount_order,
+                    "lazy_refcounts": hdr.lazy_refcounts,
+                }
+                for key, value in kwargs.items():
+                    if got[key] != value:
+                        run.fail("extra", f"{op.label()}: {key}={got[key]} after the amend")
+
+    run.spawn_loop("operator", operator)
+
+
+def _snapshots_hold(run: Run, out: Outcome) -> None:
+    """Each snapshot made and not deleted holds a state the history allows during the
+    call that made it (our apply on a copy), and the grown tail reads zeros."""
+    import shutil
+
+    from sim import crypt_open
+
+    import qcow2aio
+
+    if not out.ok or out.hung:
+        return
+    made: dict[str, Op] = run.notes.get("snapshots", {})
+    copy = run.setup.path.with_name(run.setup.path.name + ".snap")
+    size = len(run.hist.initial)
+    try:
+        with qcow2aio.open(run.setup.path, "r", **crypt_open(run.setup.crypt)) as img:
+            listed = sorted(s["name"] for s in img.snapshots())
+            tail = img.read_sync(size, img.size - size) if img.size > size else b""
+        if listed != sorted(made):
+            out.failures.append(Failure("snapshots", f"listed {listed}, made {sorted(made)}"))
+        if tail.strip(b"\0"):
+            out.failures.append(Failure("final", "the grown range does not read as zeros"))
+        for name, op in sorted(made.items()):
+            shutil.copyfile(run.setup.path, copy)
+            with qcow2aio.open(copy, "r+", **crypt_open(run.setup.crypt)) as img:
+                img.apply_snapshot_sync(name)
+                got = img.read_sync(0, min(size, img.size))
+            bad = run.hist.check(got, 0, start=op.start, end=op.end)
+            if bad is not None:
+                out.failures.append(Failure("snapshots", f"snapshot {name}: {bad}"))
+    finally:
+        copy.unlink(missing_ok=True)
+    out.stats["snapshots checked"] += len(made)
+
+
 SCENARIOS: dict[str, ThreadScenario] = {
     s.name: s
     for s in [
@@ -166,6 +282,9 @@ SCENARIOS: dict[str, ThreadScenario] = {
         ThreadScenario("to_thread", to_thread, default_seeds=30),
         ThreadScenario(
             "close_from_thread", close_from_thread, default_seeds=30, verify=_after_close
+        ),
+        ThreadScenario(
+            "ops_from_threads", ops_from_threads, default_seeds=12, verify=_snapshots_hold
         ),
     ]
 }
