@@ -384,6 +384,39 @@ class Allocator:
         self.update_refcount(first << self.cluster_bits, count << self.cluster_bits, 1)
         return count
 
+    def drop_refcounts_past(self, file_size: int) -> int:
+        """Zero every refcount of a cluster at or past the end of the file (after a
+        repair); returns how many were nonzero. The blocks are left dirty for the
+        writeback.
+
+        Only for an image whose repair just left no corruption: the check counts a
+        reference to a cluster past the end of the file as a corruption, so then no
+        such cluster is referenced, and its refcount is a leak the check cannot see (it
+        compares refcounts only inside the file, as QEMU's does). A crash inside an
+        allocation leaves one: the new cluster's refcount made durable before the write
+        that would have grown the file over it. On a lazy-refcounts image the next
+        allocation then passes over it and grows the file beyond it, and the leak
+        shows (``qemu-img check``: "Leaked cluster"); QEMU's own repair keeps it too.
+        Zeroing is always safe: a refcount only ever drops for a cluster nothing uses.
+        """
+        meta = self.meta
+        first = (file_size + self.cluster_size - 1) >> self.cluster_bits
+        mask = (1 << self.rb_bits) - 1
+        dropped = 0
+        for rt_index in range(first >> self.rb_bits, len(meta.reftable.entries)):
+            blk = meta.refblock(rt_index)
+            if blk is None:
+                continue
+            start = max(first, rt_index << self.rb_bits) & mask
+            n = mask + 1 - start
+            if blk.is_free_run(start, n):
+                continue
+            dropped += sum(1 for i in range(start, start + n) if blk.get(i))
+            blk.set_run(start, n, 0)
+        if dropped:
+            self.free_cluster_index = min(self.free_cluster_index, first)
+        return dropped
+
     def last_used_cluster(self, file_size: int) -> int:
         """The highest cluster below ``file_size`` with a nonzero refcount (-1: none)."""
         meta = self.meta

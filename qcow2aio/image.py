@@ -819,10 +819,15 @@ class Image:
                     f"({result.corruptions} corruptions remain)"
                 )
             meta.reload_refcounts()
+            assert meta.writeback is not None
+            if result.check_errors == 0 and meta.allocator.drop_refcounts_past(self._file.size()):
+                # Leaks past the end of the file, invisible to the check (see
+                # Allocator.drop_refcounts_past): a dirty image's repair leaves none.
+                meta.writeback.write_refblocks()
+                meta.flush_files("repair_refcounts")
             hdr.incompatible_features &= ~C.INCOMPAT_DIRTY
             self._file.pwrite(struct.pack(">Q", hdr.incompatible_features), 72, "header_update")
             self._file.flush("header_update")
-            assert meta.writeback is not None
             meta.writeback.dirty_on_disk = False
         # Autoclear bits we do not maintain (bitmaps, unknown) must be cleared before the
         # first write, or another reader would trust data we are about to change.

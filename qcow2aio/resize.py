@@ -12,7 +12,10 @@ resize. The ordering keeps a crash to leaks at worst:
   On a resize the new table has exactly the entries the new size needs.
 * **Preallocation** (``metadata``/``falloc``/``full``) allocates L2 tables and
   data clusters for the new range; the usual writeback (refcount blocks, flush,
-  L2 tables, flush, L1) publishes them. ``falloc``/``full`` first lay a new,
+  L2 tables, flush, L1) publishes them. ``metadata`` writes each run's data
+  (copy-on-write head and tail) and grows the file over the run before linking
+  it, so a failure leaves the run unlinked (a leak), never linked past the end
+  of the file. ``falloc``/``full`` first lay a new,
   exactly sized refcount structure at the end of the used area (covering the
   new data and L2 tables), place the data clusters right after it, and extend
   the file with ``posix_fallocate`` or written zeros, as QEMU does.
@@ -307,23 +310,26 @@ def _prealloc_map(img: Image, start: int, end: int, mode: str) -> None:
         else:
             host = alloc.alloc_clusters(n)
             got = n
-        # Copy-on-write of the partial first and last clusters (they read as zeros).
+        # Data before links: the run's data (copy-on-write of the partial first and
+        # last clusters, zeros over reused clusters) is written, and the file grown
+        # over the run, before any entry of the run is linked. A failed write or
+        # truncate then leaves the new clusters counted but unlinked (a leak), never
+        # an entry pointing at a cluster that is past the end of the file (qemu-img
+        # check counts that as corruption) or that misses its copied head.
         # The head is read before the link: linked, it would read the new (unwritten)
         # cluster instead of the backing file's or the old cluster's bytes.
         head = pos - cstart
         head_data = _old_content(img, cstart, head) if head else b""
-        if not data_file:
-            _zero_reused(img, host, got, cstart)
-        for k in range(got):
-            i = idx + k
-            e, _ = _entry_words(ext, table, i)
-            if e & C.L2E_OFFSET_MASK and not data_file:
-                alloc.free_later(e & C.L2E_OFFSET_MASK, cs, img.retire_epoch())
-            _link(table, i, ext, host + k * cs)
         run_end = min(end, cstart + got * cs)
         tail_from = run_end - cstart
         tail_to = (tail_from + (1 << meta.subcluster_bits) - 1) & ~((1 << meta.subcluster_bits) - 1)
         target = img._data
+        if not data_file:
+            _zero_reused(img, host, got, cstart)
+            # QEMU grows the file to the host end of the last guest byte mapped, once
+            # at the end; growing it per run, before the links, ends the same.
+            if host + tail_from > target.size():
+                target.truncate(host + tail_from, "resize_truncate")
         if head:
             target.pwrite(head_data, host, "cow_read")
         if tail_to > tail_from:
@@ -332,6 +338,12 @@ def _prealloc_map(img: Image, start: int, end: int, mode: str) -> None:
                 # Zeros as the guest reads them: encrypted like any data written.
                 img._crypto.encrypt(zeros, host + tail_from, cstart + tail_from)
             target.pwrite(zeros, host + tail_from, "cow_write")
+        for k in range(got):
+            i = idx + k
+            e, _ = _entry_words(ext, table, i)
+            if e & C.L2E_OFFSET_MASK and not data_file:
+                alloc.free_later(e & C.L2E_OFFSET_MASK, cs, img.retire_epoch())
+            _link(table, i, ext, host + k * cs)
         pos = run_end
         next_host = host + got * cs
         # QEMU grows the file to the host end of the last guest byte mapped.

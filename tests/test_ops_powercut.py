@@ -98,13 +98,7 @@ def _cases() -> list[Any]:
         for name in names:
             for driver in ("sync", "async"):
                 for seed in (1, 2):
-                    marks = []
-                    if name == "lazy" and op.startswith("grow"):
-                        # Open (found here, 2026-12-05): 3-9 dirty crash states per run
-                        # of a grow on a lazy-refcounts image still leak after the
-                        # read-write open's repair (leaks only: no corruption, no loss).
-                        marks.append(pytest.mark.xfail(strict=True, reason="open: leaks"))
-                    out.append(pytest.param(op, name, driver, seed, marks=marks))
+                    out.append(pytest.param(op, name, driver, seed))
     return out
 
 
