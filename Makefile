@@ -50,7 +50,7 @@ qemu:
 
 # Two workers: the machines have 2 cores and the suite must stay well under 10 minutes.
 test: venv qemu
-	QCOW2AIO_REQUIRE_QEMU=1 $(PY) -m pytest -q -n 2 --timeout=600 -p tests.sim_report $(PYTEST_ARGS)
+	QCOW2AIO_REQUIRE_QEMU=1 $(PY) -m pytest -q -n 2 --timeout=600 --durations=15 -p tests.sim_report $(PYTEST_ARGS)
 
 # The full race, fault and power-cut sets (issue 4): >= 10,000 seeds per scenario, every
 # fault point x error kind, >= 20,000 crash states; and the thread scenarios (issue 10):

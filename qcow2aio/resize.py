@@ -38,7 +38,7 @@ from .errors import Qcow2Error, Qcow2FormatError, Qcow2IOError, Qcow2Unsupported
 from .header import size_to_l1
 from .metadata import DEFAULT_L2_CACHE_BYTES
 from .tables import Table, encode_be64
-from .writes import l2_for_write, zero_clusters
+from .writes import ALL_ALLOC, l2_for_write, zero_clusters
 
 if TYPE_CHECKING:
     from .image import Image
@@ -169,11 +169,32 @@ def _grow(img: Image, old: int, size: int, preallocation: str) -> None:
     else:
         _prealloc_file(img, old, size, preallocation)
     backing = img.backing
-    if backing is not None and backing.size > old and preallocation in ("off", "metadata"):
-        # falloc/full wrote or allocated the new range as data that reads as zeros
-        # already: QEMU leaves it as data, without zero flags.
-        _zero_new_range(img, old, size)
+    if backing is not None and backing.size > old:
+        # A longer backing file must not show through the new range.
+        if preallocation in ("off", "metadata"):
+            _zero_new_range(img, old, size)
+        elif meta.extended_l2:
+            # falloc/full wrote or allocated the new range as data that reads as
+            # zeros, but linked it with unallocated subclusters (the backing file
+            # would show): QEMU then marks every subcluster allocated.
+            _mark_allocated(img, old, size)
+        # Else falloc/full linked data that reads as zeros: QEMU sets no zero flags.
     _flush(img, "resize")
+
+
+def _mark_allocated(img: Image, old: int, size: int) -> None:
+    """Every subcluster of the clusters falloc/full preallocated for ``[old, size)``
+    allocated (the first, partial one included: its head was copied into it)."""
+    meta = img.meta
+    cb = meta.cluster_bits
+    pos = old & ~(meta.cluster_size - 1)
+    while pos < size:
+        table = l2_for_write(img, pos >> (cb + meta.l2_bits))
+        idx = (pos >> cb) & (meta.l2_entries - 1)
+        if table.entries[2 * idx] & C.L2E_OFFSET_MASK:
+            table.entries[2 * idx + 1] = ALL_ALLOC
+            table.dirty = True
+        pos += meta.cluster_size
 
 
 def _zero_new_range(img: Image, old: int, size: int) -> None:
@@ -358,9 +379,9 @@ def _prealloc_map(img: Image, start: int, end: int, mode: str) -> None:
 
 def _zero_reused(img: Image, host: int, n: int, guest: int) -> None:
     """Zero the part of ``n`` new clusters at ``host`` (mapping guest ``guest``) that
-    lies inside the file: clusters freed earlier (a shrink) keep their old bytes, which
-    QEMU's discard punches out of the file (they read as zeros) and we do not; a
-    preallocated cluster must not show a dropped range's data. Written before the
+    lies inside the file: clusters freed earlier (a shrink) keep their old bytes,
+    which QEMU's discard punches out of the file (they read as zeros) and our shrink
+    does not; a preallocated cluster must not show a dropped range's data. Written before the
     link, as any data (the writeback syncs it before the L2 table)."""
     f = img._file
     cs = img.meta.cluster_size
