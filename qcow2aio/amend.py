@@ -30,6 +30,7 @@ crash to leaks at worst:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import struct
 from array import array
@@ -227,13 +228,25 @@ def amend_locked(img: Image, plan: AmendPlan) -> None:
 
 # ------------------------------------------------------------------ header writes
 def _header_write(meta: Metadata, data: bytes, offset: int, event: str) -> None:
-    """One header write, flushed. A failure leaves the on-disk header unknown: the
+    """One header write, flushed.
+
+    A failed write may still have put part of ``data`` on the file (a short write:
+    some bytes written, then ENOSPC), and a header torn inside its fields can name
+    structures that do not go together (the refcount switch: the new table's offset
+    with the old width, thousands of corruptions). So the bytes it replaces are read
+    first and, on any failure, written back and flushed (best effort): the header on
+    disk is then the old one, which is what memory still describes (whatever the
+    step allocated beforehand is counted in it: a leak at worst). Either way the
     image refuses all further metadata writeback until it is reopened."""
+    old = meta.file.pread(offset, len(data), event)
     try:
         meta.file.pwrite(data, offset, event)
         meta.flush_files(event)
     except Qcow2Error as exc:
         meta.poison(exc)
+        with contextlib.suppress(Qcow2Error):
+            meta.file.pwrite(old, offset, "amend_header_undo")
+            meta.file.flush("amend_header_undo")
         raise
 
 
