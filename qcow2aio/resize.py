@@ -381,8 +381,8 @@ def _zero_reused(img: Image, host: int, n: int, guest: int) -> None:
     """Zero the part of ``n`` new clusters at ``host`` (mapping guest ``guest``) that
     lies inside the file: clusters freed earlier (a shrink) keep their old bytes,
     which QEMU's discard punches out of the file (they read as zeros) and our shrink
-    does not; a preallocated cluster must not show a dropped range's data. Written before the
-    link, as any data (the writeback syncs it before the L2 table)."""
+    does not; a preallocated cluster must not show a dropped range's data. Written
+    before the link, as any data (the writeback syncs it before the L2 table)."""
     f = img._file
     cs = img.meta.cluster_size
     end = min(host + n * cs, f.size())

@@ -450,15 +450,22 @@ def _worker(ctx: Ctx, lo: int, hi: int, n: int) -> Coroutine[Any, Any, None]:
     return run()
 
 
+def _spawn_workers(ctx: Ctx, top: int, most: int) -> None:
+    """2..``most`` workers of 6-12 requests each in one seeded window (64 KiB or 8
+    clusters, whichever is larger) below guest byte ``top``."""
+    w, cs = ctx.wrng, ctx.cs
+    span = min(top, max(8 * cs, 64 << 10))
+    lo = w.randrange(0, top - span + 1) // cs * cs
+    for _ in range(w.randint(2, most)):
+        ctx.spawn(_worker(ctx, lo, lo + span, w.randint(6, 12)))
+
+
 async def snapshots_mid_io(ctx: Ctx) -> None:
     """Snapshot create/apply/delete while 2-4 workers write, zero, discard, read and
     flush at a window of the disk (the operations' clusters and the workers' overlap)."""
     _instrument(ctx)
-    w, cs = ctx.wrng, ctx.cs
-    span = max(8 * cs, 64 << 10)
-    lo = w.randrange(0, ctx.size - span + 1) // cs * cs
-    for _ in range(w.randint(2, 4)):
-        ctx.spawn(_worker(ctx, lo, lo + span, w.randint(6, 12)))
+    w = ctx.wrng
+    _spawn_workers(ctx, ctx.size, 4)
     names = iter(f"s{i}" for i in range(100))
     plan: list[tuple[str, str | None, int]] = [("create", next(names), w.randint(0, 8))]
     for _ in range(w.randint(2, 4)):
@@ -484,10 +491,7 @@ async def resize_mid_io(ctx: Ctx) -> None:
     _instrument(ctx)
     w, cs = ctx.wrng, ctx.cs
     floor = ctx.size // 2
-    span = min(floor, max(8 * cs, 64 << 10))
-    lo = w.randrange(0, floor - span + 1) // cs * cs
-    for _ in range(w.randint(2, 3)):
-        ctx.spawn(_worker(ctx, lo, lo + span, w.randint(6, 12)))
+    _spawn_workers(ctx, floor, 3)
     steps = []
     for _ in range(w.randint(2, 4)):
         grow = w.randrange(ctx.size // 512 + 1, MAX_SIZE // 512 + 1) * 512
@@ -570,11 +574,8 @@ async def amend_mid_io(ctx: Ctx) -> None:
     zero clusters expanded and back, grows through ``size``) while 2-3 workers write,
     zero, discard, read and flush below the original size."""
     _instrument(ctx)
-    w, cs = ctx.wrng, ctx.cs
-    span = max(8 * cs, 64 << 10)
-    lo = w.randrange(0, ctx.size - span + 1) // cs * cs
-    for _ in range(w.randint(2, 3)):
-        ctx.spawn(_worker(ctx, lo, lo + span, w.randint(6, 12)))
+    w = ctx.wrng
+    _spawn_workers(ctx, ctx.size, 3)
     steps = [(w.randint(0, 12), w.random() < 0.3) for _ in range(w.randint(2, 4))]
 
     async def ops() -> None:
