@@ -27,7 +27,11 @@ KIND_NAMES = {ZERO: "zero", BACKING: "backing", DATA: "data", COMPRESSED: "compr
 @dataclass(slots=True)
 class Extent:
     """One run of a plan. For COMPRESSED, ``host``/``csize`` locate the compressed
-    bytes and ``skip`` is the offset of ``guest`` inside the decompressed cluster."""
+    bytes and ``skip`` is the offset of ``guest`` inside the decompressed cluster.
+    A ZERO or BACKING run keeps the ``host`` of the clusters it lies in when they are
+    allocated (preallocated zero clusters; zero or unallocated subclusters of an
+    allocated cluster), 0 otherwise: reads ignore it, block status reports it as QEMU
+    does (``qemu-img map``'s ``offset``)."""
 
     kind: int
     guest: int
@@ -44,7 +48,11 @@ def _append(plan: list[Extent], kind: int, guest: int, length: int, host: int) -
         if (
             last.kind == kind
             and last.guest + last.length == guest
-            and (kind != DATA or last.host + last.length == host)
+            and (
+                last.host + last.length == host
+                if kind == DATA
+                else last.host == host == 0 or (last.host and host == last.host + last.length)
+            )
         ):
             last.length += length
             return
@@ -119,7 +127,7 @@ def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> lis
                             f"Zero cluster flag in a version 2 image (L2 offset {l2_off:#x}, "
                             f"index {l2_index:#x})"
                         )
-                    _append(plan, ZERO, pos, run, 0)
+                    _append(plan, ZERO, pos, run, host + in_cluster if host else 0)
                 elif allocated:
                     _append(plan, DATA, pos, run, host + in_cluster)
                 else:
@@ -143,9 +151,11 @@ def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> lis
                 if alloc_bits & bit:
                     _append(plan, DATA, pos, sc_end - pos, host + (pos & (cluster_size - 1)))
                 elif zero_bits & bit:
-                    _append(plan, ZERO, pos, sc_end - pos, 0)
+                    zhost = host + (pos & (cluster_size - 1)) if host else 0
+                    _append(plan, ZERO, pos, sc_end - pos, zhost)
                 else:
-                    _append(plan, unalloc, pos, sc_end - pos, 0)
+                    uhost = host + (pos & (cluster_size - 1)) if host else 0
+                    _append(plan, unalloc, pos, sc_end - pos, uhost)
                 pos = sc_end
     return plan
 

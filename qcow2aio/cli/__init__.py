@@ -23,6 +23,7 @@ from .amend import cmd_amend
 from .check import cmd_check
 from .create import cmd_create
 from .info import cmd_info
+from .map import cmd_map
 from .options import (
     CREATE_OPTIONS,
     PROG,
@@ -47,6 +48,7 @@ __all__ = [
     "cmd_check",
     "cmd_create",
     "cmd_info",
+    "cmd_map",
     "cmd_resize",
     "cmd_snapshot",
     "main",
@@ -63,6 +65,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "resize": cmd_resize,
     "snapshot": cmd_snapshot,
     "amend": cmd_amend,
+    "map": cmd_map,
 }
 
 USAGE = (
@@ -79,6 +82,8 @@ USAGE = (
     "  snapshot [--object OBJECTDEF] [--image-opts] [-q] [-U] [-f qcow2]\n"
     "           [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE\n"
     "  amend [--object OBJECTDEF] [--image-opts] [-q] [-f qcow2] -o OPTIONS FILE\n"
+    "  map [--object OBJECTDEF] [--image-opts] [-f FMT] [--start-offset=OFFSET]\n"
+    "      [--max-length=LEN] [--output=human|json] [-U] FILE\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"
