@@ -345,7 +345,7 @@ def test_python_api_many_clients_one_image(qemu: Qemu, tmp_path: Path, sockdir: 
                     uri(sock, "a"),
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
-                )  # fmt: skip
+                )
                 for i in range(6)
             ]
             await img_a.write(3584 * 1024, b"\x42" * 512 * 1024)  # the service's own write
