@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed.stamp
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS='-k refcount'`.
 PYTEST_ARGS ?=
 
-.PHONY: all venv qemu test lint demo stress bench clean
+.PHONY: all venv qemu test lint demo stress fuzz bench clean
 
 all: test
 
@@ -61,6 +61,13 @@ test: venv qemu
 # Takes a long while; prints the counts.
 # --maxschedchunk 1: xdist hands out tests one at a time, so the 30 long interleaving
 # tests (first in collection order) do not all land on one worker while the other idles.
+# Coverage-guided fuzzing of the NBD server's handshake and transmission parsers
+# (atheris); new inputs that reach new code are added to tests/nbd_corpus.
+FUZZ_RUNS ?= 1000000
+fuzz: venv qemu
+	$(VENV)/bin/pip install -q -e '.[fuzz]'
+	$(PY) tests/fuzz_nbd.py tests/nbd_corpus -runs=$(FUZZ_RUNS) -max_len=4096 -print_final_stats=1
+
 stress: venv qemu
 	QCOW2AIO_REQUIRE_QEMU=1 QCOW2AIO_STRESS=1 $(PY) -m pytest -q -s -n 2 --maxschedchunk 1 \
 		-p no:cacheprovider \
