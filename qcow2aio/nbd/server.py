@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import logging
 import os
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,11 +48,16 @@ DEFAULT_PORT = 10809
 # counts as its length). A single request may use the whole byte budget.
 MAX_IN_FLIGHT = 16
 MAX_IN_FLIGHT_BYTES = 64 << 20
+_MIN_WEIGHT = MAX_IN_FLIGHT_BYTES // MAX_IN_FLIGHT
 # Block sizes qemu-nbd advertises (minimum, preferred, maximum).
 BLOCK_SIZES = (1, 4096, P.MAX_REQUEST)
 # At most this many extents in one block-status reply (the protocol lets a server
 # answer less than asked; a client asks again from where the answer stopped).
 MAX_EXTENTS = 1 << 16
+# Replies queued in one turn of the loop are joined into one write up to this size;
+# a connection waits for its socket once this much is buffered unsent.
+_JOIN_MAX = 256 << 10
+_SEND_HIGH_WATER = 4 << 20
 
 BASE_ALLOCATION = "base:allocation"
 ALLOCATION_DEPTH = "qemu:allocation-depth"
@@ -108,24 +115,82 @@ class _Drop(Exception):
 
 
 class _Budget:
-    """A byte semaphore: a request waits until its payload fits in the budget."""
+    """A byte semaphore: a request waits until its payload fits in the budget.
+    Counters and a queue of futures (no Condition): the common case, a budget with
+    room, costs two additions."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.free = total
-        self._cond = asyncio.Condition()
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def try_take(self, n: int) -> bool:
+        """Take ``n`` (at most the total) if it is free now and nobody waits."""
+        if self.free >= n and not self._waiters:
+            self.free -= n
+            return True
+        return False
 
     async def take(self, n: int) -> int:
         n = min(n, self.total)
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.free >= n)
-            self.free -= n
+        if self.try_take(n):
+            return n
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.give(n)
+            else:
+                self._waiters.remove((n, fut))
+            raise
         return n
 
-    async def give(self, n: int) -> None:
-        async with self._cond:
-            self.free += n
-            self._cond.notify_all()
+    def give(self, n: int) -> None:
+        self.free += n
+        while self._waiters and self._waiters[0][0] <= self.free:
+            k, fut = self._waiters.popleft()
+            if not fut.done():
+                self.free -= k
+                fut.set_result(None)
+
+
+def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run a request's coroutine now, up to its first real wait; only then give it a
+    Task. A cached read completes in the read loop's own turn (no task, no extra trip
+    through the event loop), which is most of a depth-1 round trip. Like a Task, the
+    coroutine runs in a copy of the context (qcow2aio keeps per-request state in
+    context variables), and the Task that continues it does what a Task does."""
+    ctx = contextvars.copy_context()
+    try:
+        yielded = ctx.run(coro.send, None)
+    except StopIteration:
+        return None
+    return asyncio.get_running_loop().create_task(_continue(coro, yielded), context=ctx)
+
+
+async def _continue(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Drive ``coro`` from a suspension it reached outside any Task: wait for the
+    future it yielded (without taking its result: the coroutine does), resume it,
+    repeat; a cancellation of this task cancels that future, as a Task's does."""
+    loop = asyncio.get_running_loop()
+    while True:
+        if yielded is None:  # a bare yield (asyncio.sleep(0)): let others run
+            await asyncio.sleep(0)
+        else:
+            yielded._asyncio_future_blocking = False
+            while not yielded.done():
+                gate = loop.create_future()
+                yielded.add_done_callback(lambda _f, g=gate: g.done() or g.set_result(None))
+                try:
+                    await gate
+                except asyncio.CancelledError:
+                    yielded.cancel()
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -155,9 +220,9 @@ class _Connection:
         self.meta: dict[str, list[str]] = {}
         self.export: Export | None = None
         self.contexts: list[tuple[int, str]] = []
-        self._send_lock = asyncio.Lock()
+        self._out: list[bytes | memoryview] = []
+        self._flush_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._budget = _Budget(MAX_IN_FLIGHT_BYTES)
 
     # ------------------------------------------------------------ plumbing
@@ -171,10 +236,36 @@ class _Connection:
             n -= k
 
     async def _send(self, *parts: bytes | memoryview) -> None:
-        async with self._send_lock:
+        """Queue one whole reply. Replies completed in the same turn of the event
+        loop go out in one write (a depth-16 client's replies in one system call);
+        nothing awaits between the parts of a reply, so replies never interleave.
+        Waits only when the socket's buffer is full (the client reads slowly)."""
+        self._out.extend(parts)
+        if not self._tasks and len(self.reader._buffer) < P.REQUEST_SIZE:  # type: ignore[attr-defined]
+            # Nothing else in flight and no request waiting to be read (depth 1):
+            # no other reply to wait for, send now.
+            self.flush_out()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush_out)
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() > _SEND_HIGH_WATER:
+            self.flush_out()
+            await self.writer.drain()
+
+    def flush_out(self) -> None:
+        """Hand the queued replies to the transport."""
+        self._flush_pending = False
+        parts, self._out = self._out, []
+        if not parts or self.writer.transport.is_closing():
+            return
+        if len(parts) == 1:
+            self.writer.write(parts[0])
+        elif sum(len(p) for p in parts) <= _JOIN_MAX:
+            self.writer.write(b"".join(parts))
+        else:
             for part in parts:
                 self.writer.write(part)
-            await self.writer.drain()
 
     async def _reply(self, option: int, kind: int, data: bytes = b"") -> None:
         await self._send(P.option_reply(option, kind, data))
@@ -212,6 +303,8 @@ class _Connection:
                     await self._reply(option, P.REP_ERR_INVALID)
                     return None
                 await self._reply(option, P.REP_ACK)
+                self.flush_out()
+                await self.writer.drain()
                 await self.writer.start_tls(server.tls)
                 self.tls_done = True
                 return None
@@ -323,20 +416,21 @@ class _Connection:
                 if req.type == P.CMD_WRITE and req.length > P.MAX_REQUEST:
                     await self._error(req, P.EINVAL, "write longer than 32 MiB")
                     raise _Drop
-                await self._slots.acquire()
-                weight = await self._budget.take(
-                    req.length if req.type in (P.CMD_READ, P.CMD_WRITE) else 0
-                )
+                # Each request weighs its payload, and at least a share of the budget,
+                # which also bounds how many run at once.
+                weight = min(MAX_IN_FLIGHT_BYTES, max(req.length, _MIN_WEIGHT))
+                if not self._budget.try_take(weight):
+                    await self._budget.take(weight)
                 try:
                     if req.type == P.CMD_WRITE:
                         payload = await self._read(req.length)
                 except BaseException:
-                    self._slots.release()
-                    await self._budget.give(weight)
+                    self._budget.give(weight)
                     raise
-                task = asyncio.ensure_future(self._run(req, payload, weight))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task = start_eagerly(self._run(req, payload, weight))
+                if task is not None:
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -351,8 +445,7 @@ class _Connection:
             with contextlib.suppress(Exception):
                 await self._error(req, P.EIO, "internal error")
         finally:
-            self._slots.release()
-            await self._budget.give(weight)
+            self._budget.give(weight)
 
     async def _error(self, req: P.Request, error: int, message: str) -> None:
         if self.structured and req.type in (P.CMD_READ, P.CMD_BLOCK_STATUS):
@@ -556,6 +649,7 @@ class NbdServer:
         finally:
             self._conns.pop(task, None)
             with contextlib.suppress(Exception):
+                conn.flush_out()
                 writer.close()
             if counted:
                 self._clients -= 1
