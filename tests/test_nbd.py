@@ -489,3 +489,40 @@ def test_sigkill_under_load_keeps_flushed_writes(qemu: Qemu, tmp_path: Path, soc
     rc, _ = qemu.check(img)
     assert rc in (0, 3), rc  # clean or leaked clusters only
     qemu.io(img, "read -P 7 0 4M")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_tcp_export_with_qemu_img_and_io(qemu: Qemu, tmp_path: Path) -> None:
+    """``-b 127.0.0.1 -p PORT``: qemu-img and qemu-io over nbd://, as with qemu-nbd."""
+    top = _chain(qemu, tmp_path)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qcow2aio", "serve", "-t", "-b", "127.0.0.1", "-p", str(port),
+         "-x", "tcp", "--pid-file", str(tmp_path / "pid"), str(top)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (tmp_path / "pid").exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+            assert time.monotonic() < deadline, "no pid file"
+            time.sleep(0.05)
+        assert int((tmp_path / "pid").read_text()) == proc.pid
+        url = f"nbd://127.0.0.1:{port}/tcp"
+        info = json.loads(qemu.img("info", "--output=json", url).stdout)
+        assert info["virtual-size"] == 6 * MiB
+        qemu.io(url, "write -P 0x33 2M 128k", "read -P 0x33 2M 128k", fmt="raw")
+        raw = tmp_path / "tcp.raw"
+        qemu.img("convert", "-f", "raw", "-O", "raw", url, raw)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    assert not (tmp_path / "pid").exists()
+    assert raw.read_bytes() == qemu.convert_raw(top)
+    qemu.io(top, "read -P 0x33 2M 128k")
+    assert qemu.check(top)[0] == 0
