@@ -44,12 +44,24 @@ _OPTIONS = [
 _EXTREMES = [0, 1, 511, 4096, 65536, SIZE - 1, SIZE, SIZE + 1, 1 << 25, (1 << 32) - 1]
 
 
+class _Transport:
+    def __init__(self, writer: _Writer) -> None:
+        self.writer = writer
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return self.writer.closed
+
+
 class _Writer:
     """The server's side of an in-memory connection: collects what it sends."""
 
     def __init__(self) -> None:
         self.out = bytearray()
         self.closed = False
+        self.transport = _Transport(self)
 
     def write(self, data: Any) -> None:
         self.out += data
