@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from ..errors import Qcow2Error
 from .amend import cmd_amend
 from .check import cmd_check
+from .compare import cmd_compare
 from .create import cmd_create
 from .info import cmd_info
 from .map import cmd_map
@@ -46,6 +47,7 @@ __all__ = [
     "UsageError",
     "cmd_amend",
     "cmd_check",
+    "cmd_compare",
     "cmd_create",
     "cmd_info",
     "cmd_map",
@@ -66,6 +68,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "snapshot": cmd_snapshot,
     "amend": cmd_amend,
     "map": cmd_map,
+    "compare": cmd_compare,
 }
 
 USAGE = (
@@ -84,6 +87,8 @@ USAGE = (
     "  amend [--object OBJECTDEF] [--image-opts] [-q] [-f qcow2] -o OPTIONS FILE\n"
     "  map [--object OBJECTDEF] [--image-opts] [-f FMT] [--start-offset=OFFSET]\n"
     "      [--max-length=LEN] [--output=human|json] [-U] FILE\n"
+    "  compare [--object OBJECTDEF] [--image-opts] [-f FMT] [-F FMT] [-p] [-q] [-s]\n"
+    "          FILE1 FILE2\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"
