@@ -226,6 +226,34 @@ def test_compare_formats_and_usage(
         ["-T", "bogus", "a.qcow2", "a.raw"],
         ["-T", "none", "-U", "a.qcow2", "a.raw"],
         ["--image-opts", "driver=qcow2,file.filename=a.qcow2", "driver=raw,file.filename=a.raw"],
+        ["-f", "bogus", "a.qcow2", "a.raw"],
+        ["-q", "-s", "a.qcow2", "a.raw"],
+    ):
+        _same(qemu, capsys, ["compare", *argv])
+
+
+def test_compare_encrypted(qemu: Qemu, in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _io(qemu, _img(qemu, "a.qcow2", "1M"), "write -P 1 0 4k")
+    secret = "secret,id=s0,data=pw"
+    qemu.img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        secret,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        "e.qcow2",
+        "1M",
+    )
+    enc = "driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=s0"
+    qemu.io(enc, "write -P 1 0 4k", fmt=None, extra_args=["--object", secret, "--image-opts"])
+    plain = "driver=qcow2,file.filename=a.qcow2"
+    for argv in (
+        ["-p", "-s", "--object", secret, "--image-opts", enc, plain],
+        ["--image-opts", enc, plain],  # no secret: open error
+        ["e.qcow2", "a.qcow2"],
     ):
         _same(qemu, capsys, ["compare", *argv])
 

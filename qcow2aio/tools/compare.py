@@ -273,7 +273,7 @@ def _ask(w: _Walker, offset: int) -> Generator[Step, list[Status] | None, _Call]
 # ---------------------------------------------------------------- reading and checking
 
 
-def _first_diff(a: bytes, b: bytes) -> int:
+def _first_diff(a: bytes | bytearray, b: bytes | bytearray) -> int:
     """Offset of the first differing 512-byte sector (a != b)."""
     step = 64 * SECTOR
     for base in range(0, len(a), step):
@@ -284,38 +284,42 @@ def _first_diff(a: bytes, b: bytes) -> int:
     raise AssertionError("buffers are equal")
 
 
-def _zeros(n: int) -> bytes:
-    return _ZEROS if n == IO_BUF_SIZE else bytes(n)
+def _check(kind: str, start: int, n: int, bufs: list[bytearray]) -> int | None:
+    """The mismatch offset of a read step (its bytes in the first ``n`` bytes of each
+    buffer), or None when it matches. Whole buffers compare with one ``memcmp``; a
+    shorter piece is sliced first (``memoryview`` comparisons go byte by byte)."""
+    parts = [buf if len(buf) == n else buf[:n] for buf in bufs]
+    other: bytes | bytearray = (
+        parts[1] if kind == "cmp" else (_ZEROS if n == IO_BUF_SIZE else bytes(n))
+    )
+    return None if parts[0] == other else start + _first_diff(parts[0], other)
 
 
-def _check(kind: str, start: int, bufs: tuple[bytes, ...]) -> int | None:
-    """The mismatch offset of a read step, or None when it matches."""
-    if kind == "cmp":
-        a, b = bufs
-        return None if a == b else start + _first_diff(a, b)
-    (buf,) = bufs
-    zeros = _zeros(len(buf))
-    return None if buf == zeros else start + _first_diff(buf, zeros)
-
-
-def _read_sync(img: Layer, offset: int, n: int) -> bytes:
+def _fill_sync(img: Layer, buf: bytearray, offset: int, n: int) -> None:
+    """Read ``n`` bytes at ``offset`` into the head of ``buf`` (a reused buffer: no
+    fresh pages to fault in per piece, which costs more than the copy)."""
+    view = memoryview(buf)[:n]
     if isinstance(img, Image):
-        return img.read_sync(offset, n)
-    buf = bytearray(n)
+        img.readinto_sync(view, offset)
+        return
     inside = max(0, min(n, img.size - offset))
     if inside:
-        img.readinto_sync(memoryview(buf)[:inside], offset)
-    return bytes(buf)
+        img.readinto_sync(view[:inside], offset)
+    if inside < n:
+        view[inside:] = bytes(n - inside)  # a raw file's partial last sector
 
 
-async def _read(img: Layer, offset: int, n: int) -> bytes:
+async def _fill(img: Layer, buf: bytearray, offset: int, n: int) -> None:
+    """:func:`_fill_sync` for the async driver."""
+    view = memoryview(buf)[:n]
     if isinstance(img, Image):
-        return await img.read(offset, n)
-    buf = bytearray(n)
+        await img.readinto(view, offset)
+        return
     inside = max(0, min(n, img.size - offset))
     if inside:
-        await img.readinto(memoryview(buf)[:inside], offset)
-    return bytes(buf)
+        await img.readinto(view[:inside], offset)
+    if inside < n:
+        view[inside:] = bytes(n - inside)
 
 
 # ---------------------------------------------------------------- opening
@@ -380,6 +384,7 @@ def compare_sync(
         wa, wb = _Walker(opened.a), _Walker(opened.b)
         imgs = (opened.a, opened.b)
         counter = Counter(max(wa.size, wb.size), progress)
+        bufs = [bytearray(IO_BUF_SIZE), bytearray(IO_BUF_SIZE)]
         plan = _plan(wa, wb, strict)
         reply: list[Status] | None = None
         try:
@@ -397,14 +402,10 @@ def compare_sync(
                         warning(SIZE_WARNING)
                 else:
                     start, n = step.start, step.length
-                    if kind == "cmp":
-                        bufs: tuple[bytes, ...] = (
-                            _read_sync(imgs[0], start, n),
-                            _read_sync(imgs[1], start, n),
-                        )
-                    else:
-                        bufs = (_read_sync(imgs[step.which], start, n),)
-                    at = _check(str(kind), start, bufs)
+                    sources = imgs if kind == "cmp" else (imgs[step.which],)
+                    for img, buf in zip(sources, bufs, strict=False):
+                        _fill_sync(img, buf, start, n)
+                    at = _check(kind, start, n, bufs[: len(sources)])
                     if at is not None:
                         return _mismatch(wa, wb, strict, at)
                     counter.add(n)
@@ -449,6 +450,8 @@ async def compare(
         imgs = (opened.a, opened.b)
         counter = Counter(max(wa.size, wb.size), progress)
         reading = 0
+        # Buffers of checked pieces, reused: at most ``window + 1`` pieces' worth.
+        pool: list[bytearray] = []
 
         async def settle(keep_reads: int) -> int | None:
             """Check queued steps in order until at most ``keep_reads`` reads remain."""
@@ -462,7 +465,9 @@ async def compare(
                         warning(SIZE_WARNING)
                     continue
                 reading -= 1
-                at = _check(p.kind, p.start, await p.task)
+                await p.task
+                at = _check(p.kind, p.start, p.length, p.bufs)
+                pool.extend(p.bufs)
                 if at is not None:
                     return at
                 counter.add(p.length)
@@ -484,14 +489,15 @@ async def compare(
                 assert step.img is not None
                 reply = await block_status_async(step.img, step.start, step.length)
             elif kind == "skip":
-                pending.append(_Pending("skip", step.start, step.length, None))
+                pending.append(_Pending("skip", step.start, step.length, None, []))
             elif kind == "warn":
-                pending.append(_Pending("warn", 0, 0, None))
+                pending.append(_Pending("warn", 0, 0, None, []))
             else:
                 start, n = step.start, step.length
                 sources = imgs if kind == "cmp" else (imgs[step.which],)
-                task = asyncio.create_task(_gather(sources, start, n))
-                pending.append(_Pending(kind, start, n, task))
+                bufs = [pool.pop() if pool else bytearray(IO_BUF_SIZE) for _ in sources]
+                task = asyncio.create_task(_gather(sources, bufs, start, n))
+                pending.append(_Pending(kind, start, n, task, bufs))
                 reading += 1
             at = await settle(window)
         if at is None:
@@ -515,11 +521,14 @@ class _Pending:
     kind: str
     start: int
     length: int
-    task: asyncio.Task[tuple[bytes, ...]] | None
+    task: asyncio.Task[None] | None
+    bufs: list[bytearray]
 
 
-async def _gather(sources: tuple[Layer, ...], start: int, n: int) -> tuple[bytes, ...]:
-    return tuple(await asyncio.gather(*(_read(img, start, n) for img in sources)))
+async def _gather(sources: tuple[Layer, ...], bufs: list[bytearray], start: int, n: int) -> None:
+    await asyncio.gather(
+        *(_fill(img, buf, start, n) for img, buf in zip(sources, bufs, strict=True))
+    )
 
 
 def _mismatch(wa: _Walker, wb: _Walker, strict: bool, at: int) -> CompareResult:
