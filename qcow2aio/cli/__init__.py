@@ -25,6 +25,7 @@ from .compare import cmd_compare
 from .create import cmd_create
 from .info import cmd_info
 from .map import cmd_map
+from .measure import cmd_measure
 from .options import (
     CREATE_OPTIONS,
     PROG,
@@ -51,6 +52,7 @@ __all__ = [
     "cmd_create",
     "cmd_info",
     "cmd_map",
+    "cmd_measure",
     "cmd_resize",
     "cmd_snapshot",
     "main",
@@ -69,6 +71,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "amend": cmd_amend,
     "map": cmd_map,
     "compare": cmd_compare,
+    "measure": cmd_measure,
 }
 
 USAGE = (
@@ -89,6 +92,8 @@ USAGE = (
     "      [--max-length=LEN] [--output=human|json] [-U] FILE\n"
     "  compare [--object OBJECTDEF] [--image-opts] [-f FMT] [-F FMT] [-p] [-q] [-s]\n"
     "          FILE1 FILE2\n"
+    "  measure [--output=human|json] [--object OBJECTDEF] [--image-opts] [-O FMT]\n"
+    "          [-o OPTIONS] (--size N | [-f FMT] FILE)\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"

@@ -62,14 +62,19 @@ class CompareProgress(QemuProgress):
             self._print(current)
 
 
-class _Exit(Exception):
+class Exit(Exception):
+    """The command is over: its message is printed, ``code`` is its exit status."""
+
     def __init__(self, code: int) -> None:
         self.code = code
 
 
-def _open(spec: ImageSpec, secrets: Secrets) -> Image | RawImage:
-    """Open one image and its chain as qemu-img would; exit 2 when that fails."""
+def open_image(spec: ImageSpec, secrets: Secrets, status: int = 2) -> Image | RawImage:
+    """Open one image and its chain read-only as qemu-img's ``img_open`` would; on
+    failure print ``Could not open 'NAME': why`` and exit with ``status``."""
     try:
+        if spec.path == "":
+            raise OpenError("The 'file' block driver requires a file name")
         open_chain(spec, secrets)
         ensure_readable(spec.path)
         kind = spec.fmt if spec.fmt is not None else probe_format(spec.path)
@@ -77,21 +82,24 @@ def _open(spec: ImageSpec, secrets: Secrets) -> Image | RawImage:
             return RawImage(spec.path)
         if kind != "qcow2":
             raise OpenError(f"Unknown driver '{kind}'")
+        if probe_format(spec.path) != "qcow2":
+            raise OpenError("Image is not in qcow2 format")
         passphrase, below = chain_passphrases(spec, secrets)
         return Image(spec.path, "r", passphrase=passphrase, backing_passphrase=below)
-    except OpenError as exc:
-        raise _Exit(_error(f"Could not open '{spec.name}': {exc}")) from None
-    except Qcow2Error as exc:
-        raise _Exit(_error(f"Could not open '{spec.name}': {exc}")) from None
+    except (OpenError, Qcow2Error) as exc:
+        raise Exit(error(f"Could not open '{spec.name}': {exc}", status)) from None
     except OSError as exc:
-        raise _Exit(_error(f"Could not open '{spec.name}': {exc.strerror or exc}")) from None
+        msg = f"Could not open '{spec.name}': {exc.strerror or exc}"
+        raise Exit(error(msg, status)) from None
 
 
-def _error(msg: str) -> int:
+def error(msg: str, status: int = 2) -> int:
+    """Print ``qcow2aio: MSG`` on stderr (qemu-img's ``error_report``), after whatever
+    stdout holds; returns ``status``."""
     sys.stdout.flush()
     sys.stderr.write(f"{PROG}: {msg}\n")
     sys.stderr.flush()
-    return 2
+    return status
 
 
 def _parse(argv: Sequence[str]) -> tuple[dict[str, object], list[str], Secrets]:
@@ -148,7 +156,7 @@ def _parse(argv: Sequence[str]) -> tuple[dict[str, object], list[str], Secrets]:
                 elif c == "F":
                     opts["fmt2"] = value
                 elif value not in ("writeback", "none", "writethrough", "directsync", "unsafe"):
-                    raise _Exit(_error(f"Invalid source cache option: {value}"))
+                    raise Exit(error(f"Invalid source cache option: {value}"))
             elif c == "p":
                 opts["progress"] = True
             elif c == "q":
@@ -167,7 +175,7 @@ def cmd_compare(argv: Sequence[str]) -> int:
     """Compare two images; print qemu-img's text; return its exit status."""
     try:
         return _run(argv)
-    except _Exit as exc:
+    except Exit as exc:
         return exc.code
 
 
@@ -183,9 +191,9 @@ def _run(argv: Sequence[str]) -> int:
     assert fmt1 is None or isinstance(fmt1, str)
     assert fmt2 is None or isinstance(fmt2, str)
     try:
-        a = _open(_spec(files[0], fmt1, image_opts), secrets)
+        a = open_image(_spec(files[0], fmt1, image_opts), secrets)
         try:
-            b = _open(_spec(files[1], fmt2, image_opts), secrets)
+            b = open_image(_spec(files[1], fmt2, image_opts), secrets)
             try:
                 # The first record (0.00) once both images are open, as qemu-img.
                 bar = CompareProgress(sys.stdout) if show else None
@@ -206,7 +214,7 @@ def _spec(name: str, fmt: str | None, image_opts: bool) -> ImageSpec:
     try:
         return image_spec(name, fmt, image_opts, backing_allowed=True)
     except UsageError as exc:
-        raise _Exit(_error(str(exc))) from None
+        raise Exit(error(str(exc))) from None
 
 
 async def _compare(
