@@ -160,6 +160,14 @@ def _case_raw_odd_size(q: Qemu) -> tuple[str, str]:
     return "a.raw", "b.raw"
 
 
+def _case_huge_sparse(q: Qemu) -> tuple[str, str]:
+    # Block status calls end at each 512 MiB L2 table on one side and at 2 GiB - 1
+    # bytes on the other (2 MiB clusters): QEMU's chunks and strict end-of-file flags.
+    _io(q, _img(q, "a.qcow2", "5G"), "write -P 1 3G 4k")
+    _io(q, _img(q, "b.qcow2", "5G", "cluster_size=2M"), "write -P 1 3G 4k")
+    return "a.qcow2", "b.qcow2"
+
+
 CASES: dict[str, Builder] = {
     "identical": _case_identical,
     "mismatch_odd_byte": _case_mismatch_odd_byte,
@@ -174,6 +182,7 @@ CASES: dict[str, Builder] = {
     "size_tail_zero": _case_size_tail_zero,
     "size_tail_data": _case_size_tail_data,
     "raw_odd_size": _case_raw_odd_size,
+    "huge_sparse": _case_huge_sparse,
 }
 
 
@@ -499,3 +508,51 @@ def test_measure_errors(qemu: Qemu, in_tmp: Path, capsys: pytest.CaptureFixture[
     for extra in [",encrypt.cipher-alg=aes-128", ",encrypt.cipher-alg=twofish-128"] * STRESS:
         argv = [*secret, "--size", "3G", "-O", "qcow2", "-o", luks + extra + ",cluster_size=4k"]
         _same(qemu, capsys, ["measure", *argv])
+
+
+@pytest.mark.skipif(not STRESS, reason="QCOW2AIO_STRESS=1")
+def test_compare_long_data_run(
+    qemu: Qemu, in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 3 GiB of data in 2 MiB clusters: qcow2's block status stops at 2 GiB - 1 bytes
+    # while the raw copy's reaches the end (strict: end-of-file flags differ at 0).
+    _img(qemu, "a.qcow2", "3G", "cluster_size=2M")
+    writes = [f"write -P 1 {g}G 1G" for g in range(3)]
+    qemu.io("a.qcow2", *writes, extra_args=["-t", "unsafe"])
+    qemu.img("convert", "-O", "raw", "a.qcow2", "b.raw")
+    qemu.io("b.raw", "write -P 2 2147484648 1", fmt="raw")
+    for flags in ([], ["-s"], ["-p"]):
+        _same(qemu, capsys, ["compare", *flags, "a.qcow2", "b.raw"])
+
+
+@pytest.mark.skipif(not STRESS, reason="QCOW2AIO_STRESS=1")
+@pytest.mark.parametrize("seed", range(8))
+def test_measure_random_sources(
+    qemu: Qemu, in_tmp: Path, capsys: pytest.CaptureFixture[str], seed: int
+) -> None:
+    rng = random.Random(1000 + seed)
+    size = rng.choice([1, 7, 64]) << 20
+    opts = [f"cluster_size={rng.choice([512, 4096, 65536, 1 << 21])}"]
+    if rng.random() < 0.3:
+        opts = ["cluster_size=65536", "extended_l2=on"]
+    _img(qemu, "src.qcow2", str(size + rng.choice([0, 512, 4096])), *opts)
+    cmds = []
+    for _ in range(rng.randint(0, 8)):
+        off = rng.randrange(0, size - 4096)
+        n = rng.choice([1, 512, 4096, 70000])
+        cmd = rng.choice(["write -P 3", "write -z", "write -c -P 4"])
+        if cmd.startswith("write -c"):
+            off &= ~((1 << 21) - 1)
+            n = 65536 if "cluster_size=65536" in opts[0] else 0
+            if not n:
+                continue
+        cmds.append(f"{cmd} {off} {n}")
+    if cmds:
+        qemu.io("src.qcow2", *cmds, check=False)
+    for target, options in (
+        ("raw", ""),
+        ("qcow2", ""),
+        ("qcow2", f"cluster_size={rng.choice(['512', '4k', '64k', '2M'])}"),
+        ("qcow2", "extended_l2=on,refcount_bits=1"),
+    ):
+        _same(qemu, capsys, [*_measure_argv(target, options), "src.qcow2"])
