@@ -37,6 +37,7 @@ from .options import (
     split_options,
 )
 from .resize import cmd_resize
+from .serve import cmd_serve
 from .snapshot import cmd_snapshot
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "cmd_map",
     "cmd_measure",
     "cmd_resize",
+    "cmd_serve",
     "cmd_snapshot",
     "main",
     "parse_bool",
@@ -70,6 +72,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "snapshot": cmd_snapshot,
     "amend": cmd_amend,
     "map": cmd_map,
+    "serve": cmd_serve,
     "compare": cmd_compare,
     "measure": cmd_measure,
 }
@@ -90,6 +93,8 @@ USAGE = (
     "  amend [--object OBJECTDEF] [--image-opts] [-q] [-f qcow2] -o OPTIONS FILE\n"
     "  map [--object OBJECTDEF] [--image-opts] [-f FMT] [--start-offset=OFFSET]\n"
     "      [--max-length=LEN] [--output=human|json] [-U] FILE\n"
+    "  serve [-r] [-k SOCKET | -b ADDR -p PORT] [-x NAME] [-e N] [-t] [-A] [-D DESC]\n"
+    "        [--object OBJECTDEF] [--image-opts] [--tls-creds ID] [--pid-file F] FILE\n"
     "  compare [--object OBJECTDEF] [--image-opts] [-f FMT] [-F FMT] [-p] [-q] [-s]\n"
     "          FILE1 FILE2\n"
     "  measure [--output=human|json] [--object OBJECTDEF] [--image-opts] [-O FMT]\n"
