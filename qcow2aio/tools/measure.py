@@ -182,7 +182,15 @@ def _open(
         return RawImage(path), True
     if kind != "qcow2":
         raise Qcow2UnsupportedError(f"Unsupported image format: source_format={kind!r}")
-    return Image(path, "r", passphrase=passphrase, backing_passphrase=passphrase), True
+    # Measuring reads metadata only: an encrypted source needs no passphrase.
+    img = Image(
+        path,
+        "r",
+        passphrase=passphrase,
+        backing_passphrase=passphrase,
+        metadata_only=passphrase is None,
+    )
+    return img, True
 
 
 def _source_size(img: Image | RawImage) -> int:
