@@ -29,6 +29,7 @@ from . import ours, qemu
 from .convert import convert_raw_to_qcow2
 from .movers_map import w_map
 from .nbd import w_nbd
+from .movers_compare import w_compare
 from .machine import describe
 from .memory import measure as measure_rss
 from .qemu import Encryption
@@ -627,6 +628,7 @@ WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "memory_4T_randread": w_memory,
     "map_1T_sparse": w_map,
     "nbd": w_nbd,
+    "compare_1G": w_compare,
 }
 
 

@@ -25,8 +25,11 @@ from .errors import (
 )
 from .image import DEFAULT_WAIT_TIMEOUT, Image
 from .io import BackendFactory
+from .tools.compare import CompareResult, compare, compare_sync
+from .tools.measure import measure, measure_async
 
 __all__ = [
+    "CompareResult",
     "Image",
     "ImageBusyError",
     "Qcow2CorruptError",
@@ -38,7 +41,11 @@ __all__ = [
     "Qcow2ReadOnlyError",
     "Qcow2UnsupportedError",
     "WaitTimeoutError",
+    "compare",
+    "compare_sync",
     "create",
+    "measure",
+    "measure_async",
     "open",
 ]
 

@@ -21,9 +21,11 @@ from collections.abc import Callable, Sequence
 from ..errors import Qcow2Error
 from .amend import cmd_amend
 from .check import cmd_check
+from .compare import cmd_compare
 from .create import cmd_create
 from .info import cmd_info
 from .map import cmd_map
+from .measure import cmd_measure
 from .options import (
     CREATE_OPTIONS,
     PROG,
@@ -47,9 +49,11 @@ __all__ = [
     "UsageError",
     "cmd_amend",
     "cmd_check",
+    "cmd_compare",
     "cmd_create",
     "cmd_info",
     "cmd_map",
+    "cmd_measure",
     "cmd_resize",
     "cmd_serve",
     "cmd_snapshot",
@@ -69,6 +73,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "amend": cmd_amend,
     "map": cmd_map,
     "serve": cmd_serve,
+    "compare": cmd_compare,
+    "measure": cmd_measure,
 }
 
 USAGE = (
@@ -89,6 +95,10 @@ USAGE = (
     "      [--max-length=LEN] [--output=human|json] [-U] FILE\n"
     "  serve [-r] [-k SOCKET | -b ADDR -p PORT] [-x NAME] [-e N] [-t] [-A] [-D DESC]\n"
     "        [--object OBJECTDEF] [--image-opts] [--tls-creds ID] [--pid-file F] FILE\n"
+    "  compare [--object OBJECTDEF] [--image-opts] [-f FMT] [-F FMT] [-p] [-q] [-s]\n"
+    "          FILE1 FILE2\n"
+    "  measure [--output=human|json] [--object OBJECTDEF] [--image-opts] [-O FMT]\n"
+    "          [-o OPTIONS] (--size N | [-f FMT] FILE)\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"

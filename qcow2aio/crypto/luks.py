@@ -171,6 +171,13 @@ class LuksSlot:
         return self.key_offset * SECTOR_SIZE, _material_length(key_bytes, self.stripes)
 
 
+def area_length(key_bytes: int) -> int:
+    """Bytes of a LUKS area laid out as QEMU creates it for a ``key_bytes`` master key:
+    the header's 4 KiB, then every keyslot's material rounded up to 4 KiB (the payload
+    offset; ``qemu-img measure`` counts it in whole clusters)."""
+    return LUKS_ALIGN + LUKS_NUM_SLOTS * _slot_span(key_bytes, LUKS_STRIPES)
+
+
 def _material_length(key_bytes: int, stripes: int) -> int:
     # The split key is key_bytes * stripes bytes, stored (and encrypted) in whole
     # sectors. For every layout QEMU can create this is exact; for 24-byte non-XTS keys
@@ -868,7 +875,7 @@ def format_area(
         )
     mode_spec = f"{cipher_mode}-{ivgen_alg}" + (f":{ivgen_hash_alg}" if ivgen_hash_alg else "")
     slot_span = _slot_span(key_bytes, LUKS_STRIPES)
-    payload_bytes = LUKS_ALIGN + LUKS_NUM_SLOTS * slot_span
+    payload_bytes = area_length(key_bytes)
 
     master_key = secrets.token_bytes(key_bytes)
     mk_salt = secrets.token_bytes(LUKS_SALT_SIZE)
