@@ -25,6 +25,7 @@ from .errors import (
 )
 from .image import DEFAULT_WAIT_TIMEOUT, Image
 from .io import BackendFactory
+from .tools.convert import convert, convert_sync
 
 __all__ = [
     "Image",
@@ -38,6 +39,8 @@ __all__ = [
     "Qcow2ReadOnlyError",
     "Qcow2UnsupportedError",
     "WaitTimeoutError",
+    "convert",
+    "convert_sync",
     "create",
     "open",
 ]

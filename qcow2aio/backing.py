@@ -17,6 +17,7 @@ import struct
 from . import constants as C
 from .errors import Qcow2FormatError, Qcow2RangeError, Qcow2UnsupportedError
 from .io import FileBackend
+from .tools.raw import data_extents
 
 RAW_FORMATS = {"raw", "file", "host_device", "host_cdrom"}
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -86,6 +87,11 @@ class RawImage:
         if offset + length <= self.size and self._file.plain_reads:
             return self._file, offset
         return None, -1
+
+    def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """``(start, length, is_data)`` runs over a range: the file system's data and
+        holes (``SEEK_DATA``/``SEEK_HOLE``), for movers that skip holes."""
+        return data_extents(self._file.fd, offset, length)
 
     def close(self) -> None:
         self._file.close()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from ..errors import Qcow2Error
 from .amend import cmd_amend
 from .check import cmd_check
+from .convert import cmd_convert
 from .create import cmd_create
 from .info import cmd_info
 from .options import (
@@ -45,6 +46,7 @@ __all__ = [
     "UsageError",
     "cmd_amend",
     "cmd_check",
+    "cmd_convert",
     "cmd_create",
     "cmd_info",
     "cmd_resize",
@@ -63,6 +65,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "resize": cmd_resize,
     "snapshot": cmd_snapshot,
     "amend": cmd_amend,
+    "convert": cmd_convert,
 }
 
 USAGE = (
@@ -79,6 +82,9 @@ USAGE = (
     "  snapshot [--object OBJECTDEF] [--image-opts] [-q] [-U] [-f qcow2]\n"
     "           [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE\n"
     "  amend [--object OBJECTDEF] [--image-opts] [-q] [-f qcow2] -o OPTIONS FILE\n"
+    "  convert [--object OBJECTDEF] [--image-opts] [--target-image-opts] [-f FMT] [-O FMT]\n"
+    "          [-c] [-o OPTIONS] [-B BACKING [-F FMT]] [-S SIZE] [-m N] [-W] [-n] [-p] [-q]\n"
+    "          SRC... DST\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"

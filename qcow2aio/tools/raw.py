@@ -1,0 +1,151 @@
+"""Raw files for the data movers: where a raw file holds data, and a writable raw target.
+
+A raw image has no metadata: guest offset == file offset, and the only allocation
+information is the file system's own, which ``lseek(SEEK_DATA/SEEK_HOLE)`` reports
+(QEMU's file-posix block status does the same). A hole reads as zeros, so a mover
+may skip it; a file system without the two seeks reports everything as data.
+
+:class:`RawTarget` is what ``qemu-img convert -O raw`` writes into: the file is
+created (or emptied) and set to its size, so every byte starts as a hole; data is
+written with ``pwrite`` and zeros that must be stored over old data (``-n``) are
+punched out (``fallocate(PUNCH_HOLE)``), or written as zeros where the file system
+cannot punch. Reading sources stays with :class:`qcow2aio.backing.RawImage`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+
+from ..errors import Qcow2IOError, Qcow2RangeError
+from ..io import Buffer, FileBackend
+
+_ZERO_CHUNK = 1 << 20
+
+
+def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """``(start, length, is_data)`` runs covering ``[offset, offset+length)`` of ``fd``.
+
+    Holes (``is_data`` False) read as zeros. Past the end of the file everything is a
+    hole. When the file system does not answer ``SEEK_DATA`` the whole range is data:
+    the safe answer, as it only costs reading zeros.
+    """
+    end = offset + length
+    out: list[tuple[int, int, bool]] = []
+
+    def add(start: int, stop: int, data: bool) -> None:
+        if stop <= start:
+            return
+        if out and out[-1][2] == data and out[-1][0] + out[-1][1] == start:
+            s, n, _ = out[-1]
+            out[-1] = (s, n + stop - start, data)
+        else:
+            out.append((start, stop - start, data))
+
+    pos = offset
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from pos to the end of the file
+                add(pos, end, False)
+                break
+            add(pos, end, True)  # EINVAL/EOPNOTSUPP: no hole information
+            break
+        if start >= end:
+            add(pos, end, False)
+            break
+        add(pos, start, False)
+        try:
+            stop = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError:
+            stop = end
+        stop = min(stop, end)
+        add(start, stop, True)
+        pos = stop
+    return out
+
+
+class RawTarget:
+    """A raw file opened for writing by a mover (guest offset == file offset).
+
+    ``create=True`` empties the file (creating it) and sets it to ``size`` bytes, as
+    ``qemu-img convert`` creates a raw target: all of it a hole that reads as zeros,
+    so zero ranges need not be written at all. ``create=False`` opens an existing
+    file (``-n``) and keeps its size.
+    """
+
+    format = "raw"
+
+    def __init__(self, path: str, *, create: bool = False, size: int | None = None) -> None:
+        self.path = path
+        if create:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as exc:
+                raise Qcow2IOError(
+                    f"Could not create '{path}': {exc.strerror}", errno=exc.errno
+                ) from exc
+            try:
+                os.ftruncate(fd, 0)  # QEMU clears the file first: old blocks become holes
+                os.ftruncate(fd, size or 0)
+                if size:
+                    # As QEMU's file-posix create: the first block is written (with
+                    # zeros) so that its alignment probe finds an allocated block.
+                    os.pwrite(fd, bytes(min(4096, size)), 0)
+            finally:
+                os.close(fd)
+        self._file = FileBackend(path, writable=True)
+        self.size = self._file.size()
+        self.cluster_size = 4096
+        self.writable = True
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise Qcow2RangeError(
+                f"write of {length} bytes at {offset} is outside the raw file ({self.size} bytes)"
+            )
+
+    async def write(self, offset: int, data: Buffer) -> int:
+        """Write all of ``data`` at ``offset`` (within the file's size)."""
+        n = len(memoryview(data))
+        self._check(offset, n)
+        await self._file.apwritev([data], offset, "data_write")
+        return n
+
+    async def writev(self, offset: int, buffers: Sequence[Buffer]) -> int:
+        n = sum(len(memoryview(b)) for b in buffers)
+        self._check(offset, n)
+        await self._file.apwritev(buffers, offset, "data_write")
+        return n
+
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
+        """Make ``[offset, offset+length)`` read as zeros: a hole when the file system
+        can punch one (and ``unmap``), else zeros written in 1 MiB pieces."""
+        self._check(offset, length)
+        if unmap and self._file.punch_hole(offset, length, "write_zeroes"):
+            return
+        zeros = bytes(min(length, _ZERO_CHUNK))
+        pos = offset
+        end = offset + length
+        while pos < end:
+            n = min(len(zeros), end - pos)
+            await self._file.apwritev([memoryview(zeros)[:n]], pos, "write_zeroes")
+            pos += n
+
+    def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """The file's data and holes over a range (see :func:`data_extents`)."""
+        return data_extents(self._file.fd, offset, length)
+
+    async def flush(self) -> None:
+        await self._file.aflush("flush")
+
+    def flush_sync(self) -> None:
+        self._file.flush("flush")
+
+    def close(self) -> None:
+        self._file.close()
+
+    async def aclose(self) -> None:
+        self.close()
