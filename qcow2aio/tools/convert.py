@@ -45,6 +45,7 @@ is a consistent image that ``qemu-img check`` accepts, holding part of the copy.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -53,7 +54,7 @@ from typing import Any
 
 from ..backing import RAW_FORMATS, RawImage, probe_format
 from ..create import create
-from ..errors import Qcow2Error, Qcow2RangeError, Qcow2UnsupportedError
+from ..errors import Qcow2Error, Qcow2IOError, Qcow2RangeError, Qcow2UnsupportedError
 from ..image import Image
 from ..mapping import BACKING, ZERO
 from .progress import Counter, Progress
@@ -282,18 +283,20 @@ class _Job:
         for item in self._items:
             if item.kind == DATA:
                 data = view[: item.length]
-                await self._read(item.offset, data)
-                await self._turn(item.seq)
                 try:
+                    await self._read(item.offset, data)
+                except Qcow2IOError as exc:
+                    raise _qemu_io_error("reading", item.offset, exc) from exc
+            await self._turn(item.seq)
+            try:
+                if item.kind == DATA:
                     await self._write_data(item.offset, buf, item.length)
-                finally:
-                    self._done(item.seq)
-            else:
-                await self._turn(item.seq)
-                try:
+                else:
                     await self._zeroes(item.offset, item.length)
-                finally:
-                    self._done(item.seq)
+            except Qcow2IOError as exc:
+                raise _qemu_io_error("writing", item.offset, exc) from exc
+            finally:
+                self._done(item.seq)
             self.counter.add(item.length)
 
     async def _turn(self, seq: int) -> None:
@@ -441,6 +444,12 @@ class _Job:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+
+
+def _qemu_io_error(what: str, offset: int, exc: Qcow2IOError) -> Qcow2IOError:
+    """qemu-img's words for a failed read or write of a chunk (errno kept)."""
+    code = exc.errno if exc.errno is not None else errno.EIO
+    return Qcow2IOError(f"error while {what} at byte {offset}: {os.strerror(code)}", code)
 
 
 def _as_list(sources: StrPath | Sequence[StrPath]) -> list[str]:
