@@ -133,8 +133,11 @@ def _layer_status(
 def _runs(sources: Sequence[_Source], top_only: bool) -> Iterator[tuple[int, int, int]]:
     """Merged ``(target offset, length, kind)`` runs over all the sources in order."""
     cur: list[int] | None = None
-    step = 1 << 30  # ask for status a GiB at a time: a plan stays small
     for src in sources:
+        # Ask for status a piece at a time, so a plan stays small: at most 16384
+        # clusters' worth (a GiB of 64 KiB clusters; less with smaller ones).
+        cs = src.img.cluster_size if isinstance(src.img, Image) else 65536
+        step = cs * 16384
         pos = 0
         while pos < src.size:
             n = min(step, src.size - pos)
