@@ -29,6 +29,7 @@ from . import ours, qemu
 from .convert import w_convert
 from .machine import describe
 from .memory import measure as measure_rss
+from .movers_map import w_map
 from .qemu import Encryption
 from .report import Row, read_json, render, render_markdown, write_json
 from .stream import RANDOM_STEP_4K, GiB, KiB, MiB, Stream, TiB
@@ -597,6 +598,7 @@ WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "aes_seqwrite_1M_fresh": w_aes_seqwrite_fresh,
     "convert_raw2qcow2": w_convert,
     "memory_4T_randread": w_memory,
+    "map_1T_sparse": w_map,
 }
 
 

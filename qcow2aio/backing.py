@@ -17,7 +17,6 @@ import struct
 from . import constants as C
 from .errors import Qcow2FormatError, Qcow2RangeError, Qcow2UnsupportedError
 from .io import FileBackend
-from .tools.raw import data_extents
 
 RAW_FORMATS = {"raw", "file", "host_device", "host_cdrom"}
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -88,10 +87,9 @@ class RawImage:
             return self._file, offset
         return None, -1
 
-    def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """``(start, length, is_data)`` runs over a range: the file system's data and
-        holes (``SEEK_DATA``/``SEEK_HOLE``), for movers that skip holes."""
-        return data_extents(self._file.fd, offset, length)
+    def data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Where the file holds data and where holes (see ``FileBackend.data_runs``)."""
+        return self._file.data_runs(offset, length)
 
     def close(self) -> None:
         self._file.close()

@@ -24,6 +24,7 @@ from .check import cmd_check
 from .convert import cmd_convert
 from .create import cmd_create
 from .info import cmd_info
+from .map import cmd_map
 from .options import (
     CREATE_OPTIONS,
     PROG,
@@ -49,6 +50,7 @@ __all__ = [
     "cmd_convert",
     "cmd_create",
     "cmd_info",
+    "cmd_map",
     "cmd_resize",
     "cmd_snapshot",
     "main",
@@ -66,6 +68,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "snapshot": cmd_snapshot,
     "amend": cmd_amend,
     "convert": cmd_convert,
+    "map": cmd_map,
 }
 
 USAGE = (
@@ -85,6 +88,8 @@ USAGE = (
     "  convert [--object OBJECTDEF] [--image-opts] [--target-image-opts] [-f FMT] [-O FMT]\n"
     "          [-c] [-o OPTIONS] [-B BACKING [-F FMT]] [-S SIZE] [-m N] [-W] [-n] [-p] [-q]\n"
     "          SRC... DST\n"
+    "  map [--object OBJECTDEF] [--image-opts] [-f FMT] [--start-offset=OFFSET]\n"
+    "      [--max-length=LEN] [--output=human|json] [-U] FILE\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"

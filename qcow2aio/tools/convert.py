@@ -56,11 +56,11 @@ from typing import Any
 import numpy as np
 
 from ..backing import RAW_FORMATS, RawImage, probe_format
+from ..blockstatus import block_status
 from ..create import create
 from ..errors import Qcow2Error, Qcow2IOError, Qcow2RangeError, Qcow2UnsupportedError
 from ..image import Image
 from ..io import to_thread
-from ..mapping import BACKING, ZERO
 from .progress import Counter, Progress
 from .raw import EarlyWriteback, RawTarget
 
@@ -98,36 +98,19 @@ def _round512(n: int) -> int:
 def _layer_status(
     img: Image | RawImage, offset: int, length: int, top_only: bool
 ) -> Iterator[tuple[int, int, int]]:
-    """``(offset, length, kind)`` runs of ``img`` over ``[offset, offset+length)``.
-
-    For a qcow2 image the top layer's plan (:meth:`Image.map`) is followed down the
-    backing chain where it says *backing*; with ``top_only`` those runs are SKIP
-    instead (within the backing file's size: past it they read as zeros, ZEROS).
-    """
-    if isinstance(img, RawImage):
-        stop = min(offset + length, img.size)
-        if offset < stop:
-            for start, n, data in img.allocation(offset, stop - offset):
-                yield start, n, DATA if data else ZEROS
-        if offset + length > max(offset, stop):
-            yield max(offset, stop), offset + length - max(offset, stop), ZEROS
-        return
-    for ext in img.map(offset, length):
-        if ext.kind == ZERO:
-            yield ext.guest, ext.length, ZEROS
-        elif ext.kind != BACKING:
-            yield ext.guest, ext.length, DATA
+    """``(offset, length, kind)`` runs of ``img`` over ``[offset, offset+length)``,
+    from the chain's block status (what ``qemu-img map`` reports): reads as zeros ->
+    ZEROS (QEMU's convert asks for the zero flag first), else data -> DATA, else
+    (allocated nowhere) ZEROS. With ``top_only`` a range the top layer leaves to its
+    backing file is SKIP (past the backing file's end it reads as zeros: ZEROS)."""
+    for st in block_status(img, offset, length):
+        if top_only and st.depth > 0:
+            kind = SKIP
+        elif st.zero or not st.data:
+            kind = ZEROS
         else:
-            below = img.backing
-            bsize = below.size if below is not None else 0
-            inside = max(0, min(ext.guest + ext.length, bsize) - ext.guest)
-            if inside and below is not None:
-                if top_only:
-                    yield ext.guest, inside, SKIP
-                else:
-                    yield from _layer_status(below, ext.guest, inside, False)
-            if inside < ext.length:
-                yield ext.guest + inside, ext.length - inside, ZEROS
+            kind = DATA
+        yield st.start, st.length, kind
 
 
 def _runs(sources: Sequence[_Source], top_only: bool) -> Iterator[tuple[int, int, int]]:
@@ -141,7 +124,12 @@ def _runs(sources: Sequence[_Source], top_only: bool) -> Iterator[tuple[int, int
         pos = 0
         while pos < src.size:
             n = min(step, src.size - pos)
-            for off, length, kind in _layer_status(src.img, pos, n, top_only):
+            # A raw file's last partial sector: past its end the target reads zeros.
+            known = max(0, min(n, src.real_size - pos))
+            runs = list(_layer_status(src.img, pos, known, top_only)) if known else []
+            if known < n:
+                runs.append((pos + known, n - known, ZEROS))
+            for off, length, kind in runs:
                 start = src.base + off
                 if cur is not None and cur[2] == kind and cur[0] + cur[1] == start:
                     cur[1] += length

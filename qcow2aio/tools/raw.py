@@ -1,9 +1,8 @@
-"""Raw files for the data movers: where a raw file holds data, and a writable raw target.
+"""Raw files for the data movers: a writable raw target, and early writeback.
 
 A raw image has no metadata: guest offset == file offset, and the only allocation
-information is the file system's own, which ``lseek(SEEK_DATA/SEEK_HOLE)`` reports
-(QEMU's file-posix block status does the same). A hole reads as zeros, so a mover
-may skip it; a file system without the two seeks reports everything as data.
+information is the file system's own (``FileBackend.data_runs``: ``SEEK_DATA`` /
+``SEEK_HOLE``, as QEMU's file-posix block status).
 
 :class:`RawTarget` is what ``qemu-img convert -O raw`` writes into: the file is
 created (or emptied) and set to its size, so every byte starts as a hole; data is
@@ -15,7 +14,6 @@ cannot punch. Reading sources stays with :class:`qcow2aio.backing.RawImage`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -81,49 +79,6 @@ class EarlyWriteback:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
-    """``(start, length, is_data)`` runs covering ``[offset, offset+length)`` of ``fd``.
-
-    Holes (``is_data`` False) read as zeros. Past the end of the file everything is a
-    hole. When the file system does not answer ``SEEK_DATA`` the whole range is data:
-    the safe answer, as it only costs reading zeros.
-    """
-    end = offset + length
-    out: list[tuple[int, int, bool]] = []
-
-    def add(start: int, stop: int, data: bool) -> None:
-        if stop <= start:
-            return
-        if out and out[-1][2] == data and out[-1][0] + out[-1][1] == start:
-            s, n, _ = out[-1]
-            out[-1] = (s, n + stop - start, data)
-        else:
-            out.append((start, stop - start, data))
-
-    pos = offset
-    while pos < end:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data from pos to the end of the file
-                add(pos, end, False)
-                break
-            add(pos, end, True)  # EINVAL/EOPNOTSUPP: no hole information
-            break
-        if start >= end:
-            add(pos, end, False)
-            break
-        add(pos, start, False)
-        try:
-            stop = os.lseek(fd, start, os.SEEK_HOLE)
-        except OSError:
-            stop = end
-        stop = min(stop, end)
-        add(start, stop, True)
-        pos = stop
-    return out
 
 
 class RawTarget:
@@ -193,9 +148,9 @@ class RawTarget:
             await self._file.apwritev([memoryview(zeros)[:n]], pos, "write_zeroes")
             pos += n
 
-    def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """The file's data and holes over a range (see :func:`data_extents`)."""
-        return data_extents(self._file.fd, offset, length)
+    def data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """The file's data and holes over a range (``FileBackend.data_runs``)."""
+        return self._file.data_runs(offset, length)
 
     async def flush(self) -> None:
         await self._file.aflush("flush")
