@@ -163,6 +163,8 @@ QUICK = [
     ("-O qcow2 -o compat=0.10 -B base2.qcow2 -F qcow2 v2.qcow2", "qcow2"),
     ("-O qcow2 top.qcow2 odd.raw sparse.raw v2.qcow2 ext.qcow2", "qcow2"),
     ("-O qcow2 -W -m 2 -o cluster_size=4k top.qcow2", "qcow2"),
+    ("-O qcow2 -o preallocation=metadata top.qcow2", "qcow2"),
+    ("-O raw -o preallocation=full sparse.raw", "raw"),
 ]
 
 
@@ -210,6 +212,8 @@ ERRORS = [
     "-n -O qcow2 -o cluster_size=4k top.qcow2",
     "-n -O qcow2 top.qcow2 nonexist.qcow2",
     "-O qcow2 -o compat=0.9 top.qcow2",
+    "-O raw -o preallocation=metadata top.qcow2",
+    "-O raw -o preallocation=bogus top.qcow2",
 ]
 
 

@@ -213,7 +213,7 @@ def cmd_convert(argv: Sequence[str]) -> int:
                 except SecretError as exc:
                     raise UsageError(f"{dst}: error while converting qcow2: {exc}") from None
         else:
-            create_opts = {}
+            create_opts = {k: v for k, v in copts.raw.items() if k == "preallocation"}
     elif compress and out_fmt != "qcow2":
         raise UsageError("Compression not supported for this file format")
 

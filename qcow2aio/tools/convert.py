@@ -166,6 +166,7 @@ class _Job:
         unordered: bool,
         zero_init: bool,
         zero_from: int,
+        preallocated: bool,
         top_only: bool,
         counter: Counter,
     ) -> None:
@@ -192,7 +193,7 @@ class _Job:
         # The target's allocation granularity: data is written in whole units of it.
         if compress:
             self.gran = self.cluster
-        elif isinstance(target, Image):
+        elif isinstance(target, Image) and not preallocated:
             self.gran = 1 << target.meta.subcluster_bits
         else:
             self.gran = 1
@@ -510,6 +511,9 @@ class _Opened:
     zero_init: bool
     has_backing: bool  # the target is an overlay: copy only the sources' top layers
     zero_from: int  # zeros from here on need not be written (new overlay: its backing's end)
+    # Target clusters exist already (preallocated qcow2): writes go in place, with no
+    # copy-on-write to fill the rest of a cluster, so data is not widened to clusters.
+    preallocated: bool = False
 
 
 async def _open_all(
@@ -576,16 +580,37 @@ async def _open_all(
         stack.push_async_callback(tgt.aclose)
         has_backing = tgt.backing is not None
         zero_from = tgt.backing.size if tgt.backing is not None else total
-        return _Opened(sources, tgt, bool(min_sparse) and not has_backing, has_backing, zero_from)
-    if options:
-        keys = [options] if isinstance(options, str) else list(options)
-        for key in keys:
-            name = str(key).split("=", 1)[0].split(",", 1)[0]
-            if name not in ("size", "preallocation"):
-                raise Qcow2UnsupportedError(f"Invalid parameter '{name}'")
-    raw = RawTarget(target, create=True, size=total)
+        preallocated = kwargs.get("preallocation", "off") != "off"
+        zero_init = bool(min_sparse) and not has_backing
+        return _Opened(sources, tgt, zero_init, has_backing, zero_from, preallocated)
+    prealloc = _raw_preallocation(options, target)
+    raw = RawTarget(target, create=True, size=total, preallocation=prealloc)
     stack.callback(raw.close)
     return _Opened(sources, raw, bool(min_sparse), False, total)
+
+
+def _raw_preallocation(options: Mapping[str, Any] | str | None, target: str) -> str:
+    """The raw format's only creation option besides the size (qemu-img's messages)."""
+    if options is None:
+        return "off"
+    if isinstance(options, str):
+        pairs = [item.split("=", 1) for item in options.split(",") if item]
+        items = {k: (v[0] if v else "on") for k, *v in pairs}
+    else:
+        items = {str(k): v for k, v in options.items()}
+    for name in items:
+        if name not in ("size", "preallocation"):
+            raise Qcow2UnsupportedError(f"Invalid parameter '{name}'")
+    mode = str(items.get("preallocation", "off"))
+    if mode in ("metadata",):
+        raise Qcow2UnsupportedError(
+            f"{target}: error while converting raw: Unsupported preallocation mode: {mode}"
+        )
+    if mode not in ("off", "falloc", "full"):
+        raise Qcow2UnsupportedError(
+            f"{target}: error while converting raw: invalid parameter value: {mode}"
+        )
+    return mode
 
 
 def _check_args(
@@ -695,6 +720,7 @@ async def convert(
             unordered=unordered,
             zero_init=opened.zero_init,
             zero_from=opened.zero_from,
+            preallocated=opened.preallocated,
             top_only=opened.has_backing,
             counter=counter,
         )

@@ -86,13 +86,21 @@ class RawTarget:
 
     ``create=True`` empties the file (creating it) and sets it to ``size`` bytes, as
     ``qemu-img convert`` creates a raw target: all of it a hole that reads as zeros,
-    so zero ranges need not be written at all. ``create=False`` opens an existing
-    file (``-n``) and keeps its size.
+    so zero ranges need not be written at all (``preallocation`` "falloc" reserves the
+    blocks, "full" writes zeros over the whole file first, as QEMU's raw driver).
+    ``create=False`` opens an existing file (``-n``) and keeps its size.
     """
 
     format = "raw"
 
-    def __init__(self, path: str, *, create: bool = False, size: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        create: bool = False,
+        size: int | None = None,
+        preallocation: str = "off",
+    ) -> None:
         self.path = path
         if create:
             try:
@@ -104,7 +112,13 @@ class RawTarget:
             try:
                 os.ftruncate(fd, 0)  # QEMU clears the file first: old blocks become holes
                 os.ftruncate(fd, size or 0)
-                if size:
+                if size and preallocation == "falloc":
+                    os.posix_fallocate(fd, 0, size)
+                elif size and preallocation == "full":
+                    zeros = bytes(min(size, _ZERO_CHUNK))
+                    for pos in range(0, size, len(zeros)):
+                        os.pwrite(fd, zeros[: size - pos], pos)
+                elif size:
                     # As QEMU's file-posix create: the first block is written (with
                     # zeros) so that its alignment probe finds an allocated block.
                     os.pwrite(fd, bytes(min(4096, size)), 0)
