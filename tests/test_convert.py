@@ -424,3 +424,30 @@ def test_encrypted_like_qemu_img(qemu: Qemu, tmp_path: Path) -> None:
         if bad[-1] != str(plain) and bad[-1].startswith("encrypt"):
             bad = [*bad, str(plain)]
         assert _ours([*bad, "e9"], tmp_path) == _theirs(qemu, [*bad, "e9"], tmp_path)
+
+
+def test_api_open_images(qemu: Qemu, sources: Path, tmp_path: Path) -> None:
+    """Open images as source and target (a service copying what it serves): they are
+    left open, the target is flushed, and reads of the source go on meanwhile."""
+    dst = tmp_path / "into.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", dst, "4M")
+
+    async def run() -> None:
+        src = qcow2aio.open(sources / "top.qcow2")
+        tgt = qcow2aio.open(dst, "r+")
+        try:
+            copy = asyncio.ensure_future(qcow2aio.convert(src, tgt, parallel=2))
+            while not copy.done():
+                assert await src.read(1 << 20, 4096) == b"\x02" * 4096
+                await asyncio.sleep(0)
+            await copy
+            assert await tgt.read(3 << 20, 65536) == b"\x04" * 65536
+        finally:
+            await tgt.aclose()
+            src.close()
+
+    asyncio.run(run())
+    cmp = qemu.img("compare", dst, sources / "top.qcow2", check=False)
+    assert cmp.returncode == 0, cmp.stdout
+    rc, report = qemu.check(dst)
+    assert rc == 0, report

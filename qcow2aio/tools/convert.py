@@ -459,10 +459,13 @@ def _qemu_io_error(what: str, offset: int, exc: Qcow2IOError) -> Qcow2IOError:
     return Qcow2IOError(f"error while {what} at byte {offset}: {os.strerror(code)}", code)
 
 
-def _as_list(sources: StrPath | Sequence[StrPath]) -> list[str]:
-    if isinstance(sources, str | os.PathLike):
-        return [os.fspath(sources)]
-    return [os.fspath(s) for s in sources]
+SourceArg = StrPath | Image | RawImage
+
+
+def _as_list(sources: SourceArg | Sequence[SourceArg]) -> list[str | Image | RawImage]:
+    if isinstance(sources, str | os.PathLike | Image | RawImage):
+        sources = [sources]
+    return [s if isinstance(s, Image | RawImage) else os.fspath(s) for s in sources]
 
 
 def _per_source(value: Any, n: int) -> list[Any]:
@@ -518,8 +521,8 @@ class _Opened:
 
 async def _open_all(
     stack: AsyncExitStack,
-    paths: list[str],
-    target: str,
+    paths: list[str | Image | RawImage],
+    target: str | Image,
     *,
     source_format: str | Sequence[str | None] | None,
     target_format: str,
@@ -543,8 +546,11 @@ async def _open_all(
     sources: list[_Source] = []
     base = 0
     for path, fmt, secret, bsecret in zip(paths, fmts, secrets, below, strict=False):
-        img = open_source(path, fmt, secret, bsecret)
-        stack.callback(img.close)
+        if isinstance(path, Image | RawImage):
+            img = path  # the caller's open image: used as it is, and left open
+        else:
+            img = open_source(path, fmt, secret, bsecret)
+            stack.callback(img.close)
         size = _round512(img.size)
         sources.append(_Source(img, base, size, img.size))
         base += size
@@ -553,7 +559,11 @@ async def _open_all(
         if options:
             raise Qcow2UnsupportedError("-o has no effect when skipping image creation")
         tgt: Target
-        if target_format == "qcow2":
+        if isinstance(target, Image):
+            if not target.writable:
+                raise Qcow2UnsupportedError(f"target {target.path!r} is open read-only")
+            tgt = target  # the caller's: flushed at the end, left open
+        elif target_format == "qcow2":
             tgt = Image(target, "r+", passphrase=target_passphrase)
             stack.push_async_callback(tgt.aclose)
         else:
@@ -564,6 +574,7 @@ async def _open_all(
         if compress and isinstance(tgt, RawTarget):
             raise Qcow2UnsupportedError("Compression not supported for this file format")
         return _Opened(sources, tgt, False, backing is not None, total)
+    assert not isinstance(target, Image)  # an open target implies target_exists
     if target_format == "qcow2":
         kwargs = create_options(options)
         if backing is not None:
@@ -643,8 +654,8 @@ def _check_args(
 
 
 async def convert(
-    sources: StrPath | Sequence[StrPath],
-    target: StrPath,
+    sources: SourceArg | Sequence[SourceArg],
+    target: StrPath | Image,
     *,
     source_format: str | Sequence[str | None] | None = None,
     target_format: str = "raw",
@@ -663,6 +674,10 @@ async def convert(
 ) -> None:
     """Copy ``sources`` (concatenated) into ``target``, as ``qemu-img convert``.
 
+    A source is a file name or an open :class:`~qcow2aio.Image` /
+    :class:`~qcow2aio.backing.RawImage` (used as it is and left open, so a service
+    can copy an image it is serving); ``target`` may be an open writable ``Image``
+    (then ``target_exists`` is implied; it is flushed, not closed).
     ``source_format`` ("qcow2", "raw"; None probes, as QEMU does) may be one value or
     one per source; ``target_format`` is qemu-img's ``-O`` (default "raw", as
     qemu-img). ``compress`` = ``-c`` (qcow2 targets only). ``options`` = ``-o``: a
@@ -688,7 +703,11 @@ async def convert(
     paths = _as_list(sources)
     if not paths:
         raise ValueError("convert needs at least one source")
-    target = os.fspath(target)
+    if isinstance(target, Image):
+        target_exists = True
+        target_format = "qcow2"
+    else:
+        target = os.fspath(target)
     _check_args(
         target_format, compress, backing, backing_format, min_sparse, parallel, target_exists
     )
@@ -724,7 +743,7 @@ async def convert(
             top_only=opened.has_backing,
             counter=counter,
         )
-        job.writeback = EarlyWriteback(target)
+        job.writeback = EarlyWriteback(target.path if isinstance(target, Image) else target)
         try:
             await job.run()
         finally:
