@@ -165,6 +165,8 @@ QUICK = [
     ("-O qcow2 -W -m 2 -o cluster_size=4k top.qcow2", "qcow2"),
     ("-O qcow2 -o preallocation=metadata top.qcow2", "qcow2"),
     ("-O raw -o preallocation=full sparse.raw", "raw"),
+    ("-O raw -S 6k top.qcow2", "raw"),  # QEMU's run-based zero scan, not units
+    ("-O qcow2 -S 4M top.qcow2", "qcow2"),  # -S above the 2 MiB chunk
 ]
 
 
@@ -335,7 +337,7 @@ def _stress_cases() -> Iterator[tuple[str, str]]:
         for src in ("top.qcow2", "sparse.raw", "v2.qcow2", "ext.qcow2"):
             yield f"-O qcow2 -o {opts} {src}", "qcow2"
             yield f"-O qcow2 -c -o {opts} {src}", "qcow2"
-    for sparse in ("0", "8k", "6k", "64k"):
+    for sparse in ("0", "8k", "6k", "64k", "1M", "16M"):
         for src in ("top.qcow2", "sparse.raw", "ext.qcow2"):
             yield f"-O qcow2 -S {sparse} {src}", "qcow2"
             yield f"-O raw -S {sparse} {src}", "raw"
@@ -345,8 +347,6 @@ def _stress_cases() -> Iterator[tuple[str, str]]:
 
 # Known differences (strict: they fail the run once fixed, so the mark goes).
 _KNOWN = {
-    "-O raw -S 6k top.qcow2": "-S that is not a power of two: QEMU's run-based zero scan "
-    "(is_allocated_sectors_min) keeps some zero blocks as data that ours skips",
     "-O qcow2 -B base.qcow2 -F qcow2 -o extended_l2=on top.qcow2": "Image.write_zeroes "
     "zeroes whole clusters only: a zero 4 KiB block in an allocated cluster is written "
     "as data where QEMU sets zero subclusters",
