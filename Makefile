@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed.stamp
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS='-k refcount'`.
 PYTEST_ARGS ?=
 
-.PHONY: all venv qemu test lint demo stress bench clean
+.PHONY: all venv qemu test lint demo stress fuzz bench clean
 
 all: test
 
@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 # qemu-img / qemu-io (Debian's qemu-utils, QEMU 7.2 on bookworm) are the reference the
 # interop tests compare against; they must be present, never silently skipped.
 qemu:
-	@if command -v qemu-img >/dev/null 2>&1 && command -v qemu-io >/dev/null 2>&1; then \
+	@if command -v qemu-img >/dev/null 2>&1 && command -v qemu-io >/dev/null 2>&1 && \
+		command -v qemu-nbd >/dev/null 2>&1 && command -v nbdinfo >/dev/null 2>&1 && \
+		command -v nbdcopy >/dev/null 2>&1 && command -v certtool >/dev/null 2>&1; then \
 		exit 0; \
 	fi; \
 	if [ "$$(id -u)" -eq 0 ]; then \
@@ -31,22 +33,21 @@ qemu:
 	elif command -v sudo >/dev/null 2>&1; then \
 		SUDO=sudo; \
 	else \
-		echo "error: qemu-img/qemu-io are missing and neither root nor sudo is available to install qemu-utils" >&2; \
+		echo "error: QEMU's tools or the NBD clients are missing and neither root nor sudo is available to install them" >&2; \
 		exit 1; \
 	fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-		echo "error: qemu-img/qemu-io are missing and apt-get is not available; install QEMU's tools (qemu-utils) by hand" >&2; \
+		echo "error: QEMU's tools or the NBD clients are missing and apt-get is not available; install qemu-utils, libnbd-bin, gnutls-bin by hand" >&2; \
 		exit 1; \
 	fi; \
-	echo "qemu-img/qemu-io not found: installing qemu-utils with apt-get"; \
+	echo "installing qemu-utils (qemu-img, qemu-io, qemu-nbd), libnbd-bin (nbdinfo, nbdcopy), gnutls-bin (certtool) with apt-get"; \
 	$$SUDO apt-get update && \
-	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y qemu-utils || { \
-		echo "error: could not install qemu-utils" >&2; exit 1; \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y qemu-utils libnbd-bin gnutls-bin || { \
+		echo "error: could not install qemu-utils libnbd-bin gnutls-bin" >&2; exit 1; \
 	}; \
-	if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then \
-		echo "error: qemu-utils installed but qemu-img/qemu-io are still not on PATH" >&2; \
-		exit 1; \
-	fi
+	for tool in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy certtool; do \
+		command -v $$tool >/dev/null 2>&1 || { echo "error: $$tool is still not on PATH" >&2; exit 1; }; \
+	done
 
 # Two workers: the machines have 2 cores and the suite must stay well under 10 minutes.
 test: venv qemu
@@ -60,6 +61,13 @@ test: venv qemu
 # Takes a long while; prints the counts.
 # --maxschedchunk 1: xdist hands out tests one at a time, so the 30 long interleaving
 # tests (first in collection order) do not all land on one worker while the other idles.
+# Coverage-guided fuzzing of the NBD server's handshake and transmission parsers
+# (atheris); new inputs that reach new code are added to tests/nbd_corpus.
+FUZZ_RUNS ?= 1000000
+fuzz: venv qemu
+	$(VENV)/bin/pip install -q -e '.[fuzz]'
+	$(PY) tests/fuzz_nbd.py tests/nbd_corpus -runs=$(FUZZ_RUNS) -max_len=4096 -print_final_stats=1
+
 stress: venv qemu
 	QCOW2AIO_REQUIRE_QEMU=1 QCOW2AIO_STRESS=1 $(PY) -m pytest -q -s -n 2 --maxschedchunk 1 \
 		-p no:cacheprovider \

@@ -30,6 +30,7 @@ from .convert import w_convert
 from .machine import describe
 from .memory import measure as measure_rss
 from .movers_map import w_map
+from .nbd import w_nbd
 from .qemu import Encryption
 from .report import Row, read_json, render, render_markdown, write_json
 from .stream import RANDOM_STEP_4K, GiB, KiB, MiB, Stream, TiB
@@ -599,6 +600,7 @@ WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "convert_raw2qcow2": w_convert,
     "memory_4T_randread": w_memory,
     "map_1T_sparse": w_map,
+    "nbd": w_nbd,
 }
 
 

@@ -62,6 +62,9 @@ class Status:
     # The file the bytes lie in (a layer's image file or its external data file),
     # as the human-readable map names it; None where no file holds them.
     filename: str | None = None
+    # Unallocated because the backing file of layer ``depth`` ends before it (QEMU's
+    # qemu:allocation-depth counts such a range at the backing file's depth).
+    past_backing_end: bool = False
 
     def record(self) -> dict[str, Any]:
         """The JSON record ``qemu-img map --output=json`` prints for this run."""
@@ -86,6 +89,7 @@ class Status:
             or self.data != nxt.data
             or self.compressed != nxt.compressed
             or self.filename != nxt.filename
+            or self.past_backing_end != nxt.past_backing_end
             or (self.offset is None) != (nxt.offset is None)
         ):
             return False
@@ -168,6 +172,7 @@ def _walk(layer: Layer, offset: int, length: int, depth: int, out: list[Status])
                 off = ext.host + (start - ext.guest) if ext.host and in_place else None
                 st = Status(start, end - start, depth, False, True, False, off)
                 st.filename = data_name if off is not None else None
+                st.past_backing_end = below is not None
                 _add(out, st)
 
 

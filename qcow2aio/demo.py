@@ -8,7 +8,9 @@ event loop write the same clusters through ``write_sync`` (which waits for the
 lock there instead of raising). It flushes, checks every
 byte against an oracle, and prints what ``qemu-img info`` and ``qemu-img
 check`` would. When QEMU's tools are installed it asks them too. Then the same on
-a LUKS-encrypted image, with sub-sector writes sharing every sector.
+a LUKS-encrypted image, with sub-sector writes sharing every sector. In between,
+the overlay is served over NBD while the demo keeps writing to it, and stock NBD
+clients (``nbdinfo``, ``qemu-io``) use the export at the same time.
 """
 
 from __future__ import annotations
@@ -222,9 +224,51 @@ async def _encrypted(folder: Path) -> int:
     return 0 if ok else 1
 
 
+async def _exported(folder: Path) -> int:
+    """The overlay served over NBD (``qcow2aio.nbd.serve``) while the service keeps
+    writing to it itself; stock clients (nbdinfo, qemu-io) use it at the same time."""
+    from .nbd import Export, serve
+
+    path = folder / "overlay.qcow2"
+    sock = str(folder / "nbd.sock")
+    uri = f"nbd+unix:///disk?socket={sock}"
+    print(f"\nserving {path.name} as NBD export 'disk' on {sock}")
+    ok = True
+    async with qcow2aio.open(path, "r+") as img:
+        export = Export(
+            img, name="disk", description="demo overlay", multi_conn=True, allocation_depth=True
+        )
+        async with await serve(export, unix_path=sock, max_clients=4):
+
+            async def service() -> None:  # the service's own writes, meanwhile
+                for i in range(64):
+                    await img.write(SIZE - (i + 1) * 65536, bytes([i + 1]) * 4096)
+
+            async def tool(*argv: str) -> subprocess.CompletedProcess[str]:
+                return await asyncio.to_thread(
+                    subprocess.run, list(argv), capture_output=True, text=True
+                )
+
+            calls = [tool("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 64k", uri)]
+            if shutil.which("nbdinfo"):
+                calls += [tool("nbdinfo", "--json", uri), tool("nbdinfo", "--map", uri)]
+            done = await asyncio.gather(service(), *calls)
+            for proc in done[1:]:
+                assert isinstance(proc, subprocess.CompletedProcess)
+                ok = ok and proc.returncode == 0
+                print(f"$ {' '.join(proc.args[:-1])} URI\n{proc.stdout.rstrip()[:1500]}")
+        got = await img.read(1 << 20, 65536)
+        ok = ok and got == b"\x5a" * 65536
+    proc = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    print(f"$ qemu-img check overlay.qcow2 (after the export)\n{proc.stdout.strip()}")
+    return 0 if ok and proc.returncode == 0 else 1
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qcow2aio-demo-") as tmp:
         rc = asyncio.run(_run(Path(tmp)))
+        if shutil.which("qemu-io"):
+            rc = asyncio.run(_exported(Path(tmp))) or rc
         return asyncio.run(_encrypted(Path(tmp))) or rc
 
 

@@ -36,6 +36,7 @@ from .options import (
     split_options,
 )
 from .resize import cmd_resize
+from .serve import cmd_serve
 from .snapshot import cmd_snapshot
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "cmd_info",
     "cmd_map",
     "cmd_resize",
+    "cmd_serve",
     "cmd_snapshot",
     "main",
     "parse_bool",
@@ -69,6 +71,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "amend": cmd_amend,
     "convert": cmd_convert,
     "map": cmd_map,
+    "serve": cmd_serve,
 }
 
 USAGE = (
@@ -90,6 +93,8 @@ USAGE = (
     "          SRC... DST\n"
     "  map [--object OBJECTDEF] [--image-opts] [-f FMT] [--start-offset=OFFSET]\n"
     "      [--max-length=LEN] [--output=human|json] [-U] FILE\n"
+    "  serve [-r] [-k SOCKET | -b ADDR -p PORT] [-x NAME] [-e N] [-t] [-A] [-D DESC]\n"
+    "        [--object OBJECTDEF] [--image-opts] [--tls-creds ID] [--pid-file F] FILE\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"
