@@ -31,7 +31,7 @@ with atheris.instrument_imports():
     from qcow2aio.nbd.server import Export, NbdServer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_nbd_fuzz import SIZE, _feed
+from test_nbd_fuzz import SIZE, _feed  # noqa: E402
 
 
 class _Fail(logging.Handler):
