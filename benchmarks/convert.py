@@ -1,79 +1,90 @@
-"""A ``qemu-img convert -O qcow2``-like copy loop on qcow2aio, for the convert workload.
+"""The convert workloads: ``qemu-img convert`` against the shipped ``qcow2aio.convert``.
 
-Reads the raw source in large chunks, skips holes (``SEEK_DATA``/``SEEK_HOLE``)
-and all-zero clusters (one ``memcmp`` per cluster, like QEMU's
-``is_allocated_sectors`` at cluster granularity), and writes each run of
-non-zero clusters with one ``write_sync``. The qcow2 target is made by
-``qcow2aio.create`` with QEMU's defaults; ``close`` flushes it (one fdatasync
-per writeback step), as ``qemu-img convert -t writeback`` does on close.
+Both sides run the same job on the same page-cache-warm source in one process run,
+alternating within each repetition: raw -> qcow2 and qcow2 -> qcow2 of the 1 GiB
+half-zero image (runs of random data and written zeros, 64 KiB to 2 MiB each), and
+``-c`` of the text-like image of the compressed workload. Ours is the coroutine the
+``qcow2aio convert`` command runs (:func:`qcow2aio.tools.convert.convert`, defaults:
+8 chunks of 2 MiB in flight, in order); its closing flush makes the target durable,
+so QEMU runs with ``-t writeback`` (its default ``unsafe`` never flushes). The ratio
+ours / QEMU is printed, never asserted.
 """
 
 from __future__ import annotations
 
-import errno
 import os
+import time
+from typing import TYPE_CHECKING
 
 import qcow2aio
 
-CHUNK = 4 << 20
+from . import qemu
+from .report import Row
+from .stream import MiB
+
+if TYPE_CHECKING:
+    from .runner import Context
 
 
-def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """The (start, end) ranges of ``fd`` that may hold data (all of it if SEEK_DATA fails)."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    try:
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
-            out.append((start, end))
-            pos = end
-    except OSError:
-        return [(0, size)]
-    return out
+def ours_convert(src: str, dst: str, *, src_fmt: str, compress: bool = False) -> float:
+    """``qcow2aio.convert_sync(src, dst, target_format="qcow2")``; wall seconds."""
+    t0 = time.perf_counter()
+    qcow2aio.convert_sync(src, dst, source_format=src_fmt, target_format="qcow2", compress=compress)
+    return time.perf_counter() - t0
 
 
-def convert_raw_to_qcow2(src: str, dst: str) -> int:
-    """Copy raw ``src`` into a new qcow2 image ``dst``; returns the bytes written."""
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        qcow2aio.create(dst, size)
-        written = 0
-        with qcow2aio.open(dst, "r+") as img:
-            cs = img.cluster_size
-            zero = bytes(cs)
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
-            write = img.write_sync
-            for start, end in _data_ranges(fd, size):
-                # Cluster-align the range so every write covers whole clusters.
-                pos = start & ~(cs - 1)
-                end = min(size, (end + cs - 1) & ~(cs - 1))
-                while pos < end:
-                    n = min(CHUNK, end - pos)
-                    got = os.preadv(fd, [view[:n]], pos)
-                    if got < n:
-                        view[got:n] = bytes(n - got)
-                    run_start = -1
-                    for c in range(0, n, cs):
-                        # bytearray.startswith is one memcmp (a memoryview == is per item).
-                        if buf.startswith(zero if n - c >= cs else zero[: n - c], c):
-                            if run_start >= 0:
-                                write(pos + run_start, view[run_start:c])
-                                written += c - run_start
-                                run_start = -1
-                        elif run_start < 0:
-                            run_start = c
-                    if run_start >= 0:
-                        write(pos + run_start, view[run_start:n])
-                        written += n - run_start
-                    pos += n
-        return written
-    finally:
-        os.close(fd)
+def qemu_convert(src: str, dst: str, *, src_fmt: str, compress: bool = False) -> float:
+    """``qemu-img convert -f FMT -O qcow2 -t writeback [-c] SRC DST``; wall seconds."""
+    argv = [qemu.QEMU_IMG, "convert", "-f", src_fmt, "-O", "qcow2", "-t", "writeback"]
+    if compress:
+        argv.append("-c")
+    t0 = time.perf_counter()
+    qemu.run([*argv, src, dst])
+    return time.perf_counter() - t0
+
+
+def _row(ctx: Context, name: str, src: str, src_fmt: str, size: int, note: str, **kw: bool) -> Row:
+    from .runner import warm
+
+    warm(src)
+    row = Row(name, "async", "MiB/s", target=1.0, note=note)
+    dst = ctx.path(name + ".qcow2")
+    for rep in range(ctx.cfg.reps):
+        secs = qemu_convert(src, dst, src_fmt=src_fmt, **kw)
+        os.unlink(dst)
+        row.qemu.setdefault("writeback", []).append(size / MiB / secs)
+        ctx.log(f"  rep {rep + 1} qemu {name:22} {size / MiB / secs:10.1f} MiB/s")
+        secs = ours_convert(src, dst, src_fmt=src_fmt, **kw)
+        os.unlink(dst)
+        row.ours.append(size / MiB / secs)
+        q, o = row.qemu["writeback"][-1], row.ours[-1]
+        ctx.log(f"  rep {rep + 1} ours {name:22} {o:10.1f} MiB/s  (ours/qemu {o / q:.2f})")
+    return row
+
+
+def w_convert(ctx: Context) -> list[Row]:
+    """The three convert rows (see the module docstring)."""
+    from .runner import _half_zero_raw, write_compressible
+
+    size = ctx.cfg.convert_size
+    raw = _half_zero_raw(ctx)
+
+    def make_qcow2(path: str) -> None:
+        qemu.run([qemu.QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", raw, path])
+
+    src_qcow2 = ctx.fixture("half_zero.qcow2", make_qcow2)
+    csize = ctx.cfg.compressed_size
+    compressible = ctx.fixture("compressible.raw", lambda p: write_compressible(p, csize))
+    return [
+        _row(ctx, "convert_raw2qcow2", raw, "raw", size, "half written zeros; -t writeback"),
+        _row(ctx, "convert_qcow22qcow2", src_qcow2, "qcow2", size, "half zeros (unallocated)"),
+        _row(
+            ctx,
+            "convert_c_raw2qcow2",
+            compressible,
+            "raw",
+            csize,
+            "-c zlib; text-like, 1/8 random clusters",
+            compress=True,
+        ),
+    ]

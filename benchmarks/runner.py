@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ours, qemu
-from .convert import convert_raw_to_qcow2
-from .movers_map import w_map
-from .nbd import w_nbd
-from .movers_compare import w_compare
+from .convert import w_convert
 from .machine import describe
 from .memory import measure as measure_rss
+from .movers_compare import w_compare
+from .movers_map import w_map
+from .nbd import w_nbd
 from .qemu import Encryption
 from .report import Row, read_json, render, render_markdown, write_json
 from .stream import RANDOM_STEP_4K, GiB, KiB, MiB, Stream, TiB
@@ -540,32 +540,6 @@ def _half_zero_raw(ctx: Context) -> str:
                 data = not data
 
     return ctx.fixture("half_zero.raw", make)
-
-
-def w_convert(ctx: Context) -> list[Row]:
-    src = _half_zero_raw(ctx)
-    warm(src)
-    size = ctx.cfg.convert_size
-    row = Row(
-        "convert_raw2qcow2",
-        "sync",
-        "MiB/s",
-        target=1.0,
-        note="half written zeros; both sides fdatasync at close (QEMU -t writeback)",
-    )
-    dst = ctx.path("converted.qcow2")
-    for rep in range(ctx.cfg.reps):
-        secs = qemu.convert(src, dst, cache="writeback")
-        os.unlink(dst)
-        row.qemu.setdefault("writeback", []).append(size / MiB / secs)
-        ctx.log(f"  rep {rep + 1} qemu convert -t writeback {size / MiB / secs:10.1f} MiB/s")
-        t0 = time.perf_counter()
-        convert_raw_to_qcow2(src, dst)
-        secs = time.perf_counter() - t0
-        os.unlink(dst)
-        row.ours.append(size / MiB / secs)
-        ctx.log(f"  rep {rep + 1} ours convert              {size / MiB / secs:10.1f} MiB/s")
-    return [row]
 
 
 def w_memory(ctx: Context) -> list[Row]:

@@ -26,6 +26,7 @@ from .errors import (
 from .image import DEFAULT_WAIT_TIMEOUT, Image
 from .io import BackendFactory
 from .tools.compare import CompareResult, compare, compare_sync
+from .tools.convert import convert, convert_sync
 from .tools.measure import measure, measure_async
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "WaitTimeoutError",
     "compare",
     "compare_sync",
+    "convert",
+    "convert_sync",
     "create",
     "measure",
     "measure_async",

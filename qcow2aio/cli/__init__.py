@@ -22,6 +22,7 @@ from ..errors import Qcow2Error
 from .amend import cmd_amend
 from .check import cmd_check
 from .compare import cmd_compare
+from .convert import cmd_convert
 from .create import cmd_create
 from .info import cmd_info
 from .map import cmd_map
@@ -50,6 +51,7 @@ __all__ = [
     "cmd_amend",
     "cmd_check",
     "cmd_compare",
+    "cmd_convert",
     "cmd_create",
     "cmd_info",
     "cmd_map",
@@ -71,6 +73,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "resize": cmd_resize,
     "snapshot": cmd_snapshot,
     "amend": cmd_amend,
+    "convert": cmd_convert,
     "map": cmd_map,
     "serve": cmd_serve,
     "compare": cmd_compare,
@@ -91,6 +94,9 @@ USAGE = (
     "  snapshot [--object OBJECTDEF] [--image-opts] [-q] [-U] [-f qcow2]\n"
     "           [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE\n"
     "  amend [--object OBJECTDEF] [--image-opts] [-q] [-f qcow2] -o OPTIONS FILE\n"
+    "  convert [--object OBJECTDEF] [--image-opts] [--target-image-opts] [-f FMT] [-O FMT]\n"
+    "          [-c] [-o OPTIONS] [-B BACKING [-F FMT]] [-S SIZE] [-m N] [-W] [-n] [-p] [-q]\n"
+    "          SRC... DST\n"
     "  map [--object OBJECTDEF] [--image-opts] [-f FMT] [--start-offset=OFFSET]\n"
     "      [--max-length=LEN] [--output=human|json] [-U] FILE\n"
     "  serve [-r] [-k SOCKET | -b ADDR -p PORT] [-x NAME] [-e N] [-t] [-A] [-D DESC]\n"

@@ -192,18 +192,26 @@ def _create(
     create(
         filename,
         image_size,
+        backing_file=bfile,
+        backing_fmt=bfmt,
+        **create_kwargs(opts),
+        **encryption,
+    )
+
+
+def create_kwargs(opts: CreateOpts) -> dict[str, Any]:
+    """The :func:`qcow2aio.create` keywords of parsed ``-o`` options (but the backing
+    file and encryption, which need the checks of :func:`_img_create`)."""
+    return dict(
         compat=opt_str(opts, "compat") or "1.1",
         cluster_size=opt_int(opts, "cluster_size", 65536),
         refcount_bits=opt_int(opts, "refcount_bits", 16),
         lazy_refcounts=bool(opts.get("lazy_refcounts")),
         compression_type=opt_str(opts, "compression_type") or "zlib",
         extended_l2=bool(opts.get("extended_l2")),
-        backing_file=bfile,
-        backing_fmt=bfmt,
         data_file=opt_str(opts, "data_file"),
         data_file_raw=bool(opts.get("data_file_raw")),
         preallocation=opt_str(opts, "preallocation") or "off",
-        **encryption,
     )
 
 
