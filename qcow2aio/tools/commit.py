@@ -1,0 +1,343 @@
+"""``qemu-img commit``: copy an overlay's data down into a base image of its chain.
+
+What is copied is what QEMU 7.2's commit copies (observed with the tool, see
+``tests/test_commit_rebase.py``): the ranges allocated in the top image or in any
+layer between it and the base (``Image.map`` of each, anything not ``BACKING``),
+rounded out to the job's granularity (the base's cluster size, clamped to 4 KiB ..
+64 KiB). Each piece of those chunks is then looked up down the whole chain: data
+(wherever it lives above or below the base) is read through the top image and
+written into the base; a piece that reads as zeros is ``write_zeroes`` (whole base
+clusters become zero clusters, their host clusters freed; a partial cluster gets
+written zeros). A piece already held by the base itself is left alone: rewriting
+it would change nothing, and the top's read-only handle of the base may no longer
+know where the base keeps it once our writes have moved clusters.
+
+Order (crash-safe): the copy into the base, flushed; only then the top emptied
+(:meth:`Image.make_empty`: entries unlinked and written back before their clusters
+are freed). A crash or a cancel in the copy leaves the top untouched and the base
+holding new data only in ranges the top (or an intermediate) covers, so the chain
+reads as before; after the flush the base alone reads as the committed chain.
+With ``drop`` (``-d``), or when ``base`` names the image (``-b``, which implies
+``-d`` as in qemu-img), the top and intermediate images are left as they are.
+
+The copy is pipelined: up to ``max_inflight`` pieces of at most ``chunk_size``
+bytes in flight at once (8 MiB of buffers by default), each a read of the top and
+a write (or write-zeroes) of the base; the base is a normal read-write
+:class:`~qcow2aio.image.Image`, so its allocations obey the driver's serialization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ..backing import RawImage
+from ..errors import Qcow2Error, Qcow2ReadOnlyError, Qcow2UnsupportedError
+from ..image import Image
+from ..mapping import BACKING, ZERO
+from .progress import Counter, Progress
+
+__all__ = ["CommitError", "commit", "commit_sync", "find_base"]
+
+_T = TypeVar("_T")
+
+Layer = Image | RawImage
+Passphrase = str | bytes | Sequence[str | bytes | None] | None
+
+DATA_PIECE = 0
+ZERO_PIECE = 1
+SKIP_PIECE = 2
+
+
+class CommitError(Qcow2Error):
+    """The chain does not allow the commit asked for (qemu-img's messages)."""
+
+
+@dataclass(slots=True)
+class Piece:
+    """A run of guest bytes and what the job does with it (copy, zero, or nothing)."""
+
+    kind: int
+    start: int
+    length: int
+
+
+def run_sync(make: Callable[[], Awaitable[_T]]) -> _T:
+    """Run a job's coroutine to completion from synchronous code: on a new event loop
+    in this thread, or (this thread already runs a loop, which must not block) in a
+    helper thread that owns its own loop. Images may be awaited from any loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_as_coro(make))
+    box: list[_T] = []
+    err: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            box.append(asyncio.run(_as_coro(make)))
+        except BaseException as exc:  # re-raised in the caller's thread
+            err.append(exc)
+
+    t = threading.Thread(target=body, name="qcow2aio-job")
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return box[0]
+
+
+async def _as_coro(make: Callable[[], Awaitable[_T]]) -> _T:
+    return await make()
+
+
+def chain_of(top: Image) -> list[Layer]:
+    """``[top, its backing, ...]`` as opened by the top image."""
+    layers: list[Layer] = [top]
+    cur: Layer = top
+    while isinstance(cur, Image) and cur.backing is not None:
+        cur = cur.backing
+        layers.append(cur)
+    return layers
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def find_base(top: Image, name: str, top_name: str | None = None) -> int:
+    """The depth of the image ``name`` (qemu-img's ``-b``) in ``top``'s chain (>= 1).
+
+    Matched as qemu-img matches it: the name exactly as the image above stores it,
+    or the file the name leads to, an absolute name as is and a relative one from
+    the folder of the image above (not from the working directory)."""
+    layers = chain_of(top)
+    for depth in range(1, len(layers)):
+        above = layers[depth - 1]
+        assert isinstance(above, Image)
+        layer = layers[depth]
+        if name == above.meta.header.backing_file:
+            return depth
+        path = name if os.path.isabs(name) else os.path.join(os.path.dirname(above.path), name)
+        if _same_file(path, layer.path):
+            return depth
+    shown = top.path if top_name is None else top_name
+    raise CommitError(f"Did not find '{name}' in the backing chain of '{shown}'")
+
+
+def _granularity(base: Image) -> int:
+    return max(4096, min(65536, base.cluster_size))
+
+
+def _allocated_above(layers: list[Layer], depth: int, size: int) -> list[tuple[int, int]]:
+    """Sorted, merged ranges allocated in ``layers[:depth]`` (data, zero or compressed)."""
+    ranges: list[tuple[int, int]] = []
+    for layer in layers[:depth]:
+        assert isinstance(layer, Image)
+        n = min(size, layer.size)
+        if n <= 0:
+            continue
+        ranges.extend((e.guest, e.guest + e.length) for e in layer.map(0, n) if e.kind != BACKING)
+    return _merge(ranges)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def _round_out(ranges: list[tuple[int, int]], gran: int, size: int) -> list[tuple[int, int]]:
+    return _merge([(a - a % gran, min(size, -(-b // gran) * gran)) for a, b in ranges])
+
+
+def _walk(layers: list[Layer], depth: int, base: int, start: int, end: int) -> Iterator[Piece]:
+    """What the chain from ``depth`` down holds in ``[start, end)``, as commit pieces:
+    data above or below the base -> copy; zeros -> write zeroes; the base's own data
+    -> skip. Past the end of a layer the chain reads zeros."""
+    if depth >= len(layers):
+        yield Piece(ZERO_PIECE, start, end - start)
+        return
+    layer = layers[depth]
+    lim = min(end, layer.size)
+    if start < lim:
+        if isinstance(layer, RawImage):
+            yield Piece(SKIP_PIECE if depth == base else DATA_PIECE, start, lim - start)
+        else:
+            for e in layer.map(start, lim - start):
+                e_end = e.guest + e.length
+                if e.kind == BACKING:
+                    yield from _walk(layers, depth + 1, base, e.guest, e_end)
+                elif e.kind == ZERO:  #: a zero cluster, or unallocated with nothing below
+                    yield Piece(ZERO_PIECE, e.guest, e.length)
+                else:
+                    kind = SKIP_PIECE if depth == base else DATA_PIECE
+                    yield Piece(kind, e.guest, e.length)
+    if max(start, lim) < end:
+        s = max(start, lim)
+        yield Piece(ZERO_PIECE, s, end - s)
+
+
+def plan_commit(top: Image, depth: int, chunk_size: int) -> list[Piece]:
+    """The pieces of a commit of ``top`` into the layer at ``depth`` (see the module)."""
+    layers = chain_of(top)
+    base = layers[depth]
+    assert isinstance(base, Image)
+    size = top.size
+    gran = _granularity(base)
+    pieces: list[Piece] = []
+    for a, b in _round_out(_allocated_above(layers, depth, size), gran, size):
+        for p in _walk(layers, 0, depth, a, b):
+            last = pieces[-1] if pieces else None
+            if (
+                last is not None
+                and last.kind == p.kind
+                and last.start + last.length == p.start
+                and (p.kind != DATA_PIECE or last.length + p.length <= chunk_size)
+            ):
+                last.length += p.length
+                continue
+            while p.kind == DATA_PIECE and p.length > chunk_size:
+                pieces.append(Piece(DATA_PIECE, p.start, chunk_size))
+                p = Piece(DATA_PIECE, p.start + chunk_size, p.length - chunk_size)
+            pieces.append(p)
+    return [p for p in pieces if p.kind != SKIP_PIECE]
+
+
+async def pipeline(
+    pieces: list[Piece],
+    work: Callable[[Piece], Awaitable[None]],
+    counter: Counter,
+    max_inflight: int,
+) -> None:
+    """Run ``work`` over ``pieces`` with at most ``max_inflight`` at once; the first
+    failure cancels the rest (and is raised once they have stopped)."""
+    it = iter(pieces)  # shared: each worker takes the next piece when it is free
+
+    async def worker() -> None:
+        for p in it:
+            await work(p)
+            counter.add(p.length)
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, min(max_inflight, len(pieces))))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _base_passphrase(secret: Passphrase, depth: int) -> str | bytes | None:
+    if secret is None:
+        return None
+    if isinstance(secret, str | bytes):
+        return secret if depth == 1 else None
+    seq = list(secret)
+    return seq[depth - 1] if depth - 1 < len(seq) else None
+
+
+def _below_passphrases(secret: Passphrase, depth: int) -> Passphrase:
+    if secret is None or isinstance(secret, str | bytes):
+        return None
+    return list(secret)[depth:] or None
+
+
+async def commit(
+    path_or_image: str | os.PathLike[str] | Image,
+    *,
+    base: str | None = None,
+    drop: bool = False,
+    progress: Progress | None = None,
+    passphrase: str | bytes | None = None,
+    backing_passphrase: Passphrase = None,
+    max_inflight: int = 8,
+    chunk_size: int = 1 << 20,
+) -> None:
+    """Commit the image's data into a base image of its chain, as ``qemu-img commit``.
+
+    ``base``: the base's name as ``-b`` takes it (default: the image's backing file);
+    naming it implies ``drop``. ``drop`` (``-d``): leave the image as it is instead of
+    emptying it. ``progress(done, total)`` counts bytes of the ranges to copy.
+    ``backing_passphrase``: as :func:`qcow2aio.open` (one per depth, for encrypted
+    layers). An :class:`Image` passed in must be writable unless nothing is emptied;
+    its backing chain is reopened afterwards (it would otherwise keep the base's old
+    tables). Raises :class:`CommitError` with qemu-img's messages.
+    """
+    if chunk_size <= 0 or chunk_size % 512:
+        raise ValueError(f"chunk_size must be a positive multiple of 512, not {chunk_size}")
+    empty_top = not drop and base is None
+    own = not isinstance(path_or_image, Image)
+    if isinstance(path_or_image, Image):
+        top = path_or_image
+        shown = top.path
+    else:
+        shown = os.fspath(path_or_image)
+        top = Image(
+            shown,
+            "r+" if empty_top else "r",
+            passphrase=passphrase,
+            backing_passphrase=backing_passphrase,
+        )
+    try:
+        if top.backing is None:
+            raise CommitError("Image does not have a backing file")
+        if empty_top and not top.writable:
+            raise Qcow2ReadOnlyError(f"image {top.path!r} is opened read-only")
+        depth = 1 if base is None else find_base(top, base, shown)
+        layer = chain_of(top)[depth]
+        if not isinstance(layer, Image):
+            raise Qcow2UnsupportedError(
+                f"Committing into a raw base image is not supported: {layer.path!r}"
+            )
+        below = top._backing_passphrase if not own else backing_passphrase
+        target = Image(
+            layer.path,
+            "r+",
+            passphrase=_base_passphrase(below, depth),
+            backing_passphrase=_below_passphrases(below, depth),
+            wait_timeout=top.wait_timeout,
+        )
+        try:
+            if target.size < top.size:
+                # qemu-img grows a smaller base to the top's size first.
+                await target.resize(top.size)
+            pieces = plan_commit(top, depth, chunk_size)
+            counter = Counter(sum(p.length for p in pieces), progress)
+
+            async def work(p: Piece) -> None:
+                if p.kind == DATA_PIECE:
+                    await target.write(p.start, await top.read(p.start, p.length))
+                else:
+                    await target.write_zeroes(p.start, p.length, unmap=True)
+
+            await pipeline(pieces, work, counter, max_inflight)
+            await target.flush()
+        finally:
+            await target.aclose()
+        if empty_top:
+            await top.make_empty()
+        if not own:
+            await top.reopen_backing()
+        counter.complete()
+    finally:
+        if own:
+            await top.aclose()
+
+
+def commit_sync(path_or_image: str | os.PathLike[str] | Image, **kwargs: object) -> None:
+    """:func:`commit` from synchronous code (its own event loop; see :func:`run_sync`)."""
+    run_sync(lambda: commit(path_or_image, **kwargs))  # type: ignore[arg-type]
