@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from ..errors import Qcow2Error
 from .amend import cmd_amend
 from .check import cmd_check
+from .commit import cmd_commit
 from .create import cmd_create
 from .info import cmd_info
 from .options import (
@@ -33,6 +34,7 @@ from .options import (
     parse_size,
     split_options,
 )
+from .rebase import cmd_rebase
 from .resize import cmd_resize
 from .snapshot import cmd_snapshot
 
@@ -64,6 +66,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "snapshot": cmd_snapshot,
     "amend": cmd_amend,
 }
+COMMANDS["commit"] = cmd_commit
+COMMANDS["rebase"] = cmd_rebase
 
 USAGE = (
     f"usage: {PROG} COMMAND [ARGS]\n"
@@ -79,6 +83,9 @@ USAGE = (
     "  snapshot [--object OBJECTDEF] [--image-opts] [-q] [-U] [-f qcow2]\n"
     "           [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE\n"
     "  amend [--object OBJECTDEF] [--image-opts] [-q] [-f qcow2] -o OPTIONS FILE\n"
+    "  commit [-q] [--object OBJECTDEF] [--image-opts] [-f qcow2] [-b BASE] [-d] [-p] FILE\n"
+    "  rebase [-q] [--object OBJECTDEF] [--image-opts] [-f qcow2] [-u] [-b BACKING]\n"
+    "         [-F FMT] [-p] FILE\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"
