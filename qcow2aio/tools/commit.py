@@ -3,14 +3,17 @@
 What is copied is what QEMU 7.2's commit copies (observed with the tool, see
 ``tests/test_commit_rebase.py``): the ranges allocated in the top image or in any
 layer between it and the base (``Image.map`` of each, anything not ``BACKING``),
-rounded out to the job's granularity (the base's cluster size, clamped to 4 KiB ..
-64 KiB). Each piece of those chunks is then looked up down the whole chain: data
-(wherever it lives above or below the base) is read through the top image and
-written into the base; a piece that reads as zeros is ``write_zeroes`` (whole base
-clusters become zero clusters, their host clusters freed; a partial cluster gets
-written zeros). A piece already held by the base itself is left alone: rewriting
-it would change nothing, and the top's read-only handle of the base may no longer
-know where the base keeps it once our writes have moved clusters.
+rounded out to chunks of the job's granularity (the base's cluster size, clamped to
+4 KiB .. 64 KiB). A chunk that reads as zeros all through (looked up down the whole
+chain: zero clusters, unallocated with nothing below, past a layer's end) is
+``write_zeroes`` into the base (whole base clusters become zero clusters, their host
+clusters freed; a partial cluster gets written zeros); any other chunk is read
+through the top image and written into the base whole, zeros and all.
+
+The chunks are grouped into pieces of work that cover whole base clusters, so no two
+ever touch one base cluster, and each reads all its data before writing any: data
+the base itself holds is read through the top's read-only handle of the base, whose
+idea of where those clusters live must not be changed under it by the writes.
 
 Order (crash-safe): the copy into the base, flushed; only then the top emptied
 (:meth:`Image.make_empty`: entries unlinked and written back before their clusters
@@ -44,13 +47,13 @@ from .progress import Counter, Progress
 __all__ = ["CommitError", "commit", "commit_sync", "find_base"]
 
 _T = TypeVar("_T")
+_I = TypeVar("_I")
 
 Layer = Image | RawImage
 Passphrase = str | bytes | Sequence[str | bytes | None] | None
 
 DATA_PIECE = 0
 ZERO_PIECE = 1
-SKIP_PIECE = 2
 
 
 class CommitError(Qcow2Error):
@@ -163,75 +166,96 @@ def _round_out(ranges: list[tuple[int, int]], gran: int, size: int) -> list[tupl
     return _merge([(a - a % gran, min(size, -(-b // gran) * gran)) for a, b in ranges])
 
 
-def _walk(layers: list[Layer], depth: int, base: int, start: int, end: int) -> Iterator[Piece]:
-    """What the chain from ``depth`` down holds in ``[start, end)``, as commit pieces:
-    data above or below the base -> copy; zeros -> write zeroes; the base's own data
-    -> skip. Past the end of a layer the chain reads zeros."""
+def _walk(layers: list[Layer], depth: int, start: int, end: int) -> Iterator[tuple[bool, int, int]]:
+    """``(zero, start, length)`` runs of what the chain from ``depth`` down reads in
+    ``[start, end)``: zeros (zero clusters, unallocated with nothing below, past the
+    end of a layer) or anything else."""
     if depth >= len(layers):
-        yield Piece(ZERO_PIECE, start, end - start)
+        yield True, start, end - start
         return
     layer = layers[depth]
     lim = min(end, layer.size)
     if start < lim:
         if isinstance(layer, RawImage):
-            yield Piece(SKIP_PIECE if depth == base else DATA_PIECE, start, lim - start)
+            yield False, start, lim - start
         else:
             for e in layer.map(start, lim - start):
-                e_end = e.guest + e.length
                 if e.kind == BACKING:
-                    yield from _walk(layers, depth + 1, base, e.guest, e_end)
-                elif e.kind == ZERO:  #: a zero cluster, or unallocated with nothing below
-                    yield Piece(ZERO_PIECE, e.guest, e.length)
+                    yield from _walk(layers, depth + 1, e.guest, e.guest + e.length)
                 else:
-                    kind = SKIP_PIECE if depth == base else DATA_PIECE
-                    yield Piece(kind, e.guest, e.length)
+                    yield e.kind == ZERO, e.guest, e.length
     if max(start, lim) < end:
         s = max(start, lim)
-        yield Piece(ZERO_PIECE, s, end - s)
+        yield True, s, end - s
 
 
-def plan_commit(top: Image, depth: int, chunk_size: int) -> list[Piece]:
-    """The pieces of a commit of ``top`` into the layer at ``depth`` (see the module)."""
+def plan_commit(top: Image, depth: int, chunk_size: int) -> list[list[Piece]]:
+    """The work of a commit of ``top`` into the layer at ``depth`` (see the module):
+    groups of pieces, each group covering whole base clusters (so that no two groups
+    ever touch one base cluster) and about ``chunk_size`` bytes."""
     layers = chain_of(top)
     base = layers[depth]
     assert isinstance(base, Image)
     size = top.size
     gran = _granularity(base)
+    bcs = base.cluster_size
     pieces: list[Piece] = []
     for a, b in _round_out(_allocated_above(layers, depth, size), gran, size):
-        for p in _walk(layers, 0, depth, a, b):
+        runs = list(_walk(layers, 0, a, b))
+        i = 0
+        for c in range(a, b, gran):
+            c_end = min(b, c + gran)
+            while runs[i][1] + runs[i][2] <= c:
+                i += 1
+            j = i
+            zero = True
+            while j < len(runs) and runs[j][1] < c_end:
+                zero = zero and runs[j][0]
+                j += 1
+            kind = ZERO_PIECE if zero else DATA_PIECE
             last = pieces[-1] if pieces else None
-            if (
-                last is not None
-                and last.kind == p.kind
-                and last.start + last.length == p.start
-                and (p.kind != DATA_PIECE or last.length + p.length <= chunk_size)
-            ):
-                last.length += p.length
-                continue
-            while p.kind == DATA_PIECE and p.length > chunk_size:
-                pieces.append(Piece(DATA_PIECE, p.start, chunk_size))
-                p = Piece(DATA_PIECE, p.start + chunk_size, p.length - chunk_size)
-            pieces.append(p)
-    return [p for p in pieces if p.kind != SKIP_PIECE]
+            if last is not None and last.kind == kind and last.start + last.length == c:
+                last.length += c_end - c
+            else:
+                pieces.append(Piece(kind, c, c_end - c))
+    groups: list[list[Piece]] = []
+    cur: list[Piece] = []
+    cur_bytes = 0
+    for p in pieces:
+        pos, p_end = p.start, p.start + p.length
+        while pos < p_end:
+            if cur_bytes >= chunk_size and pos % bcs == 0:
+                groups.append(cur)
+                cur, cur_bytes = [], 0
+            if cur_bytes >= chunk_size:  # full: only up to the end of this base cluster
+                stop = min(p_end, (pos // bcs + 1) * bcs)
+            else:
+                stop = min(p_end, pos + chunk_size - cur_bytes)
+            cur.append(Piece(p.kind, pos, stop - pos))
+            cur_bytes += stop - pos
+            pos = stop
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 async def pipeline(
-    pieces: list[Piece],
-    work: Callable[[Piece], Awaitable[None]],
+    items: Sequence[_I],
+    work: Callable[[_I], Awaitable[int]],
     counter: Counter,
     max_inflight: int,
 ) -> None:
-    """Run ``work`` over ``pieces`` with at most ``max_inflight`` at once; the first
-    failure cancels the rest (and is raised once they have stopped)."""
-    it = iter(pieces)  # shared: each worker takes the next piece when it is free
+    """Run ``work`` over ``items`` with at most ``max_inflight`` at once, adding the
+    bytes each returns to ``counter``; the first failure cancels the rest (and is
+    raised once they have stopped)."""
+    it = iter(items)  # shared: each worker takes the next item when it is free
 
     async def worker() -> None:
-        for p in it:
-            await work(p)
-            counter.add(p.length)
+        for item in it:
+            counter.add(await work(item))
 
-    tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, min(max_inflight, len(pieces))))]
+    n = max(1, min(max_inflight, len(items)))
+    tasks = [asyncio.ensure_future(worker()) for _ in range(n)]
     try:
         await asyncio.gather(*tasks)
     except BaseException:
@@ -315,16 +339,25 @@ async def commit(
             if target.size < top.size:
                 # qemu-img grows a smaller base to the top's size first.
                 await target.resize(top.size)
-            pieces = plan_commit(top, depth, chunk_size)
-            counter = Counter(sum(p.length for p in pieces), progress)
+            groups = plan_commit(top, depth, chunk_size)
+            counter = Counter(sum(p.length for g in groups for p in g), progress)
 
-            async def work(p: Piece) -> None:
-                if p.kind == DATA_PIECE:
-                    await target.write(p.start, await top.read(p.start, p.length))
-                else:
-                    await target.write_zeroes(p.start, p.length, unmap=True)
+            async def work(group: list[Piece]) -> int:
+                # All reads first: data the base itself holds is read through the
+                # top's (read-only) handle of the base, which must not see this
+                # group's writes move those base clusters; no other group shares them.
+                data = [
+                    await top.read(p.start, p.length) if p.kind == DATA_PIECE else b""
+                    for p in group
+                ]
+                for p, buf in zip(group, data, strict=True):
+                    if p.kind == DATA_PIECE:
+                        await target.write(p.start, buf)
+                    else:
+                        await target.write_zeroes(p.start, p.length, unmap=True)
+                return sum(p.length for p in group)
 
-            await pipeline(pieces, work, counter, max_inflight)
+            await pipeline(groups, work, counter, max_inflight)
             await target.flush()
         finally:
             await target.aclose()

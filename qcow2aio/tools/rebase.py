@@ -166,8 +166,9 @@ async def rebase(
             counter = Counter(img.size, progress)
             steps = [Piece(0, s, min(STEP, img.size - s)) for s in range(0, img.size, STEP)]
 
-            async def step(p: Piece) -> None:
+            async def step(p: Piece) -> int:
                 await _rebase_step(img, new, p.start, p.length)
+                return p.length
 
             await pipeline(steps, step, counter, max_inflight)
             await img.flush()
