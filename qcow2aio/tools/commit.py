@@ -41,6 +41,7 @@ from typing import TypeVar
 from ..backing import RawImage
 from ..errors import Qcow2Error, Qcow2ReadOnlyError, Qcow2UnsupportedError
 from ..image import Image
+from ..io import BackendFactory
 from ..mapping import BACKING, ZERO
 from .progress import Counter, Progress
 
@@ -290,6 +291,7 @@ async def commit(
     backing_passphrase: Passphrase = None,
     max_inflight: int = 8,
     chunk_size: int = 1 << 20,
+    io_backend: BackendFactory | None = None,
 ) -> None:
     """Commit the image's data into a base image of its chain, as ``qemu-img commit``.
 
@@ -299,7 +301,8 @@ async def commit(
     ``backing_passphrase``: as :func:`qcow2aio.open` (one per depth, for encrypted
     layers). An :class:`Image` passed in must be writable unless nothing is emptied;
     its backing chain is reopened afterwards (it would otherwise keep the base's old
-    tables). Raises :class:`CommitError` with qemu-img's messages.
+    tables). ``io_backend``: as :func:`qcow2aio.open` (the base is opened with the
+    top image's). Raises :class:`CommitError` with qemu-img's messages.
     """
     if chunk_size <= 0 or chunk_size % 512:
         raise ValueError(f"chunk_size must be a positive multiple of 512, not {chunk_size}")
@@ -315,6 +318,7 @@ async def commit(
             "r+" if empty_top else "r",
             passphrase=passphrase,
             backing_passphrase=backing_passphrase,
+            io_backend=io_backend,
         )
     try:
         if top.backing is None:
@@ -334,6 +338,7 @@ async def commit(
             passphrase=_base_passphrase(below, depth),
             backing_passphrase=_below_passphrases(below, depth),
             wait_timeout=top.wait_timeout,
+            io_backend=top._io_backend,
         )
         try:
             if target.size < top.size:

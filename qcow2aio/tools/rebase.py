@@ -31,6 +31,7 @@ import numpy as np
 from ..backing import RAW_FORMATS, RawImage, probe_format, resolve_name
 from ..errors import Qcow2Error, Qcow2UnsupportedError
 from ..image import Image
+from ..io import BackendFactory
 from ..mapping import BACKING
 from .commit import Passphrase, Piece, pipeline, run_sync
 from .progress import Counter, Progress
@@ -121,6 +122,7 @@ async def rebase(
     backing_passphrase: Passphrase = None,
     new_backing_passphrase: Passphrase = None,
     max_inflight: int = 4,
+    io_backend: BackendFactory | None = None,
 ) -> None:
     """Make ``backing`` (a name as ``-b`` takes it, resolved from the image's folder;
     ``None`` or ``""`` removes the backing file) the image's backing file, as
@@ -130,7 +132,8 @@ async def rebase(
     a new backing file without ``backing_format`` is refused *after* the copy, as
     qemu-img 7.2 does (the image then reads as before, over its old backing file).
     An :class:`Image` passed in must be writable; it reads through the new backing
-    file afterwards. Raises :class:`RebaseError` with qemu-img's messages.
+    file afterwards. ``io_backend``: as :func:`qcow2aio.open`. Raises
+    :class:`RebaseError` with qemu-img's messages.
     """
     name = backing or None
     own = not isinstance(path, Image)
@@ -143,6 +146,7 @@ async def rebase(
             passphrase=passphrase,
             backing_passphrase=backing_passphrase,
             open_backing=not unsafe,
+            io_backend=io_backend,
         )
     try:
         if unsafe:
