@@ -254,6 +254,9 @@ async def pipeline(
     async def worker() -> None:
         for item in it:
             counter.add(await work(item))
+            # Page-cache hits complete inline, without suspending: yield once per item
+            # so that the loop's other tasks run and a cancel is seen between items.
+            await asyncio.sleep(0)
 
     n = max(1, min(max_inflight, len(items)))
     tasks = [asyncio.ensure_future(worker()) for _ in range(n)]
