@@ -404,8 +404,9 @@ def zero_clusters(
         cend = min(cstart + cs, end)
         l1_index = pos >> (cb + meta.l2_bits)
         l2_off = meta.l2_offset_for(l1_index)
-        if not l2_off and (unallocate or (not has_backing and (discard or meta.version >= 3))):
-            # Nothing allocated here and nothing below: already reads as zeros.
+        if not l2_off and (unallocate or (not has_backing and discard)):
+            # Nothing allocated here and nothing below: a discard leaves it so. (A
+            # write-zeroes still gets zero clusters, in a new L2 table: QEMU's layout.)
             pos = min(end, (l1_index + 1) << (cb + meta.l2_bits))
             continue
         table = l2_for_write(img, l1_index)
