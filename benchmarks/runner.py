@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import ours, qemu
 from .convert import convert_raw_to_qcow2
+from .movers_map import w_map
 from .machine import describe
 from .memory import measure as measure_rss
 from .qemu import Encryption
@@ -623,6 +624,7 @@ WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "aes_seqwrite_1M_fresh": w_aes_seqwrite_fresh,
     "convert_raw2qcow2": w_convert,
     "memory_4T_randread": w_memory,
+    "map_1T_sparse": w_map,
 }
 
 

@@ -87,6 +87,10 @@ class RawImage:
             return self._file, offset
         return None, -1
 
+    def data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Where the file holds data and where holes (see ``FileBackend.data_runs``)."""
+        return self._file.data_runs(offset, length)
+
     def close(self) -> None:
         self._file.close()
 

@@ -202,6 +202,9 @@ class Image:
         # Encrypted images: the payload cipher (None for plain images). Every data read
         # and write goes through it; the plain fast paths are off (``_plain_reads``).
         self._crypto: PayloadCrypto | None = None
+        # The external data file (header extension), resolved; None when the data lie
+        # in the image file itself.
+        self.data_file_path: str | None = None
         # Writes in progress on an encrypted image, so that a sub-sector write's
         # read-modify-write excludes every request on its sectors (None: plain image).
         self._ranges: SectorRanges | None = None
@@ -338,10 +341,52 @@ class Image:
         if self._closed:
             raise Qcow2Error(f"image {self.path!r} was closed while the request was in flight")
 
-    def map(self, offset: int, length: int) -> list[Extent]:
-        """The read plan for a guest range (for tools and tests; no data moved)."""
+    def plan(self, offset: int, length: int) -> list[Extent]:
+        """This layer's read plan for a guest range (for tools and tests; no data
+        moved): DATA / ZERO / COMPRESSED runs, and BACKING where no cluster of this
+        image holds the range (the backing file's part, or zeros without one)."""
         self._check_range(offset, length)
         return self._plan_sync(offset, length)
+
+    def _count_refcounted(self, limit: int) -> int:
+        """Clusters with a nonzero refcount, up to the end of the file (the count
+        stops once it passes ``limit``): block status's metadata-preallocation test."""
+        how = self.lock.enter_read(self._sync_wait())
+        if how == BUSY:
+            raise ImageBusyError("metadata is being changed by a suspended request")
+        try:
+            meta = self.meta
+            clusters = -(-self._file.size() // meta.cluster_size)
+            per_block = 1 << (meta.cluster_bits + 3 - meta.header.refcount_order)
+            count = 0
+            for rt_index in range(-(-clusters // per_block)):
+                block = meta.refblock(rt_index)
+                if block is None:
+                    continue
+                entries = block.decode(min(per_block, clusters - rt_index * per_block))
+                count += len(entries) - entries.count(0)
+                if count > limit:
+                    break
+            return count
+        finally:
+            self.lock.exit_read(how)
+
+    def map_sync(self, offset: int = 0, length: int | None = None) -> list[dict[str, Any]]:
+        """``qemu-img map --output=json``'s records for ``[offset, offset+length)`` (to
+        the end by default): allocation, zeros and host offsets down the backing chain
+        (see :mod:`qcow2aio.blockstatus`)."""
+        from .blockstatus import block_status
+
+        self._check_open()
+        return [st.record() for st in block_status(self, offset, length)]
+
+    async def map(self, offset: int = 0, length: int | None = None) -> list[dict[str, Any]]:
+        """:meth:`map_sync` for a coroutine: the walk runs on a worker thread, so it
+        may wait for the metadata lock a request of this loop holds."""
+        from .blockstatus import block_status_async
+
+        self._check_open()
+        return [st.record() for st in await block_status_async(self, offset, length)]
 
     # ------------------------------------------------------------ admission
     def _sync_wait(self) -> float | None:
@@ -410,12 +455,16 @@ class Image:
             raise ImageBusyError("metadata is being changed by a suspended request")
         return mapped
 
-    def _plan_sync(self, offset: int, length: int) -> list[Extent]:
+    def _plan_sync(self, offset: int, length: int, *, unallocated: int = -1) -> list[Extent]:
+        """The read plan under the lock; ``unallocated=BACKING`` reports ranges no
+        cluster of this image holds as BACKING even without a backing file (block
+        status tells "unallocated" from "zero cluster"; a read does not)."""
         how = self.lock.enter_read(self._sync_wait())
         if how == BUSY:
             raise ImageBusyError("metadata is being changed by a suspended request")
         try:
-            return map_read(self.meta, offset, length, self.backing is not None)
+            has_backing = self.backing is not None or unallocated == BACKING
+            return map_read(self.meta, offset, length, has_backing)
         finally:
             self.lock.exit_read(how)
 

@@ -631,6 +631,40 @@ class FileBackend:
         except OSError as exc:
             raise _ioerror("fstat", self.path, exc) from exc
 
+    def data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """``(start, length, is_data)`` runs of ``[offset, offset+length)`` by the file
+        system's own record (``SEEK_DATA``/``SEEK_HOLE``): where a raw file holds data
+        and where it has holes, as QEMU's file driver reports block status. Past the
+        end of the file is a hole; a file system that cannot say reports all data."""
+        end = offset + length
+        runs: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == _errno.ENXIO:  # no data from pos to the end of the file
+                    data = end
+                elif exc.errno in (_errno.EINVAL, _errno.EOPNOTSUPP):
+                    return [(offset, length, True)]
+                else:
+                    raise _ioerror("lseek", self.path, exc) from exc
+            data = min(data, end)
+            if data > pos:
+                runs.append((pos, data - pos, False))
+                pos = data
+                if pos >= end:
+                    break
+            try:
+                hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            except OSError as exc:
+                raise _ioerror("lseek", self.path, exc) from exc
+            if hole <= pos:  # the file changed under us: call the rest data
+                hole = end
+            runs.append((pos, hole - pos, True))
+            pos = hole
+        return runs
+
     def pread(self, offset: int, length: int, event: str = "read") -> bytes:
         """Read ``length`` bytes; bytes past end of file read as zeros."""
         try:

@@ -27,7 +27,11 @@ KIND_NAMES = {ZERO: "zero", BACKING: "backing", DATA: "data", COMPRESSED: "compr
 @dataclass(slots=True)
 class Extent:
     """One run of a plan. For COMPRESSED, ``host``/``csize`` locate the compressed
-    bytes and ``skip`` is the offset of ``guest`` inside the decompressed cluster."""
+    bytes and ``skip`` is the offset of ``guest`` inside the decompressed cluster.
+    A ZERO or BACKING run keeps the ``host`` of the clusters it lies in when they are
+    allocated (preallocated zero clusters; zero or unallocated subclusters of an
+    allocated cluster), 0 otherwise: reads ignore it, block status reports it as QEMU
+    does (``qemu-img map``'s ``offset``)."""
 
     kind: int
     guest: int
@@ -44,7 +48,11 @@ def _append(plan: list[Extent], kind: int, guest: int, length: int, host: int) -
         if (
             last.kind == kind
             and last.guest + last.length == guest
-            and (kind != DATA or last.host + last.length == host)
+            and (
+                last.host + last.length == host
+                if kind == DATA
+                else last.host == host == 0 or (last.host and host == last.host + last.length)
+            )
         ):
             last.length += length
             return
@@ -86,6 +94,16 @@ def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> lis
             else:
                 entry = entries[l2_index]
                 bitmap = 0
+                if not entry:
+                    # A run of unallocated entries, found at C speed: a sparse table
+                    # costs one step, not one per cluster (map of a huge image).
+                    last = ((l2_stop - 1) >> cluster_bits) & l2_mask
+                    chunk = entries[l2_index : last + 1].tobytes()
+                    n = (len(chunk) - len(chunk.lstrip(b"\0"))) >> 3
+                    stop = min(l2_stop, ((pos >> cluster_bits) + n) << cluster_bits)
+                    _append(plan, unalloc, pos, stop - pos, 0)
+                    pos = stop
+                    continue
             if entry & C.QCOW_OFLAG_COMPRESSED:
                 if data_file:
                     raise Qcow2CorruptError(
@@ -119,7 +137,7 @@ def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> lis
                             f"Zero cluster flag in a version 2 image (L2 offset {l2_off:#x}, "
                             f"index {l2_index:#x})"
                         )
-                    _append(plan, ZERO, pos, run, 0)
+                    _append(plan, ZERO, pos, run, host + in_cluster if host else 0)
                 elif allocated:
                     _append(plan, DATA, pos, run, host + in_cluster)
                 else:
@@ -143,9 +161,11 @@ def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> lis
                 if alloc_bits & bit:
                     _append(plan, DATA, pos, sc_end - pos, host + (pos & (cluster_size - 1)))
                 elif zero_bits & bit:
-                    _append(plan, ZERO, pos, sc_end - pos, 0)
+                    zhost = host + (pos & (cluster_size - 1)) if host else 0
+                    _append(plan, ZERO, pos, sc_end - pos, zhost)
                 else:
-                    _append(plan, unalloc, pos, sc_end - pos, 0)
+                    uhost = host + (pos & (cluster_size - 1)) if host else 0
+                    _append(plan, unalloc, pos, sc_end - pos, uhost)
                 pos = sc_end
     return plan
 

@@ -432,6 +432,12 @@ def _prealloc_file(img: Image, start: int, end: int, mode: str) -> None:
         raise Qcow2Error("internal error: the preallocated data area is not free")
     new_size = allocation_start + nb_data * cs
     cur = f.size()
+    if allocation_start < cur:
+        # Free clusters at the end of the file keep the bytes they had (frees that
+        # waited for readers after a shrink cut the file, junk a crash left): the new
+        # data area must read as zeros there too. QEMU frees at once and so never
+        # meets freed bytes here; over junk it shows the junk, which we do not copy.
+        _fill(img, f.path, f, allocation_start, min(cur, new_size), "full")
     if new_size > cur:
         f.truncate(new_size, "resize_truncate")
         _fill(img, f.path, f, cur, new_size, mode)

@@ -201,7 +201,7 @@ def test_no_punch_while_reader_in_flight(qemu: Qemu, tmp_path: Path) -> None:
     _HeldReads.release.clear()
     img = qcow2aio.open(path, "r+", io_backend=_HeldReads)
     try:
-        host = img.map(CS, CS)[0].host
+        host = img.plan(CS, CS)[0].host
         before = _blocks(path)
         _HeldReads.hold_at = host
         got: list[bytes] = []
@@ -298,7 +298,7 @@ def test_compressed_host_cluster_punched_when_all_gone(qemu: Qemu, tmp_path: Pat
     with qcow2aio.open(path, "r+", io_backend=_HeldReads) as img:
         for c in range(3):
             img.write_compressed_sync(c * CS, bytes([c + 1]) * CS)
-        host = img.map(0, CS)[0].host & ~(CS - 1)
+        host = img.plan(0, CS)[0].host & ~(CS - 1)
         asyncio.run(img.discard(0, 2 * CS))
         img.flush_sync()
         assert _HeldReads.punches == []

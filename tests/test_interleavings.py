@@ -312,7 +312,7 @@ async def discard_zero_race(ctx: Ctx) -> None:
     for c in (y, y - 1, y - 2, y - 3):
         await ctx.write(c * cs, w.randbytes(cs), sync=False)
     await ctx.flush(sync=False)
-    ctx.notes["y_host"] = ctx.img.map(y * cs, 1)[0].host
+    ctx.notes["y_host"] = ctx.img.plan(y * cs, 1)[0].host
     ctx.notes["new"] = (n1 * cs, n2 * cs)
     # Race 1: write vs discard/zeroes on x.
     wo = w.randrange(cs)
@@ -356,7 +356,7 @@ def _count_reuse(ctx: Ctx, img: qcow2aio.Image, final: bytes, rep: dict[str, Any
     """How often the discarded cluster's host cluster went to one of the new writes."""
     hosts: set[int] = set()
     for g in ctx.notes.get("new", ()):
-        hosts.update(e.host & ~(ctx.cs - 1) for e in img.map(g, ctx.cs) if e.kind == DATA)
+        hosts.update(e.host & ~(ctx.cs - 1) for e in img.plan(g, ctx.cs) if e.kind == DATA)
     if ctx.notes.get("y_host") in hosts:
         ctx.outcome.stats["freed cluster reused"] += 1
 

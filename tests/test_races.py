@@ -222,17 +222,17 @@ async def test_freed_cluster_not_reused_while_reader_in_flight(qemu: Qemu, tmp_p
     async with qcow2aio.open(path, "r+") as img:
         await img.write(0, b"\x33" * CS)
         await img.flush()
-        host = img.map(0, 1)[0].host
+        host = img.plan(0, 1)[0].host
         # Register a request that read the old mapping, then discard + flush.
         ep = img._enter()
         await img.discard(0, CS)
         await img.flush()
         await img.write(2 * CS, b"\x44" * CS)  # must not land on the old cluster
-        assert img.map(2 * CS, 1)[0].host != host
+        assert img.plan(2 * CS, 1)[0].host != host
         img._leave(ep)
         await img.flush()  # now the cluster may be reused
         await img.write(4 * CS, b"\x55" * CS)
-        assert img.map(4 * CS, 1)[0].host == host
+        assert img.plan(4 * CS, 1)[0].host == host
     assert qemu.check(path)[0] == 0
 
 

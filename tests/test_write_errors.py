@@ -131,7 +131,7 @@ def test_frees_failing_half_way_are_never_applied_twice(qemu: Qemu, tmp_path: Pa
         for i in range(4):
             img.write_sync(i * 4096, bytes([i + 1]) * 4096)
         img.flush_sync()
-        hosts = [m.host for m in (img.map(i * 4096, 4096)[0] for i in range(4))]
+        hosts = [m.host for m in (img.plan(i * 4096, 4096)[0] for i in range(4))]
         for i in range(4):
             asyncio.run(img.discard(i * 4096, 4096))
         alloc = img.meta.allocator

@@ -24,6 +24,7 @@ from .check import cmd_check
 from .commit import cmd_commit
 from .create import cmd_create
 from .info import cmd_info
+from .map import cmd_map
 from .options import (
     CREATE_OPTIONS,
     PROG,
@@ -49,6 +50,7 @@ __all__ = [
     "cmd_check",
     "cmd_create",
     "cmd_info",
+    "cmd_map",
     "cmd_resize",
     "cmd_snapshot",
     "main",
@@ -65,6 +67,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "resize": cmd_resize,
     "snapshot": cmd_snapshot,
     "amend": cmd_amend,
+    "map": cmd_map,
 }
 COMMANDS["commit"] = cmd_commit
 COMMANDS["rebase"] = cmd_rebase
@@ -86,6 +89,8 @@ USAGE = (
     "  commit [-q] [--object OBJECTDEF] [--image-opts] [-f qcow2] [-b BASE] [-d] [-p] FILE\n"
     "  rebase [-q] [--object OBJECTDEF] [--image-opts] [-f qcow2] [-u] [-b BACKING]\n"
     "         [-F FMT] [-p] FILE\n"
+    "  map [--object OBJECTDEF] [--image-opts] [-f FMT] [--start-offset=OFFSET]\n"
+    "      [--max-length=LEN] [--output=human|json] [-U] FILE\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"

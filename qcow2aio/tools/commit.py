@@ -2,10 +2,11 @@
 
 What is copied is what QEMU 7.2's commit copies (observed with the tool, see
 ``tests/test_commit_rebase.py``): the ranges allocated in the top image or in any
-layer between it and the base (``Image.map`` of each, anything not ``BACKING``),
+layer between it and the base (the chain's block status,
+:func:`qcow2aio.blockstatus.block_status`: present at a depth above the base's),
 rounded out to chunks of the job's granularity (the base's cluster size, clamped to
-4 KiB .. 64 KiB). A chunk that reads as zeros all through (looked up down the whole
-chain: zero clusters, unallocated with nothing below, past a layer's end) is
+4 KiB .. 64 KiB). A chunk that reads as zeros all through (in the same block status:
+zero clusters, unallocated with nothing below, past a layer's end) is
 ``write_zeroes`` into the base (whole base clusters become zero clusters, their host
 clusters freed; a partial cluster gets written zeros); any other chunk is read
 through the top image and written into the base whole, zeros and all.
@@ -34,15 +35,15 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from ..backing import RawImage
+from ..blockstatus import Status, block_status_async
 from ..errors import Qcow2Error, Qcow2ReadOnlyError, Qcow2UnsupportedError
 from ..image import Image
 from ..io import BackendFactory
-from ..mapping import BACKING, ZERO
 from .progress import Counter, Progress
 
 __all__ = ["CommitError", "commit", "commit_sync", "find_base"]
@@ -140,18 +141,6 @@ def _granularity(base: Image) -> int:
     return max(4096, min(65536, base.cluster_size))
 
 
-def _allocated_above(layers: list[Layer], depth: int, size: int) -> list[tuple[int, int]]:
-    """Sorted, merged ranges allocated in ``layers[:depth]`` (data, zero or compressed)."""
-    ranges: list[tuple[int, int]] = []
-    for layer in layers[:depth]:
-        assert isinstance(layer, Image)
-        n = min(size, layer.size)
-        if n <= 0:
-            continue
-        ranges.extend((e.guest, e.guest + e.length) for e in layer.map(0, n) if e.kind != BACKING)
-    return _merge(ranges)
-
-
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for a, b in sorted(ranges):
@@ -167,51 +156,27 @@ def _round_out(ranges: list[tuple[int, int]], gran: int, size: int) -> list[tupl
     return _merge([(a - a % gran, min(size, -(-b // gran) * gran)) for a, b in ranges])
 
 
-def _walk(layers: list[Layer], depth: int, start: int, end: int) -> Iterator[tuple[bool, int, int]]:
-    """``(zero, start, length)`` runs of what the chain from ``depth`` down reads in
-    ``[start, end)``: zeros (zero clusters, unallocated with nothing below, past the
-    end of a layer) or anything else."""
-    if depth >= len(layers):
-        yield True, start, end - start
-        return
-    layer = layers[depth]
-    lim = min(end, layer.size)
-    if start < lim:
-        if isinstance(layer, RawImage):
-            yield False, start, lim - start
-        else:
-            for e in layer.map(start, lim - start):
-                if e.kind == BACKING:
-                    yield from _walk(layers, depth + 1, e.guest, e.guest + e.length)
-                else:
-                    yield e.kind == ZERO, e.guest, e.length
-    if max(start, lim) < end:
-        s = max(start, lim)
-        yield True, s, end - s
-
-
-def plan_commit(top: Image, depth: int, chunk_size: int) -> list[list[Piece]]:
-    """The work of a commit of ``top`` into the layer at ``depth`` (see the module):
-    groups of pieces, each group covering whole base clusters (so that no two groups
-    ever touch one base cluster) and about ``chunk_size`` bytes."""
-    layers = chain_of(top)
-    base = layers[depth]
+def plan_commit(top: Image, depth: int, chunk_size: int, status: list[Status]) -> list[list[Piece]]:
+    """The work of a commit of ``top`` into the layer at ``depth`` (see the module),
+    from the block status of the top's whole chain: groups of pieces, each group
+    covering whole base clusters (so that no two groups ever touch one base cluster)
+    and about ``chunk_size`` bytes."""
+    base = chain_of(top)[depth]
     assert isinstance(base, Image)
     size = top.size
     gran = _granularity(base)
     bcs = base.cluster_size
+    above = [(st.start, st.start + st.length) for st in status if st.present and st.depth < depth]
     pieces: list[Piece] = []
-    for a, b in _round_out(_allocated_above(layers, depth, size), gran, size):
-        runs = list(_walk(layers, 0, a, b))
-        i = 0
+    i = 0
+    for a, b in _round_out(_merge(above), gran, size):
         for c in range(a, b, gran):
             c_end = min(b, c + gran)
-            while runs[i][1] + runs[i][2] <= c:
+            while status[i].start + status[i].length <= c:
                 i += 1
-            j = i
-            zero = True
-            while j < len(runs) and runs[j][1] < c_end:
-                zero = zero and runs[j][0]
+            j, zero = i, True
+            while j < len(status) and status[j].start < c_end:
+                zero = zero and status[j].zero and not status[j].data
                 j += 1
             kind = ZERO_PIECE if zero else DATA_PIECE
             last = pieces[-1] if pieces else None
@@ -347,7 +312,8 @@ async def commit(
             if target.size < top.size:
                 # qemu-img grows a smaller base to the top's size first.
                 await target.resize(top.size)
-            groups = plan_commit(top, depth, chunk_size)
+            status = await block_status_async(top, 0, top.size)
+            groups = plan_commit(top, depth, chunk_size, status)
             counter = Counter(sum(p.length for g in groups for p in g), progress)
 
             async def work(group: list[Piece]) -> int:

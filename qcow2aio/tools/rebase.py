@@ -4,13 +4,13 @@ it reads.
 Unsafe mode (``-u``) only rewrites the header's backing name and format.
 
 Safe mode first makes the overlay independent of the difference between the old and
-the new backing file: for every range unallocated in the overlay (``Image.map``
-``BACKING``), the old content (read through the overlay itself, which still has its
-old backing file) and the new content (the new backing file, zeros past its end, or
-zeros when the backing file is removed) are compared in 512-byte sectors, as
-qemu-img 7.2 does, and the differing runs of the old content are written into the
-overlay as ordinary data writes (old zeros included: a written run of zeros is data,
-not a zero cluster; the part of a cluster not written is filled from the old backing
+the new backing file: for every range unallocated in the overlay (block status: not
+present at depth 0), the old content (read through the overlay itself, which still
+has its old backing file; zeros without one) and the new content (the new backing
+file, zeros past its end, or zeros when the backing file is removed) are compared
+in 512-byte sectors, as qemu-img 7.2 does, and the differing runs of the old content
+are written into the overlay as ordinary data writes (old zeros included: a written
+run of zeros is data, not a zero cluster; the part of a cluster not written is filled from the old backing
 file by the write's copy-on-write). Only then does one cluster-0 write switch the
 header (:meth:`Image.set_backing`). A crash or a cancel before the switch leaves
 the overlay reading exactly as before (it only holds more of the old content
@@ -29,10 +29,10 @@ import os
 import numpy as np
 
 from ..backing import RAW_FORMATS, RawImage, probe_format, resolve_name
-from ..errors import Qcow2Error, Qcow2UnsupportedError
+from ..blockstatus import block_status_async
+from ..errors import Qcow2Error
 from ..image import Image
 from ..io import BackendFactory
-from ..mapping import BACKING
 from .commit import Passphrase, Piece, pipeline, run_sync
 from .progress import Counter, Progress
 
@@ -102,13 +102,13 @@ async def _read_new(new: Image | RawImage | None, start: int, n: int) -> bytes:
 
 
 async def _rebase_step(overlay: Image, new: Image | RawImage | None, start: int, n: int) -> None:
-    for e in overlay.map(start, n):
-        if e.kind != BACKING:
-            continue
-        old = await overlay.read(e.guest, e.length)
-        cur = await _read_new(new, e.guest, e.length)
+    for st in await block_status_async(overlay, start, n):
+        if st.depth == 0 and st.present:
+            continue  # allocated in the overlay: it reads the same over any backing file
+        old = await overlay.read(st.start, st.length)
+        cur = await _read_new(new, st.start, st.length)
         for off, length in differing_runs(old, cur):
-            await overlay.write(e.guest + off, memoryview(old)[off : off + length])
+            await overlay.write(st.start + off, memoryview(old)[off : off + length])
 
 
 async def rebase(
@@ -156,11 +156,6 @@ async def rebase(
             await img.set_backing(name, backing_format, open_new=not own)
             counter.complete()
             return
-        if img.backing is None and name is not None:
-            raise Qcow2UnsupportedError(
-                "A safe rebase of an image without a backing file onto a new one is not "
-                "supported; use unsafe mode (-u) after a copy"
-            )
         new = (
             _open_new_backing(img, name, backing_format, new_backing_passphrase)
             if name is not None
