@@ -7,14 +7,14 @@ Safe mode first makes the overlay independent of the difference between the old 
 the new backing file: for every range unallocated in the overlay (block status: not
 present at depth 0), the old content (read through the overlay itself, which still
 has its old backing file; zeros without one) and the new content (the new backing
-file, zeros past its end, or zeros when the backing file is removed) are compared
-in 512-byte sectors, as qemu-img 7.2 does, and the differing runs of the old content
+file, zeros past its end, or zeros when the backing file is removed) are compared in
+512-byte sectors, as qemu-img 7.2 does, and the differing runs of the old content
 are written into the overlay as ordinary data writes (old zeros included: a written
-run of zeros is data, not a zero cluster; the part of a cluster not written is filled from the old backing
-file by the write's copy-on-write). Only then does one cluster-0 write switch the
-header (:meth:`Image.set_backing`). A crash or a cancel before the switch leaves
-the overlay reading exactly as before (it only holds more of the old content
-itself); after it, the new chain reads as the old one did.
+run of zeros is data, not a zero cluster; the part of a cluster not written is
+filled from the old backing file by the write's copy-on-write). Only then does one
+cluster-0 write switch the header (:meth:`Image.set_backing`). A crash or a cancel
+before the switch leaves the overlay reading exactly as before (it only holds more
+of the old content itself); after it, the new chain reads as the old one did.
 
 The work goes in steps of 2 MiB (aligned, so no cluster of up to 2 MiB is shared by
 two steps: a step's writes never copy-on-write over a range another step is
