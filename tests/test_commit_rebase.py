@@ -237,6 +237,8 @@ REBASE_ARGS = [
     ["rebase", "-u", "-b", "nb.qcow2", "-F", "qcow2", "top.qcow2"],
     ["rebase", "-b", "nb.qcow2", "top.qcow2"],
     ["rebase", "-p", "-b", "nb.qcow2", "-F", "raw", "top.qcow2"],
+    # An image without a backing file gets one: its unallocated ranges read as zeros.
+    ["rebase", "-b", "base.qcow2", "-F", "qcow2", "nb.qcow2"],
 ]
 
 
@@ -267,6 +269,7 @@ def _quick() -> list[tuple[Chain, list[str]]]:
         (QUICK_CHAINS[3], COMMIT_ARGS[1]),
         (QUICK_CHAINS[3], REBASE_ARGS[3]),
         (QUICK_CHAINS[3], REBASE_ARGS[4]),
+        (QUICK_CHAINS[1], REBASE_ARGS[5]),
         (
             QUICK_CHAINS[0],
             ["rebase", "-q", "-p", "-u", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],

@@ -6,15 +6,17 @@ Unsafe mode (``-u``) only rewrites the header's backing name and format.
 Safe mode first makes the overlay independent of the difference between the old and
 the new backing file: for every range unallocated in the overlay (block status: not
 present at depth 0), the old content (read through the overlay itself, which still
-has its old backing file; zeros without one) and the new content (the new backing
-file, zeros past its end, or zeros when the backing file is removed) are compared in
-512-byte sectors, as qemu-img 7.2 does, and the differing runs of the old content
-are written into the overlay as ordinary data writes (old zeros included: a written
-run of zeros is data, not a zero cluster; the part of a cluster not written is
-filled from the old backing file by the write's copy-on-write). Only then does one
-cluster-0 write switch the header (:meth:`Image.set_backing`). A crash or a cancel
-before the switch leaves the overlay reading exactly as before (it only holds more
-of the old content itself); after it, the new chain reads as the old one did.
+has its old backing file) and the new content (the new backing file, zeros past its
+end, or zeros when the backing file is removed) are compared in 512-byte sectors, as
+qemu-img 7.2 does, and the differing runs of the old content are written into the
+overlay as ordinary data writes (old zeros included: a written run of zeros is data,
+not a zero cluster; the part of a cluster not written is filled from the old backing
+file by the write's copy-on-write). Only then does one cluster-0 write switch the
+header (:meth:`Image.set_backing`). A crash or a cancel before the switch leaves the
+overlay reading exactly as before (it only holds more of the old content itself);
+after it, the new chain reads as the old one did. An image without a backing file
+gets one with no copy at all, as in qemu-img 7.2: its unallocated ranges then read
+from the new backing file.
 
 The work goes in steps of 2 MiB (aligned, so no cluster of up to 2 MiB is shared by
 two steps: a step's writes never copy-on-write over a range another step is
@@ -163,7 +165,13 @@ async def rebase(
         )
         try:
             counter = Counter(img.size, progress)
-            steps = [Piece(0, s, min(STEP, img.size - s)) for s in range(0, img.size, STEP)]
+            # Without an old backing file qemu-img 7.2 copies nothing (the image's
+            # unallocated ranges then show the new backing file): so do we.
+            steps = (
+                [Piece(0, s, min(STEP, img.size - s)) for s in range(0, img.size, STEP)]
+                if img.backing is not None
+                else []
+            )
 
             async def step(p: Piece) -> int:
                 await _rebase_step(img, new, p.start, p.length)
