@@ -15,8 +15,9 @@ file by the write's copy-on-write). Only then does one cluster-0 write switch th
 header (:meth:`Image.set_backing`). A crash or a cancel before the switch leaves the
 overlay reading exactly as before (it only holds more of the old content itself);
 after it, the new chain reads as the old one did. An image without a backing file
-gets one with no copy at all, as in qemu-img 7.2: its unallocated ranges then read
-from the new backing file.
+(it reads zeros where unallocated) gets, as from qemu-img 7.2, zero clusters where the
+new backing file differs on v3, and nothing at all on v2 (its unallocated ranges then
+read from the new backing file).
 
 The work goes in steps of 2 MiB (aligned, so no cluster of up to 2 MiB is shared by
 two steps: a step's writes never copy-on-write over a range another step is
@@ -104,13 +105,22 @@ async def _read_new(new: Image | RawImage | None, start: int, n: int) -> bytes:
 
 
 async def _rebase_step(overlay: Image, new: Image | RawImage | None, start: int, n: int) -> None:
+    cs = overlay.cluster_size
     for st in await block_status_async(overlay, start, n):
         if st.depth == 0 and st.present:
             continue  # allocated in the overlay: it reads the same over any backing file
         old = await overlay.read(st.start, st.length)
         cur = await _read_new(new, st.start, st.length)
         for off, length in differing_runs(old, cur):
-            await overlay.write(st.start + off, memoryview(old)[off : off + length])
+            if overlay.backing is None:
+                # No old backing file: what differs is zeros here; qemu-img 7.2 makes
+                # the clusters zero clusters (the rest of such a cluster reads zeros
+                # too, being unallocated with nothing below).
+                a = max(st.start, (st.start + off) // cs * cs)
+                b = min(st.start + st.length, -(-(st.start + off + length) // cs) * cs)
+                await overlay.write_zeroes(a, b - a, unmap=False)
+            else:
+                await overlay.write(st.start + off, memoryview(old)[off : off + length])
 
 
 async def rebase(
@@ -165,11 +175,13 @@ async def rebase(
         )
         try:
             counter = Counter(img.size, progress)
-            # Without an old backing file qemu-img 7.2 copies nothing (the image's
-            # unallocated ranges then show the new backing file): so do we.
+            # Without an old backing file, qemu-img 7.2 zeroes what differs on a v3
+            # image (zero clusters) and writes nothing on a v2 one (where its
+            # write-zeroes leaves the clusters unallocated, so they show the new
+            # backing file afterwards): so do we.
             steps = (
                 [Piece(0, s, min(STEP, img.size - s)) for s in range(0, img.size, STEP)]
-                if img.backing is not None
+                if img.backing is not None or img.meta.version >= 3
                 else []
             )
 
