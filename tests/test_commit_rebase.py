@@ -399,3 +399,47 @@ def test_cancel_leaves_chain_reading_the_same(qemu: Qemu, tmp_path: Path, job: s
     for name in ("top.qcow2", "base.qcow2"):
         rc, report = qemu.check(tmp_path / name)
         assert rc in (0, 3) and not report.get("corruptions"), report
+
+
+def _raw_chain(qemu: Qemu, folder: Path, base_size: str, cs: int) -> None:
+    folder.mkdir()
+    base, top = folder / "base.raw", folder / "top.qcow2"
+    qemu.img("create", "-q", "-f", "raw", base, base_size)
+    qemu.io(base, "write -P 1 0 2M", "write -P 0 2560k 64k", fmt="raw")
+    qemu.img(
+        "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}",
+        "-b", "base.raw", "-F", "raw", top, "4M",
+    )  # fmt: skip
+    qemu.io(
+        top,
+        "write -P 2 64k 64k",
+        "write -z 256k 128k",
+        "write -P 4 1M 512",
+        "write -z 3M 64k",
+        "write -z 1600k 4k",
+        "write -c -P 5 3200k 64k",
+        "write -P 0 2500k 192k",
+    )
+
+
+@pytest.mark.parametrize(
+    ("base_size", "cs", "args"),
+    [("4M", 65536, []), ("3M", 512, []), ("4M", 1024, ["-d"])],
+)
+def test_commit_into_raw_like_qemu_img(
+    qemu: Qemu, tmp_path: Path, base_size: str, cs: int, args: list[str]
+) -> None:
+    """A raw base: the same bytes and the same holes (zero chunks punched, a smaller
+    file grown to the top's size), the top emptied (or not) the same way."""
+    argv = ["commit", *args, "top.qcow2"]
+    _raw_chain(qemu, tmp_path / "q", base_size, cs)
+    _raw_chain(qemu, tmp_path / "p", base_size, cs)
+    assert _ours(tmp_path / "p", argv) == _theirs(qemu, tmp_path / "q", argv)
+    q, p = tmp_path / "q", tmp_path / "p"
+    assert (p / "base.raw").read_bytes() == (q / "base.raw").read_bytes()
+    raw_map = [qemu.img("map", "--output=json", "-f", "raw", d / "base.raw").stdout for d in (p, q)]
+    assert raw_map[0] == raw_map[1]
+    assert _layout(qemu, p / "top.qcow2") == _layout(qemu, q / "top.qcow2")
+    assert qemu.img("compare", q / "top.qcow2", p / "top.qcow2", check=False).returncode == 0
+    rc, report = qemu.check(p / "top.qcow2")
+    assert rc == 0, report

@@ -8,8 +8,11 @@ rounded out to chunks of the job's granularity (the base's cluster size, clamped
 4 KiB .. 64 KiB). A chunk that reads as zeros all through (in the same block status:
 zero clusters, unallocated with nothing below, past a layer's end) is
 ``write_zeroes`` into the base (whole base clusters become zero clusters, their host
-clusters freed; a partial cluster gets written zeros); any other chunk is read
-through the top image and written into the base whole, zeros and all.
+clusters freed; a partial cluster gets written zeros; a raw base gets a hole); any
+other chunk is read through the top image and written into the base whole, zeros and
+all. "Reads as zeros" is judged as qemu-img judges it: one run of zeros must cover the
+chunk, and a layer reports no run across one of its L2 tables (so with 512-byte
+clusters, whose tables map 32 KiB, a 64 KiB chunk of zeros over a raw base is copied).
 
 The chunks are grouped into pieces of work that cover whole base clusters, so no two
 ever touch one base cluster, and each reads all its data before writing any: data
@@ -41,9 +44,9 @@ from typing import TypeVar
 
 from ..backing import RawImage
 from ..blockstatus import Status, block_status_async
-from ..errors import Qcow2Error, Qcow2ReadOnlyError, Qcow2UnsupportedError
+from ..errors import Qcow2Error, Qcow2ReadOnlyError
 from ..image import Image
-from ..io import BackendFactory
+from ..io import BackendFactory, to_thread
 from .progress import Counter, Progress
 
 __all__ = ["CommitError", "commit", "commit_sync", "find_base"]
@@ -137,8 +140,51 @@ def find_base(top: Image, name: str, top_name: str | None = None) -> int:
     raise CommitError(f"Did not find '{name}' in the backing chain of '{shown}'")
 
 
-def _granularity(base: Image) -> int:
+def _granularity(base: Layer) -> int:
+    """The job's chunk: the base's cluster size within 4 KiB .. 64 KiB; 64 KiB for a
+    raw base, which has none."""
+    if isinstance(base, RawImage):
+        return 65536
     return max(4096, min(65536, base.cluster_size))
+
+
+class RawTarget:
+    """A raw base file as the commit writes it: guest offset = file offset; a chunk of
+    zeros becomes a hole (QEMU's write-zeroes with unmap on a file), or written zeros
+    where the file system cannot punch."""
+
+    def __init__(self, path: str, factory: BackendFactory) -> None:
+        self.path = path
+        self.file = factory(path, True)
+        self.cluster_size = 65536
+
+    @property
+    def size(self) -> int:
+        return self.file.size()
+
+    async def resize(self, size: int) -> None:
+        await self.file.atruncate(size, "commit_grow")
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await self.file.apwritev([data], offset, "data_write")
+
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
+        if not await to_thread(self.file.punch_hole, offset, length, "commit_zero"):
+            await self.file.apwritev([bytes(length)], offset, "commit_zero")
+
+    async def flush(self) -> None:
+        await self.file.aflush("commit_flush")
+
+    async def aclose(self) -> None:
+        self.file.close()
+
+
+def _table_span(layer: Layer) -> int:
+    """Guest bytes one L2 table of ``layer`` maps (0: a raw file, no tables)."""
+    if isinstance(layer, RawImage):
+        return 0
+    cs = layer.cluster_size
+    return cs * (cs // (16 if layer.meta.extended_l2 else 8))
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -161,11 +207,11 @@ def plan_commit(top: Image, depth: int, chunk_size: int, status: list[Status]) -
     from the block status of the top's whole chain: groups of pieces, each group
     covering whole base clusters (so that no two groups ever touch one base cluster)
     and about ``chunk_size`` bytes."""
-    base = chain_of(top)[depth]
-    assert isinstance(base, Image)
+    layers = chain_of(top)
+    base = layers[depth]
     size = top.size
     gran = _granularity(base)
-    bcs = base.cluster_size
+    bcs = gran if isinstance(base, RawImage) else base.cluster_size
     above = [(st.start, st.start + st.length) for st in status if st.present and st.depth < depth]
     pieces: list[Piece] = []
     i = 0
@@ -174,10 +220,15 @@ def plan_commit(top: Image, depth: int, chunk_size: int, status: list[Status]) -
             c_end = min(b, c + gran)
             while status[i].start + status[i].length <= c:
                 i += 1
-            j, zero = i, True
-            while j < len(status) and status[j].start < c_end:
-                zero = zero and status[j].zero and not status[j].data
-                j += 1
+            # A chunk is zeroed when one run of zeros covers it, as the layer that
+            # answers reports runs: never across one of its L2 tables (observed: with
+            # 512-byte clusters, 32 KiB runs of zeros in 64 KiB chunks are copied).
+            st = status[i]
+            span = _table_span(layers[st.depth]) if st.depth < len(layers) else 0
+            run_end = st.start + st.length
+            if span:
+                run_end = min(run_end, (c // span + 1) * span)
+            zero = st.zero and not st.data and run_end >= c_end
             kind = ZERO_PIECE if zero else DATA_PIECE
             last = pieces[-1] if pieces else None
             if last is not None and last.kind == kind and last.start + last.length == c:
@@ -295,18 +346,18 @@ async def commit(
             raise Qcow2ReadOnlyError(f"image {top.path!r} is opened read-only")
         depth = 1 if base is None else find_base(top, base, shown)
         layer = chain_of(top)[depth]
-        if not isinstance(layer, Image):
-            raise Qcow2UnsupportedError(
-                f"Committing into a raw base image is not supported: {layer.path!r}"
-            )
         below = top._backing_passphrase if not own else backing_passphrase
-        target = Image(
-            layer.path,
-            "r+",
-            passphrase=_base_passphrase(below, depth),
-            backing_passphrase=_below_passphrases(below, depth),
-            wait_timeout=top.wait_timeout,
-            io_backend=top._io_backend,
+        target: Image | RawTarget = (
+            RawTarget(layer.path, top._io_backend)
+            if isinstance(layer, RawImage)
+            else Image(
+                layer.path,
+                "r+",
+                passphrase=_base_passphrase(below, depth),
+                backing_passphrase=_below_passphrases(below, depth),
+                wait_timeout=top.wait_timeout,
+                io_backend=top._io_backend,
+            )
         )
         try:
             if target.size < top.size:
