@@ -331,10 +331,10 @@ def test_api_on_open_image(qemu: Qemu, tmp_path: Path) -> None:
 
     async def run() -> bytes:
         async with qcow2aio.open(top, "r+") as img:
-            await commit(img, progress=lambda d, t: calls.append((d, t)))
+            await qcow2aio.commit(img, progress=lambda d, t: calls.append((d, t)))
             after_commit = await img.read(0, img.size)
             assert after_commit == before
-            await rebase(img, "base.qcow2", backing_format="qcow2")
+            await qcow2aio.rebase(img, "base.qcow2", backing_format="qcow2")
             return await img.read(0, img.size)
 
     assert asyncio.run(run()) == before
