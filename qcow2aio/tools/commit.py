@@ -320,7 +320,10 @@ async def commit(
     ``backing_passphrase``: as :func:`qcow2aio.open` (one per depth, for encrypted
     layers). An :class:`Image` passed in must be writable unless nothing is emptied;
     its backing chain is reopened afterwards (it would otherwise keep the base's old
-    tables). ``io_backend``: as :func:`qcow2aio.open` (the base is opened with the
+    tables). Nothing else may write to the image meanwhile (qemu-img holds its write
+    lock; a live commit that also copies new writes is not implemented): a write
+    landing after its range was copied would be lost when the image is emptied.
+    ``io_backend``: as :func:`qcow2aio.open` (the base is opened with the
     top image's). Raises :class:`CommitError` with qemu-img's messages.
     """
     if chunk_size <= 0 or chunk_size % 512:
