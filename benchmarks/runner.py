@@ -29,6 +29,7 @@ from . import ours, qemu
 from .convert import w_convert
 from .machine import describe
 from .memory import measure as measure_rss
+from .movers_commit import w_commit
 from .movers_compare import w_compare
 from .movers_map import w_map
 from .nbd import w_nbd
@@ -603,6 +604,7 @@ WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "map_1T_sparse": w_map,
     "nbd": w_nbd,
     "compare_1G": w_compare,
+    "commit_3deep": w_commit,
 }
 
 

@@ -105,3 +105,10 @@ def open(
         wait_timeout=wait_timeout,
         discard=discard,
     )
+
+
+# Issue 13's movers (appended; each lives in qcow2aio.tools): qemu-img commit / rebase.
+from .tools.commit import CommitError, commit, commit_sync  # noqa: E402
+from .tools.rebase import RebaseError, rebase, rebase_sync  # noqa: E402
+
+__all__ += ["CommitError", "RebaseError", "commit", "commit_sync", "rebase", "rebase_sync"]

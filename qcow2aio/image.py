@@ -2097,6 +2097,98 @@ class Image:
         """:meth:`delete_snapshot` without awaiting."""
         self._exclusive_sync(self._snapshot_job("delete", name_or_id))
 
+    # ------------------------------------------------ chain operations (tools)
+    async def make_empty(self) -> None:
+        """Make every cluster unallocated, so the image reads as its backing file again
+        (what ``qemu-img commit`` leaves in the committed image unless ``-d``).
+
+        Exclusive like :meth:`resize`; the entries are unlinked in the L2 tables and
+        written back by the flush that follows, and the clusters they held are freed
+        only after that (a crash leaks, never links a freed cluster)."""
+        self._check_writable(0, 0)
+        await self._exclusive(self._empty_job, flush=True)
+        await self.flush()
+
+    def make_empty_sync(self) -> None:
+        """:meth:`make_empty` without awaiting (drains and waits like :meth:`resize_sync`)."""
+        self._check_writable(0, 0)
+        self._exclusive_sync(self._empty_job, flush=True)
+        self.flush_sync()
+
+    def _empty_job(self) -> None:
+        self._check_changeable("make_empty")
+        cs = self.meta.cluster_size
+        end = (self.size + cs - 1) & ~(cs - 1)
+
+        def unlink_all() -> None:
+            zero_clusters(self, 0, end, unmap=True, discard=True, unallocate=True)
+
+        self._run_op(unlink_all)
+
+    async def set_backing(
+        self, name: str | None, fmt: str | None = None, *, open_new: bool = True
+    ) -> None:
+        """Name another backing file in the header (``qemu-img rebase`` switches with
+        this once the data is in place; ``None`` removes the backing file).
+
+        With ``open_new`` the new backing file is opened first (a failure changes
+        nothing) and replaces the old one for reads once the header names it; without,
+        the image reads unallocated ranges as zeros from then on (as one opened without
+        its backing file). One cluster-0 write, flushed, under :meth:`_exclusive`."""
+        self._amend_ready()
+        await self._exclusive(lambda: self._backing_job(name, fmt, open_new), flush=True)
+
+    def set_backing_sync(
+        self, name: str | None, fmt: str | None = None, *, open_new: bool = True
+    ) -> None:
+        """:meth:`set_backing` without awaiting."""
+        self._amend_ready()
+        self._exclusive_sync(lambda: self._backing_job(name, fmt, open_new), flush=True)
+
+    def _backing_job(self, name: str | None, fmt: str | None, open_new: bool) -> None:
+        from .amend import _rewrite_cluster0 as rewrite_cluster0
+
+        self._check_changeable("rebase")
+        new = self._open_backing(name, fmt) if name is not None and open_new else None
+        try:
+            self._run_op(
+                lambda: rewrite_cluster0(
+                    self.meta, backing_file=name, backing_format=fmt if name else None
+                )
+            )
+        except BaseException:
+            if new is not None:
+                new.close()
+            raise
+        old, self.backing = self.backing, new
+        if old is not None:
+            old.close()
+
+    async def reopen_backing(self) -> None:
+        """Reopen the backing chain from the header (after a job wrote into an image of
+        the chain through another handle: the read-only handles here may cache its old
+        tables). Exclusive, so no read is using the old chain meanwhile."""
+        self._check_open()
+        await self._exclusive(self._reopen_job)
+
+    def reopen_backing_sync(self) -> None:
+        """:meth:`reopen_backing` without awaiting."""
+        self._check_open()
+        self._exclusive_sync(self._reopen_job)
+
+    def _reopen_job(self) -> None:
+        hdr = self.meta.header
+        new = (
+            self._open_backing(hdr.backing_file, hdr.backing_format)
+            if hdr.backing_file is not None
+            else None
+        )
+        old, self.backing = self.backing, new
+        self._located.clear()
+        self._located_files.clear()
+        if old is not None:
+            old.close()
+
     # ---------------------------------------------------------------- close
     def _close_files(self) -> None:
         if self._crypto is not None:

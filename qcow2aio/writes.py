@@ -378,7 +378,7 @@ def abort_step(img: Image, step: WriteStep) -> None:
 
 # --------------------------------------------------- write-zeroes, discard
 def zero_clusters(
-    img: Image, start: int, end: int, *, unmap: bool, discard: bool
+    img: Image, start: int, end: int, *, unmap: bool, discard: bool, unallocate: bool = False
 ) -> list[tuple[int, int]]:
     """Make whole clusters (or subclusters) ``[start, end)`` read as zeros / be discarded.
 
@@ -386,6 +386,11 @@ def zero_clusters(
     changed first (dirty L2), the old clusters are freed only later (after the
     unlink is durable). Returns the ranges that must instead be written as
     zeros (parts of compressed clusters).
+
+    ``unallocate`` (whole clusters only) makes every entry unallocated, whatever
+    lies below: the range then reads from the backing file again. That is QEMU's
+    full discard, which ``qemu-img commit`` uses to empty the committed image
+    (:meth:`Image.make_empty`); the same unlink-then-free order applies.
     """
     leftover: list[tuple[int, int]] = []
     meta = img.meta
@@ -399,8 +404,9 @@ def zero_clusters(
         cend = min(cstart + cs, end)
         l1_index = pos >> (cb + meta.l2_bits)
         l2_off = meta.l2_offset_for(l1_index)
-        if not l2_off and not has_backing and (discard or meta.version >= 3):
-            # Nothing allocated here and nothing below: already reads as zeros.
+        if not l2_off and (unallocate or (not has_backing and discard)):
+            # Nothing allocated here and nothing below: a discard leaves it so. (A
+            # write-zeroes still gets zero clusters, in a new L2 table: QEMU's layout.)
             pos = min(end, (l1_index + 1) << (cb + meta.l2_bits))
             continue
         table = l2_for_write(img, l1_index)
@@ -409,7 +415,9 @@ def zero_clusters(
         host = _host_of(img, entry)
         compressed = bool(entry & C.QCOW_OFLAG_COMPRESSED)
         whole = pos == cstart and cend == cstart + cs
-        if ext:
+        if unallocate:
+            new_entry, new_bitmap = 0, 0
+        elif ext:
             sc = cs >> 5
             mask = ALL_ALLOC if whole else _sc_mask(pos - cstart, cend - cstart, sc)
             if whole and (discard or unmap or compressed or not entry & C.QCOW_OFLAG_COPIED):

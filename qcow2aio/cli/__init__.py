@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from ..errors import Qcow2Error
 from .amend import cmd_amend
 from .check import cmd_check
+from .commit import cmd_commit
 from .compare import cmd_compare
 from .convert import cmd_convert
 from .create import cmd_create
@@ -37,6 +38,7 @@ from .options import (
     parse_size,
     split_options,
 )
+from .rebase import cmd_rebase
 from .resize import cmd_resize
 from .serve import cmd_serve
 from .snapshot import cmd_snapshot
@@ -78,6 +80,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "serve": cmd_serve,
     "compare": cmd_compare,
     "measure": cmd_measure,
+    "commit": cmd_commit,
+    "rebase": cmd_rebase,
 }
 
 USAGE = (
@@ -97,6 +101,9 @@ USAGE = (
     "  convert [--object OBJECTDEF] [--image-opts] [--target-image-opts] [-f FMT] [-O FMT]\n"
     "          [-c] [-o OPTIONS] [-B BACKING [-F FMT]] [-S SIZE] [-m N] [-W] [-n] [-p] [-q]\n"
     "          SRC... DST\n"
+    "  commit [-q] [--object OBJECTDEF] [--image-opts] [-f qcow2] [-b BASE] [-d] [-p] FILE\n"
+    "  rebase [-q] [--object OBJECTDEF] [--image-opts] [-f qcow2] [-u] [-b BACKING]\n"
+    "         [-F FMT] [-p] FILE\n"
     "  map [--object OBJECTDEF] [--image-opts] [-f FMT] [--start-offset=OFFSET]\n"
     "      [--max-length=LEN] [--output=human|json] [-U] FILE\n"
     "  serve [-r] [-k SOCKET | -b ADDR -p PORT] [-x NAME] [-e N] [-t] [-A] [-D DESC]\n"
