@@ -206,3 +206,20 @@ def sim_env(qemu: Qemu, tmp_path: Path) -> Any:
     env = SimEnv(tmp_path, qemu)
     yield env
     env.cleanup()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "stress_only: run only with QCOW2AIO_STRESS=1 (make stress); not collected else"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of the long sets are left out of `make test` (deselected, not skipped:
+    a skip in the interop suite would read as a tool missing)."""
+    if os.environ.get("QCOW2AIO_STRESS", "").strip() not in ("", "0"):
+        return
+    keep = [item for item in items if item.get_closest_marker("stress_only") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep

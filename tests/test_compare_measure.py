@@ -347,7 +347,7 @@ def test_compare_cancel_closes(qemu: Qemu, in_tmp: Path) -> None:
     asyncio.run(run())
 
 
-@pytest.mark.skipif(not STRESS, reason="QCOW2AIO_STRESS=1")
+@pytest.mark.stress_only
 @pytest.mark.parametrize("seed", range(12))
 def test_compare_random_grid(
     qemu: Qemu, in_tmp: Path, capsys: pytest.CaptureFixture[str], seed: int
@@ -528,7 +528,7 @@ def test_measure_errors(qemu: Qemu, in_tmp: Path, capsys: pytest.CaptureFixture[
         _same(qemu, capsys, ["measure", *argv])
 
 
-@pytest.mark.skipif(not STRESS, reason="QCOW2AIO_STRESS=1")
+@pytest.mark.stress_only
 def test_compare_long_data_run(
     qemu: Qemu, in_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -543,7 +543,7 @@ def test_compare_long_data_run(
         _same(qemu, capsys, ["compare", *flags, "a.qcow2", "b.raw"])
 
 
-@pytest.mark.skipif(not STRESS, reason="QCOW2AIO_STRESS=1")
+@pytest.mark.stress_only
 @pytest.mark.parametrize("seed", range(8))
 def test_measure_random_sources(
     qemu: Qemu, in_tmp: Path, capsys: pytest.CaptureFixture[str], seed: int

@@ -362,7 +362,7 @@ def _stress_params() -> list[object]:
     ]
 
 
-@pytest.mark.skipif(not STRESS, reason="QCOW2AIO_STRESS=1 runs the larger grid")
+@pytest.mark.stress_only
 @pytest.mark.parametrize(("args", "out_fmt"), _stress_params())
 def test_convert_grid_stress(
     qemu: Qemu, sources: Path, tmp_path: Path, args: str, out_fmt: str
