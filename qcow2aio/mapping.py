@@ -59,6 +59,10 @@ def _append(plan: list[Extent], kind: int, guest: int, length: int, host: int) -
     plan.append(Extent(kind, guest, length, host))
 
 
+# Entries looked at per step of map_read's scan for a run of unallocated entries.
+_SCAN = 1023
+
+
 def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> list[Extent]:
     """Plan the read of ``length`` bytes at guest ``offset`` (already range-checked)."""
     plan: list[Extent] = []
@@ -96,8 +100,10 @@ def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> lis
                 bitmap = 0
                 if not entry:
                     # A run of unallocated entries, found at C speed: a sparse table
-                    # costs one step, not one per cluster (map of a huge image).
-                    last = ((l2_stop - 1) >> cluster_bits) & l2_mask
+                    # costs a few steps, not one per cluster (map of a huge image).
+                    # The window is bounded, so a table of alternating entries does
+                    # not copy the rest of the table at every empty one.
+                    last = min(((l2_stop - 1) >> cluster_bits) & l2_mask, l2_index + _SCAN)
                     chunk = entries[l2_index : last + 1].tobytes()
                     n = (len(chunk) - len(chunk.lstrip(b"\0"))) >> 3
                     stop = min(l2_stop, ((pos >> cluster_bits) + n) << cluster_bits)
