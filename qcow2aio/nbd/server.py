@@ -54,6 +54,8 @@ BLOCK_SIZES = (1, 4096, P.MAX_REQUEST)
 # At most this many extents in one block-status reply (the protocol lets a server
 # answer less than asked; a client asks again from where the answer stopped).
 MAX_EXTENTS = 1 << 16
+# The longest block-status descriptor: the largest 4 KiB multiple below 2^32.
+_MAX_EXTENT = 0xFFFFFFFF & ~0xFFF
 # Replies queued in one turn of the loop are joined into one write up to this size;
 # a connection waits for its socket once this much is buffered unsent.
 _JOIN_MAX = 256 << 10
@@ -578,12 +580,11 @@ def _extents(runs: list[Status], context: str, one: bool) -> list[tuple[int, int
         else:  # absent, except past a shorter backing file: counted at its depth
             flags = st.depth + 2 if st.past_backing_end else 0
         n = st.length
-        while n:
-            k = min(n, 0xFFFFFFFF & ~0xFFF if n > 0xFFFFFFFF else n)
-            if out and out[-1][1] == flags and out[-1][0] + k <= 0xFFFFFFFF:
-                out[-1] = (out[-1][0] + k, flags)
-            else:
-                out.append((k, flags))
+        if out and out[-1][1] == flags:  # merge into the previous descriptor
+            n += out.pop()[0]
+        while n:  # descriptor lengths are 32-bit: split, keeping 4 KiB alignment
+            k = min(n, _MAX_EXTENT)
+            out.append((k, flags))
             n -= k
         if one or len(out) >= MAX_EXTENTS:
             break
