@@ -31,7 +31,9 @@ GiB = 1 << 30
 LAYOUT_CASES = [
     ("cluster_size=65536", 1 * MiB, [], 10 * GiB, "off", False),
     ("cluster_size=65536", 1 * MiB, [(0, 64 * KiB)], 5 * GiB, "metadata", False),
-    ("cluster_size=65536", 1 * MiB, [(0, 64 * KiB)], 3 * GiB, "falloc", False),
+    # falloc past a refcount block's reach (512 MiB at 64-bit refcounts), in 1.5 GB of
+    # disk for both files rather than the 6 GB that 3 GiB at the default width took.
+    ("cluster_size=65536,refcount_bits=64", 1 * MiB, [(0, 64 * KiB)], 768 * MiB, "falloc", False),
     ("cluster_size=65536", 1 * MiB, [(0, 64 * KiB)], 3 * MiB, "full", False),
     ("cluster_size=65536", 1 * MiB + 512, [(0, 1 * KiB)], 3 * MiB + 512, "metadata", False),
     ("cluster_size=65536", 1 * MiB + 512, [(0, 1 * KiB)], 3 * MiB + 512, "falloc", False),
