@@ -27,7 +27,7 @@ from .unlock import chain_passphrases, open_chain
 
 USAGE = (
     "serve [-f qcow2] [-r] [-k SOCKET | -b ADDR -p PORT] [-x NAME] [-e N] [-t] [-A] "
-    "[-D DESCRIPTION] [--object OBJECTDEF] [--image-opts] [--tls-creds ID] "
+    "[-B BITMAP]... [-D DESCRIPTION] [--object OBJECTDEF] [--image-opts] [--tls-creds ID] "
     "[--pid-file FILE] FILE"
 )
 
@@ -92,6 +92,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
     secrets = Secrets()
     tls_objects: dict[str, dict[str, str]] = {}
     files: list[str] = []
+    bitmaps: list[str] = []  # -B may repeat
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -107,6 +108,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
                     tls_objects[obj_id] = {k: v for k, v in props.items() if isinstance(v, str)}
                 else:
                     secrets.add_object(value)
+            elif key in ("-B", "--bitmap"):
+                bitmaps.append(value)
             else:
                 opts[_TAKES_VALUE[key]] = value
         elif arg in _SWITCHES:
@@ -119,8 +122,6 @@ def cmd_serve(argv: Sequence[str]) -> int:
             i += 1
     if len(files) != 1:
         raise UsageError(f"Expected exactly one image file name; usage: {USAGE}")
-    if "bitmap" in opts:
-        raise UsageError("Dirty bitmaps are not supported yet (-B)")
     if "socket" in opts and ("bind" in opts or "port" in opts):
         raise UsageError("-k and -b/-p are mutually exclusive")
     try:
@@ -166,6 +167,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
             read_only=read_only,
             multi_conn=shared != 1,
             allocation_depth="allocation_depth" in flags,
+            # qemu-nbd lists the contexts of repeated -B last one first.
+            bitmaps=bitmaps[::-1],
         )
         return _event_loop_runner()(
             _run(

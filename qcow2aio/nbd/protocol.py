@@ -114,6 +114,7 @@ REPLY_TYPE_ERROR_OFFSET = (1 << 15) | 2
 # base:allocation
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
+STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:*: the range is dirty
 
 # Errors (the protocol's errno values).
 EPERM = 1

@@ -63,6 +63,7 @@ _SEND_HIGH_WATER = 4 << 20
 
 BASE_ALLOCATION = "base:allocation"
 ALLOCATION_DEPTH = "qemu:allocation-depth"
+DIRTY_BITMAP = "qemu:dirty-bitmap:"
 
 
 @dataclass
@@ -72,6 +73,9 @@ class Export:
     ``read_only`` defaults to the image's mode. ``multi_conn`` advertises
     ``CAN_MULTI_CONN`` (qemu-nbd does when more than one client may connect).
     ``allocation_depth`` offers the ``qemu:allocation-depth`` context (``-A``).
+    ``bitmaps`` offers ``qemu:dirty-bitmap:NAME`` for each persistent bitmap named
+    (``-B``), in this order; each must exist and be consistent (not in use), as
+    qemu-nbd demands, and an enabled one shows the export's own writes live.
     """
 
     image: Image
@@ -80,6 +84,7 @@ class Export:
     read_only: bool | None = None
     multi_conn: bool = False
     allocation_depth: bool = False
+    bitmaps: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.read_only is None:
@@ -90,6 +95,13 @@ class Export:
             )
         if len(self.name.encode()) > P.MAX_STRING:
             raise Qcow2Error(f"export name longer than {P.MAX_STRING} bytes: {self.name[:64]!r}")
+        self.bitmaps = tuple(self.bitmaps)
+        flags = {b["name"]: b["flags"] for b in self.image.bitmaps()}
+        for name in self.bitmaps:
+            if name not in flags:
+                raise Qcow2Error(f"Bitmap '{name}' is not found")
+            if "in-use" in flags[name]:
+                raise Qcow2Error(f"Bitmap '{name}' is inconsistent and cannot be used")
 
     def flags(self, structured: bool) -> int:
         """The transmission flags qemu-nbd sends for the same image and options."""
@@ -109,6 +121,7 @@ class Export:
         names = [BASE_ALLOCATION]
         if self.allocation_depth:
             names.append(ALLOCATION_DEPTH)
+        names.extend(DIRTY_BITMAP + b for b in self.bitmaps)
         return names
 
 
@@ -542,15 +555,25 @@ class _Connection:
         if req.length == 0:
             await self._error(req, P.EINVAL, "block status of zero bytes")
             return
+        image = self.export.image
+        one = bool(req.flags & P.CMD_FLAG_REQ_ONE)
+        runs: list[Status] | None = None
+        replies: list[tuple[int, list[tuple[int, int]]]] = []
         try:
-            runs = await block_status_async(self.export.image, req.offset, req.length)
+            for ctx_id, name in self.contexts:
+                if name.startswith(DIRTY_BITMAP):
+                    dirty = image.dirty_extents(name[len(DIRTY_BITMAP) :], req.offset, req.length)
+                    extents = _bitmap_extents(dirty, req.offset, req.length, one)
+                else:
+                    if runs is None:
+                        runs = await block_status_async(image, req.offset, req.length)
+                    extents = _extents(runs, name, one)
+                replies.append((ctx_id, extents))
         except Qcow2Error as exc:
             await self._error(req, _errno_of(exc), str(exc))
             return
-        one = bool(req.flags & P.CMD_FLAG_REQ_ONE)
-        last = len(self.contexts) - 1
-        for i, (ctx_id, name) in enumerate(self.contexts):
-            extents = _extents(runs, name, one)
+        last = len(replies) - 1
+        for i, (ctx_id, extents) in enumerate(replies):
             await self._send(P.block_status_chunk(req.cookie, ctx_id, extents, i == last))
 
 
@@ -569,8 +592,7 @@ def _match_contexts(offered: list[str], queries: list[str], *, listing: bool) ->
 
 
 def _extents(runs: list[Status], context: str, one: bool) -> list[tuple[int, int]]:
-    """Block-status descriptors of one context: (length, flags), adjacent equal
-    flags merged, lengths within 32 bits, at most :data:`MAX_EXTENTS`."""
+    """Block-status descriptors of ``base:allocation`` or ``qemu:allocation-depth``."""
     out: list[tuple[int, int]] = []
     for st in runs:
         if context == BASE_ALLOCATION:
@@ -579,7 +601,32 @@ def _extents(runs: list[Status], context: str, one: bool) -> list[tuple[int, int
             flags = st.depth + 1
         else:  # absent, except past a shorter backing file: counted at its depth
             flags = st.depth + 2 if st.past_backing_end else 0
-        n = st.length
+        out.append((st.length, flags))
+    return _descriptors(out, one)
+
+
+def _bitmap_extents(
+    dirty: list[tuple[int, int]], offset: int, length: int, one: bool
+) -> list[tuple[int, int]]:
+    """``qemu:dirty-bitmap:*`` descriptors over the request: the dirty ranges
+    (flag 1) and the clean gaps between them (flag 0)."""
+    runs: list[tuple[int, int]] = []
+    pos, end = offset, offset + length
+    for start, n in dirty:
+        if start > pos:
+            runs.append((start - pos, 0))
+        runs.append((n, P.STATE_DIRTY))
+        pos = start + n
+    if pos < end:
+        runs.append((end - pos, 0))
+    return _descriptors(runs, one)
+
+
+def _descriptors(runs: list[tuple[int, int]], one: bool) -> list[tuple[int, int]]:
+    """Block-status descriptors (length, flags) from runs in order: adjacent equal
+    flags merged, lengths within 32 bits, at most :data:`MAX_EXTENTS`."""
+    out: list[tuple[int, int]] = []
+    for n, flags in runs:
         if out and out[-1][1] == flags:  # merge into the previous descriptor
             n += out.pop()[0]
         while n:  # descriptor lengths are 32-bit: split, keeping 4 KiB alignment
