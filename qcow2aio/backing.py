@@ -58,13 +58,23 @@ def probe_format(path: str) -> str:
 
 
 class RawImage:
-    """A raw file used as a backing file: guest offset == file offset."""
+    """A raw file read as a disk (a backing file, a mover's source, a read-only
+    export): guest offset == file offset. :class:`qcow2aio.tools.raw.RawTarget`
+    adds the writes."""
+
+    writable = False
 
     def __init__(self, path: str, file: FileBackend | None = None) -> None:
         self.path = path
         self._file = file if file is not None else FileBackend(path, writable=False)
         self.size = self._file.size()
         self.format = "raw"
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (within the file)."""
+        buf = bytearray(length)
+        await self.readinto(memoryview(buf), offset)
+        return bytes(buf)
 
     def readinto_sync(self, buf: memoryview, offset: int) -> None:
         if offset < 0 or offset + len(buf) > self.size:
@@ -91,8 +101,17 @@ class RawImage:
         """Where the file holds data and where holes (see ``FileBackend.data_runs``)."""
         return self._file.data_runs(offset, length)
 
+    async def flush(self) -> None:
+        await self._file.aflush("flush")
+
+    def flush_sync(self) -> None:
+        self._file.flush("flush")
+
     def close(self) -> None:
         self._file.close()
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 def check_chain(path: str, chain: tuple[str, ...]) -> tuple[str, ...]:

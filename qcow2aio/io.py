@@ -88,6 +88,7 @@ _ZEROS = bytes(1 << 16)
 # fallocate(2) modes (linux/falloc.h): free the range's blocks, keep the file size.
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 # Errors that mean "this file (system) cannot punch holes": nothing to do.
 _NO_PUNCH = frozenset({_errno.EOPNOTSUPP, _errno.ENOSYS, _errno.EINVAL, _errno.ENOTTY})
 _fallocate_fn: Any = None
@@ -710,14 +711,23 @@ class FileBackend:
         """Give the blocks of ``[offset, offset+length)`` back to the file system (the
         range then reads as zeros; the file size is kept). False when the file system
         cannot punch holes (nothing done); other failures raise Qcow2IOError."""
+        return self._fallocate_zeros(FALLOC_FL_PUNCH_HOLE, offset, length, event)
+
+    def zero_range(self, offset: int, length: int, event: str = "zero_range") -> bool:
+        """Make ``[offset, offset+length)`` read as zeros keeping its blocks allocated
+        (``FALLOC_FL_ZERO_RANGE``: QEMU's zeroing without unmap), without writing
+        them. False when the file system cannot (nothing done)."""
+        return self._fallocate_zeros(FALLOC_FL_ZERO_RANGE, offset, length, event)
+
+    def _fallocate_zeros(self, mode: int, offset: int, length: int, event: str) -> bool:
         if length <= 0:
             return True
         try:
-            self._sys_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, event)
+            self._sys_fallocate(mode | FALLOC_FL_KEEP_SIZE, offset, length, event)
         except OSError as exc:
             if exc.errno in _NO_PUNCH:
                 return False
-            raise _ioerror(f"punch hole ({event})", self.path, exc) from exc
+            raise _ioerror(f"fallocate ({event})", self.path, exc) from exc
         return True
 
     def close(self) -> None:

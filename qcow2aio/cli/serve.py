@@ -17,18 +17,20 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from ..backing import RawImage, probe_format
 from ..errors import Qcow2Error
 from ..image import Image
-from ..nbd.server import DEFAULT_PORT, Export, serve
+from ..nbd.server import DEFAULT_PORT, Disk, Export, serve
+from ..tools.raw import RawTarget
 from .imageopts import could_not_open, image_spec
 from .options import UsageError, take_value
 from .secrets import Secrets, parse_keyval
 from .unlock import chain_passphrases, open_chain
 
 USAGE = (
-    "serve [-f qcow2] [-r] [-k SOCKET | -b ADDR -p PORT] [-x NAME] [-e N] [-t] [-A] "
+    "serve [-f qcow2|raw] [-r] [-k SOCKET | -b ADDR -p PORT] [-x NAME] [-e N] [-t] [-A] "
     "[-B BITMAP]... [-D DESCRIPTION] [--object OBJECTDEF] [--image-opts] [--tls-creds ID] "
-    "[--pid-file FILE] FILE"
+    "[--pid-file FILE] [--discard=ignore|unmap] FILE"
 )
 
 _TAKES_VALUE = {
@@ -51,7 +53,10 @@ _TAKES_VALUE = {
     "--tls-creds": "tls",
     "--pid-file": "pid_file",
     "--object": "object",
+    "--discard": "discard",
 }
+# qemu-nbd's --discard values (bdrv_parse_discard_flags); "ignore" is its default.
+_DISCARD_MODES = {"ignore": "ignore", "off": "ignore", "unmap": "unmap", "on": "unmap"}
 _SWITCHES = {
     "-r": "read_only",
     "--read-only": "read_only",
@@ -144,21 +149,43 @@ def cmd_serve(argv: Sequence[str]) -> int:
         if creds is None:
             raise UsageError(f"No TLS credentials with id '{opts['tls']}'")
         tls = _tls_context(creds)
+    discard = _DISCARD_MODES.get(opts.get("discard", "ignore"))
+    if discard is None:
+        raise UsageError(f"Invalid discard mode `{opts['discard']}'")
     fmt = opts.get("fmt")
-    if fmt not in (None, "qcow2"):
-        raise UsageError(f"Only the qcow2 format is served, not '{fmt}'")
+    if fmt not in (None, "qcow2", "raw"):
+        raise UsageError(f"Unknown driver '{fmt}'; only qcow2 and raw are served")
     spec = image_spec(files[0], fmt, "image_opts" in flags, backing_allowed=True)
     read_only = "read_only" in flags
-    with could_not_open(spec.name):
-        open_chain(spec, secrets)
-    passphrase, below = chain_passphrases(spec, secrets)
-    with could_not_open(spec.name):
-        img = Image(
-            spec.path,
-            "r" if read_only else "r+",
-            passphrase=passphrase,
-            backing_passphrase=below or None,
-        )
+    kind = spec.fmt
+    if kind is None:
+        with could_not_open(spec.name):
+            kind = probe_format(spec.path)
+        if kind == "raw":  # qemu-nbd serves a probed raw file, with this warning
+            sys.stderr.write(
+                f"WARNING: Image format was not specified for '{spec.name}' and probing "
+                "guessed raw.\n         Automatically detecting the format is dangerous "
+                "for raw images, write operations on block 0 will be restricted.\n"
+                "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+            )
+    img: Disk
+    if kind == "raw":
+        with could_not_open(spec.name):
+            img = RawImage(spec.path) if read_only else RawTarget(spec.path, discard=discard)
+        if isinstance(img, RawTarget):
+            img.probed = spec.fmt is None
+    else:
+        with could_not_open(spec.name):
+            open_chain(spec, secrets)
+        passphrase, below = chain_passphrases(spec, secrets)
+        with could_not_open(spec.name):
+            img = Image(
+                spec.path,
+                "r" if read_only else "r+",
+                passphrase=passphrase,
+                backing_passphrase=below or None,
+                discard=discard,
+            )
     try:
         export = Export(
             img,

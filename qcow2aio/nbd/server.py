@@ -36,10 +36,16 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..backing import RawImage
 from ..blockstatus import Status, block_status_async
 from ..errors import Qcow2Error, Qcow2IOError, Qcow2RangeError, Qcow2ReadOnlyError
 from ..image import Image
+from ..tools.raw import RawTarget
 from . import protocol as P
+
+# What an export serves: a qcow2 image, or a raw file (``-f raw``): a RawImage
+# read-only, a RawTarget writable.
+Disk = Image | RawImage
 
 log = logging.getLogger("qcow2aio.nbd")
 
@@ -78,7 +84,7 @@ class Export:
     qemu-nbd demands, and an enabled one shows the export's own writes live.
     """
 
-    image: Image
+    image: Disk
     name: str = ""
     description: str = ""
     read_only: bool | None = None
@@ -96,7 +102,8 @@ class Export:
         if len(self.name.encode()) > P.MAX_STRING:
             raise Qcow2Error(f"export name longer than {P.MAX_STRING} bytes: {self.name[:64]!r}")
         self.bitmaps = tuple(self.bitmaps)
-        flags = {b["name"]: b["flags"] for b in self.image.bitmaps()}
+        listed = self.image.bitmaps() if self.bitmaps and isinstance(self.image, Image) else []
+        flags = {b["name"]: b["flags"] for b in listed}
         for name in self.bitmaps:
             if name not in flags:
                 raise Qcow2Error(f"Bitmap '{name}' is not found")
@@ -497,16 +504,24 @@ class _Connection:
                 await self._do_block_status(req)
                 return
             if kind == P.CMD_WRITE:
+                assert isinstance(img, Image | RawTarget)  # not read-only
                 await img.write(req.offset, payload)
             elif kind == P.CMD_TRIM:
+                assert isinstance(img, Image | RawTarget)
                 await img.discard(req.offset, req.length)
             elif kind == P.CMD_WRITE_ZEROES:
-                if req.flags & P.CMD_FLAG_FAST_ZERO and not self._fast_zero(req):
+                fast = bool(req.flags & P.CMD_FLAG_FAST_ZERO)
+                unmap = not req.flags & P.CMD_FLAG_NO_HOLE
+                if isinstance(img, RawTarget):
+                    done = await img.write_zeroes(req.offset, req.length, unmap=unmap, fast=fast)
+                else:
+                    assert isinstance(img, Image)
+                    done = not fast or self._fast_zero(req, img)
+                    if done:
+                        await img.write_zeroes(req.offset, req.length, unmap=unmap)
+                if not done:
                     await self._error(req, P.ENOTSUP, "zeroing would not be fast")
                     return
-                await img.write_zeroes(
-                    req.offset, req.length, unmap=not req.flags & P.CMD_FLAG_NO_HOLE
-                )
             elif kind == P.CMD_FLUSH:
                 await img.flush()
             # CMD_CACHE: the page cache is the host's; nothing to do.
@@ -517,12 +532,11 @@ class _Connection:
             return
         await self._send(P.simple_reply(req.cookie))
 
-    def _fast_zero(self, req: P.Request) -> bool:
+    def _fast_zero(self, req: P.Request, img: Image) -> bool:
         """A zeroing is fast when it only writes zero flags: whole clusters of a v3
         image (the disk's end counts as a cluster end). Else qemu-nbd answers a
-        FAST_ZERO request ENOTSUP, and so do we."""
-        assert self.export is not None
-        img = self.export.image
+        FAST_ZERO request ENOTSUP, and so do we. (A raw file's zeroing is fast where
+        the file system zeroes ranges: see RawTarget.write_zeroes.)"""
         cs = img.cluster_size
         end = req.offset + req.length
         return img.meta.version >= 3 and not req.offset % cs and (not end % cs or end == img.size)
@@ -562,6 +576,7 @@ class _Connection:
         try:
             for ctx_id, name in self.contexts:
                 if name.startswith(DIRTY_BITMAP):
+                    assert isinstance(image, Image)  # Export admits bitmaps of qcow2 only
                     dirty = image.dirty_extents(name[len(DIRTY_BITMAP) :], req.offset, req.length)
                     extents = _bitmap_extents(dirty, req.offset, req.length, one)
                 else:

@@ -18,7 +18,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import Qcow2IOError, Qcow2RangeError
+from .. import constants as C
+from ..backing import RawImage
+from ..errors import Qcow2IOError, Qcow2RangeError, Qcow2ReadOnlyError
 from ..io import Buffer, FileBackend, to_thread
 
 _ZERO_CHUNK = 1 << 20
@@ -81,7 +83,7 @@ class EarlyWriteback:
             self._fd = -1
 
 
-class RawTarget:
+class RawTarget(RawImage):
     """A raw file opened for writing by a mover (guest offset == file offset).
 
     ``create=True`` empties the file (creating it) and sets it to ``size`` bytes, as
@@ -100,6 +102,7 @@ class RawTarget:
         create: bool = False,
         size: int | None = None,
         preallocation: str = "off",
+        discard: str = "unmap",
     ) -> None:
         self.path = path
         if create:
@@ -124,10 +127,33 @@ class RawTarget:
                     os.pwrite(fd, bytes(min(4096, size)), 0)
             finally:
                 os.close(fd)
-        self._file = FileBackend(path, writable=True)
-        self.size = self._file.size()
+        super().__init__(path, FileBackend(path, writable=True))
         self.cluster_size = 4096
         self.writable = True
+        # QEMU's discard= option: "ignore" (qemu-nbd's default) makes discards do
+        # nothing; may-unmap zeroing punches either way (as QEMU's raw files do).
+        self.discard_mode = discard
+        # A file whose format was probed, not named: no write may give it a head
+        # that probes as qcow2 (QEMU's "writes on block 0 will be restricted").
+        self.probed = False
+
+    def _guard_head(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        """Refuse a write that would make the first bytes probe as qcow2 (the magic
+        and a version of 2 or more, QEMU's qcow2 probe); the only format probed."""
+        if not self.probed or offset >= 8:
+            return
+        head = bytearray(self._file.pread(0, min(8, self.size), "probe"))
+        new = b"".join(bytes(memoryview(b)) for b in buffers)[: 8 - offset]
+        head[offset : offset + len(new)] = new
+        if (
+            len(head) == 8
+            and int.from_bytes(head[:4], "big") == C.QCOW_MAGIC
+            and int.from_bytes(head[4:], "big") >= 2
+        ):
+            raise Qcow2ReadOnlyError(
+                f"write at offset {offset} would give the probed raw file "
+                f"{self.path!r} a qcow2 header: refused (name the format to allow it)"
+            )
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -139,21 +165,31 @@ class RawTarget:
         """Write all of ``data`` at ``offset`` (within the file's size)."""
         n = len(memoryview(data))
         self._check(offset, n)
+        self._guard_head(offset, [data])
         await self._file.apwritev([data], offset, "data_write")
         return n
 
     async def writev(self, offset: int, buffers: Sequence[Buffer]) -> int:
         n = sum(len(memoryview(b)) for b in buffers)
         self._check(offset, n)
+        self._guard_head(offset, buffers)
         await self._file.apwritev(buffers, offset, "data_write")
         return n
 
-    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, *, unmap: bool = True, fast: bool = False
+    ) -> bool:
         """Make ``[offset, offset+length)`` read as zeros: a hole when the file system
-        can punch one (and ``unmap``), else zeros written in 1 MiB pieces."""
+        can punch one (and ``unmap``), else a zeroed range (``FALLOC_FL_ZERO_RANGE``),
+        else zeros written in 1 MiB pieces — unless ``fast`` (NBD's ``FAST_ZERO``),
+        which does nothing and returns False where only writing would do."""
         self._check(offset, length)
         if unmap and self._file.punch_hole(offset, length, "write_zeroes"):
-            return
+            return True
+        if self._file.zero_range(offset, length, "write_zeroes"):
+            return True
+        if fast:
+            return False
         zeros = bytes(min(length, _ZERO_CHUNK))
         pos = offset
         end = offset + length
@@ -161,19 +197,12 @@ class RawTarget:
             n = min(len(zeros), end - pos)
             await self._file.apwritev([memoryview(zeros)[:n]], pos, "write_zeroes")
             pos += n
+        return True
 
-    def data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """The file's data and holes over a range (``FileBackend.data_runs``)."""
-        return self._file.data_runs(offset, length)
-
-    async def flush(self) -> None:
-        await self._file.aflush("flush")
-
-    def flush_sync(self) -> None:
-        self._file.flush("flush")
-
-    def close(self) -> None:
-        self._file.close()
-
-    async def aclose(self) -> None:
-        self.close()
+    async def discard(self, offset: int, length: int) -> None:
+        """With ``discard="unmap"``, give ``[offset, offset+length)`` back to the file
+        system where it can punch holes (the range then reads as zeros); otherwise,
+        or where it cannot, a discard is only advice and nothing is done."""
+        self._check(offset, length)
+        if self.discard_mode == "unmap":
+            self._file.punch_hole(offset, length, "discard")
