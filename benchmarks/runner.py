@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ours, qemu
+from .bitmaps import w_bitmaps
 from .convert import w_convert
 from .machine import describe
 from .memory import measure as measure_rss
@@ -605,6 +606,7 @@ WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "nbd": w_nbd,
     "compare_1G": w_compare,
     "commit_3deep": w_commit,
+    "bitmaps": w_bitmaps,
 }
 
 
