@@ -398,3 +398,123 @@ def test_crash_while_open_leaves_in_use(qemu: Qemu, tmp_path: Path) -> None:
 def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+
+
+# ------------------------------------------------------------------- CLI
+def _setup_cli_dir(qemu: Qemu, d: Path) -> None:
+    d.mkdir()
+    _qemu_image(qemu, d / "img.qcow2")
+    qemu.io(d / "img.qcow2", "write 0 1M")
+    _qemu_image(qemu, d / "src.qcow2")
+    qemu.img("bitmap", "--add", "-g", "4k", d / "src.qcow2", "s")
+    qemu.io(d / "src.qcow2", "write 10M 4k", "write 20M 1M")
+    _qemu_image(qemu, d / "small.qcow2", "32M")
+    qemu.img("bitmap", "--add", d / "small.qcow2", "s")
+    _qemu_image(qemu, d / "v2.qcow2", "1M", "compat=0.10")
+    qemu.img("create", "-q", "-f", "raw", d / "r.img", "1M")
+
+
+CLI_STEPS: list[list[str]] = [
+    ["--add", "img.qcow2", "b0"],
+    ["--add", "-g", "512", "img.qcow2", "fine"],
+    ["--add", "img.qcow2", "b0"],
+    ["--add", "-g", "256", "img.qcow2", "x"],
+    ["--add", "-g", "3000", "img.qcow2", "x"],
+    ["--add", "-g", "4G", "img.qcow2", "x"],
+    ["--add", "-g", "4294967808", "img.qcow2", "t512"],
+    ["--add", "-g", "abc", "img.qcow2", "x"],
+    ["--add", "-g", "-1", "img.qcow2", "x"],
+    ["--add", "-g", "0", "img.qcow2", "g0"],
+    ["--add", "--granularity=2G", "img.qcow2", "g2G"],
+    ["--add", "--disable", "img.qcow2", "off"],
+    ["--add", "img.qcow2", ""],
+    ["--add", "img.qcow2", "n" * 1024],
+    ["--add", "img.qcow2", "n" * 1023],
+    ["--remove", "img.qcow2", "nope"],
+    ["--clear", "img.qcow2", "nope"],
+    ["--enable", "img.qcow2", "nope"],
+    ["--disable", "img.qcow2", "nope"],
+    ["--merge", "nope", "img.qcow2", "b0"],
+    ["--merge", "b0", "img.qcow2", "nope"],
+    ["--merge", "s", "-b", "src.qcow2", "img.qcow2", "fine"],
+    ["--merge", "s", "-b", "small.qcow2", "img.qcow2", "fine"],
+    ["--merge", "s", "-b", "src.qcow2", "-F", "raw", "img.qcow2", "fine"],
+    ["--merge", "s", "--source-file", "nofile", "img.qcow2", "fine"],
+    ["--merge=fine", "img.qcow2", "b0"],
+    ["--enable", "img.qcow2", "off", "--disable", "--disable"],
+    ["--add", "--remove", "--add", "img.qcow2", "y"],
+    ["--clear", "img.qcow2", "y"],
+    ["--add", "--clear", "img.qcow2", "b0"],
+    ["img.qcow2", "b0"],
+    ["--add", "img.qcow2"],
+    ["--add", "img.qcow2", "a", "b"],
+    ["-g", "1k", "--clear", "img.qcow2", "b0"],
+    ["-b", "src.qcow2", "--clear", "img.qcow2", "b0"],
+    ["-F", "qcow2", "--merge", "s", "img.qcow2", "b0"],
+    ["--add", "nofile.qcow2", "b"],
+    ["--add", "-f", "bogus", "img.qcow2", "b"],
+    ["--bogus", "img.qcow2", "b"],
+    ["-x", "img.qcow2", "b"],
+    ["--merge"],
+    ["--add", "v2.qcow2", "b"],
+    ["--add", "-f", "raw", "r.img", "b"],
+    ["--remove", "-f", "raw", "r.img", "b"],
+    ["--remove", "img.qcow2", "n" * 1023],
+    ["--remove", "img.qcow2", "g2G"],
+]
+
+
+def _norm(text: str, d: Path) -> str:
+    import re
+
+    text = text.replace("qemu-img:", "PROG:").replace("qcow2aio:", "PROG:")
+    text = text.replace("'qemu-img --help'", "'PROG --help'").replace(
+        "'qcow2aio --help'", "'PROG --help'"
+    )
+    text = re.sub(r"#block\d+", "NODE", text)
+    for name in ("img.qcow2", "v2.qcow2", "r.img"):
+        text = text.replace(f"in '{name}'", "in 'NODE'").replace(f"to {name}:", "to NODE:")
+    return text
+
+
+def test_cli_matches_qemu_img_bitmap(
+    qemu: Qemu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qcow2aio.cli import main
+
+    theirs, mine = tmp_path / "theirs", tmp_path / "mine"
+    _setup_cli_dir(qemu, theirs)
+    _setup_cli_dir(qemu, mine)
+    monkeypatch.chdir(mine)
+    for step in CLI_STEPS:
+        proc = subprocess.run(
+            [qemu.qemu_img, "bitmap", *step], cwd=theirs, capture_output=True, text=True
+        )
+        rc = main(["bitmap", *step])
+        out, err = capsys.readouterr()
+        assert (rc, out) == (proc.returncode, proc.stdout), step
+        assert _norm(err, mine) == _norm(proc.stderr, theirs), step
+        assert qemu_bitmaps(qemu, mine / "img.qcow2") == qemu_bitmaps(qemu, theirs / "img.qcow2"), (
+            step
+        )
+    for b in qemu_bitmaps(qemu, theirs / "img.qcow2"):
+        name = str(b["name"])
+        assert qemu_view(mine / "img.qcow2", name) == qemu_view(theirs / "img.qcow2", name), name
+    rc, report = qemu.check(mine / "img.qcow2")
+    assert rc == 0 and not report.get("leaks") and not report.get("corruptions")
+
+
+def test_tool_on_open_image(qemu: Qemu, tmp_path: Path) -> None:
+    """The job on an image a caller has open: its bitmaps change in place."""
+    from qcow2aio.tools.bitmap import BitmapActionError, bitmap_sync
+
+    p = _qemu_image(qemu, tmp_path / "a.qcow2")
+    with qcow2aio.open(p, "r+") as img:
+        bitmap_sync(img, "b", ["add", "disable"], granularity=4096)
+        img.write_sync(0, b"x" * 4096)
+        bitmap_sync(img, "b", ["enable"])
+        img.write_sync(MiB, b"x" * 4096)
+        assert img.dirty_extents("b") == [(MiB, 4096)]
+        with pytest.raises(BitmapActionError, match="Operation add on bitmap b failed"):
+            bitmap_sync(img, "b", ["add"])
+    assert qemu_view(p, "b") == [(MiB, 4096)]
