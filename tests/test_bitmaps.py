@@ -518,3 +518,121 @@ def test_tool_on_open_image(qemu: Qemu, tmp_path: Path) -> None:
         with pytest.raises(BitmapActionError, match="Operation add on bitmap b failed"):
             bitmap_sync(img, "b", ["add"])
     assert qemu_view(p, "b") == [(MiB, 4096)]
+
+
+# ----------------------------------------------------------- interactions
+def _twins(qemu: Qemu, tmp_path: Path, size: str = "64M") -> tuple[Path, Path]:
+    theirs = _qemu_image(qemu, tmp_path / "theirs.qcow2", size)
+    qemu.img("bitmap", "--add", theirs, "b")
+    qemu.img("bitmap", "--add", "-g", "512", "--disable", theirs, "d")
+    qemu.io(theirs, "write 0 64k", "write 63M 1M")
+    qemu.img("bitmap", "--enable", theirs, "d")
+    qemu.io(theirs, "write 40M 4k")
+    mine = tmp_path / "mine.qcow2"
+    shutil.copyfile(theirs, mine)
+    return theirs, mine
+
+
+def _same_bitmaps(qemu: Qemu, theirs: Path, mine: Path) -> None:
+    assert qemu_bitmaps(qemu, mine) == qemu_bitmaps(qemu, theirs)
+    for b in qemu_bitmaps(qemu, theirs):
+        name = str(b["name"])
+        assert qemu_view(mine, name) == qemu_view(theirs, name), name
+    rc, report = qemu.check(mine)
+    assert rc == 0 and not report.get("leaks") and not report.get("corruptions")
+
+
+def test_resize_resizes_bitmaps(qemu: Qemu, tmp_path: Path) -> None:
+    """qemu-img resize (grow and shrink) keeps the bitmaps: new bits clean, cut bits gone."""
+    theirs, mine = _twins(qemu, tmp_path)
+    qemu.img("resize", "--shrink", theirs, "48M")
+    qemu.io(theirs, "write 47M 64k")
+    qemu.img("resize", theirs, "128M")
+    qemu.io(theirs, "write 100M 4k")
+    with qcow2aio.open(mine, "r+") as img:
+        img.resize_sync(48 * MiB, shrink=True)
+        img.write_sync(47 * MiB, b"x" * 65536)
+        img.resize_sync(128 * MiB)
+        img.write_sync(100 * MiB, b"x" * 4096)
+    _same_bitmaps(qemu, theirs, mine)
+
+
+def test_resize_refused_with_inconsistent_bitmap(qemu: Qemu, tmp_path: Path) -> None:
+    from qcow2aio.cli import main
+
+    p = _qemu_image(qemu, tmp_path / "a.qcow2")
+    qemu.img("bitmap", "--add", p, "b0")
+    _crash_qemu(qemu, p, "write 0 64k")
+    q = tmp_path / "q.qcow2"
+    shutil.copyfile(p, q)
+    proc = qemu.img("resize", q, "128M", check=False)
+    assert proc.returncode == 1
+    assert main(["resize", str(p), "128M"]) == 1
+    with qcow2aio.open(p, "r+") as img, pytest.raises(BitmapInconsistentError):
+        img.resize_sync(128 * MiB)
+    assert digest(p) != "" and qcow2aio.open(p).size == 64 * MiB
+    assert "Bitmap 'b0' is inconsistent and cannot be used\n" in proc.stderr
+
+
+def test_snapshots_with_bitmaps(
+    qemu: Qemu, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Create and delete work; apply is refused while there is any bitmap (QEMU's
+    ``Device has active dirty bitmaps``), disabled ones included."""
+    from qcow2aio.cli import main
+
+    theirs, mine = _twins(qemu, tmp_path)
+    qemu.img("bitmap", "--disable", theirs, "b")
+    qemu.img("bitmap", "--disable", theirs, "d")
+    qemu.img("snapshot", "-c", "s1", theirs)
+    qemu.io(theirs, "write 5M 4k")
+    proc = qemu.img("snapshot", "-a", "s1", theirs, check=False)
+    with qcow2aio.open(mine, "r+") as img:
+        img.disable_bitmap_sync("b")
+        img.disable_bitmap_sync("d")
+        img.create_snapshot_sync("s1")
+        img.write_sync(5 * MiB, b"x" * 4096)
+    capsys.readouterr()
+    assert main(["snapshot", "-a", "s1", str(mine)]) == proc.returncode == 1
+    assert (
+        capsys.readouterr().err.replace("qcow2aio", "qemu-img").replace(str(mine), str(theirs))
+        == proc.stderr
+    )
+    assert "Device has active dirty bitmaps" in proc.stderr
+    qemu.img("snapshot", "-d", "s1", theirs)
+    assert main(["snapshot", "-d", "s1", str(mine)]) == 0
+    _same_bitmaps(qemu, theirs, mine)
+
+
+def test_commit_into_base_with_bitmaps(qemu: Qemu, tmp_path: Path) -> None:
+    """The base's enabled bitmaps record what a commit writes into it, as QEMU's."""
+    runs = {}
+    for who in ("theirs", "mine"):
+        d = tmp_path / who
+        d.mkdir()
+        base = _qemu_image(qemu, d / "base.qcow2")
+        qemu.img("bitmap", "--add", base, "bb")
+        qemu.img("bitmap", "--add", "-g", "1M", "--disable", base, "off")
+        top = d / "top.qcow2"
+        qemu.img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+        qemu.io(top, "write 0 64k", "write 2M 4k", "write -z 8M 1M", "write 30M 300k")
+        if who == "theirs":
+            qemu.img("commit", top)
+        else:
+            qcow2aio.commit_sync(str(top))
+        runs[who] = {n: qemu_view(base, n) for n in ("bb",)}
+        assert qemu_bitmaps(qemu, base)[1] == {"flags": [], "name": "off", "granularity": MiB}
+        assert qemu.check(base)[0] == 0
+    assert runs["mine"] == runs["theirs"]
+
+
+def test_amend_downgrade_with_bitmaps(qemu: Qemu, tmp_path: Path) -> None:
+    """compat=0.10 is allowed (QEMU too): the bitmaps are left behind as leaks."""
+    theirs, mine = _twins(qemu, tmp_path)
+    qemu.img("amend", "-o", "compat=0.10", theirs)
+    with qcow2aio.open(mine, "r+") as img:
+        img.amend_sync(compat="0.10")
+    rt, t = qemu.check(theirs)
+    rm, m = qemu.check(mine)
+    assert (rm, m.get("leaks"), m.get("corruptions", 0)) == (rt, t.get("leaks"), 0)
+    assert qemu.info(mine)["format-specific"]["data"]["compat"] == "0.10"
