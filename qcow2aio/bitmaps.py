@@ -304,6 +304,7 @@ class DirtyBitmap:
     IN_USE at open (``inconsistent``: its bits are unknown, it is never used)."""
 
     __slots__ = (
+        "_last_bit",
         "_mutex",
         "bits",
         "disk_size",
@@ -332,6 +333,7 @@ class DirtyBitmap:
         self.inconsistent = inconsistent
         self.entry = entry  # where it lies on disk (None: not stored yet)
         self.bits = bytearray(nbytes(disk_size, gran_bits)) if bits is None else bits
+        self._last_bit = (disk_size - 1) >> gran_bits  # -1 for an empty disk
         # Marks come from any thread (sync writes) and may touch the same byte.
         self._mutex = threading.Lock()
 
@@ -358,22 +360,30 @@ class DirtyBitmap:
     # ---------------------------------------------------------------- bits
     def mark(self, offset: int, length: int) -> None:
         """Set the bits covering guest ``[offset, offset + length)``: at most two
-        partial bytes and one slice assignment, whatever the length."""
+        partial bytes and one slice assignment, whatever the length. A write into
+        chunks already dirty (the common case of a hot range) only reads a byte."""
         if length <= 0:
             return
         g = self.gran_bits
         first = offset >> g
-        end = min((offset + length - 1) >> g, ((self.disk_size - 1) >> g)) + 1
-        if end <= first:
-            return
-        bits = self.bits
-        with self._mutex:
-            b0, b1 = first >> 3, (end - 1) >> 3
-            if b0 == b1:
-                bits[b0] |= _LSB_MASKS[(end - 1 & 7) + 1] & ~_LSB_MASKS[first & 7]
+        last = (offset + length - 1) >> g  # inclusive
+        if last > self._last_bit:
+            last = self._last_bit
+            if last < first:
                 return
+        bits = self.bits
+        b0 = first >> 3
+        b1 = last >> 3
+        if b0 == b1:
+            m = _LSB_MASKS[(last & 7) + 1] & ~_LSB_MASKS[first & 7]
+            if bits[b0] & m == m:
+                return
+            with self._mutex:
+                bits[b0] |= m
+            return
+        with self._mutex:
             bits[b0] |= 0xFF & ~_LSB_MASKS[first & 7]
-            bits[b1] |= _LSB_MASKS[(end - 1 & 7) + 1]
+            bits[b1] |= _LSB_MASKS[(last & 7) + 1]
             if b1 > b0 + 1:
                 bits[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
 
@@ -386,6 +396,7 @@ class DirtyBitmap:
     def resize(self, disk_size: int) -> None:
         """A new disk size: bits past the old end start clean, bits past the new end go."""
         self.disk_size = disk_size
+        self._last_bit = (disk_size - 1) >> self.gran_bits
         n = nbytes(disk_size, self.gran_bits)
         if n < len(self.bits):
             del self.bits[n:]
