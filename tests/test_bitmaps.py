@@ -636,3 +636,17 @@ def test_amend_downgrade_with_bitmaps(qemu: Qemu, tmp_path: Path) -> None:
     rm, m = qemu.check(mine)
     assert (rm, m.get("leaks"), m.get("corruptions", 0)) == (rt, t.get("leaks"), 0)
     assert qemu.info(mine)["format-specific"]["data"]["compat"] == "0.10"
+
+
+def test_measure_counts_bitmaps(qemu: Qemu, tmp_path: Path) -> None:
+    """``bitmaps`` of qemu-img measure, from the same directory codec."""
+    from qcow2aio.tools.measure import measure
+
+    p = _qemu_image(qemu, tmp_path / "a.qcow2", "3G")
+    qemu.img("bitmap", "--add", "-g", "512", p, "fine")
+    qemu.img("bitmap", "--add", "--disable", p, "x" * 300)
+    for cs in (4096, 65536, 2 * MiB):
+        out = qemu.img("measure", "--output=json", "-O", "qcow2", "-o", f"cluster_size={cs}", p)
+        theirs = json.loads(out.stdout)
+        ours = measure(source=str(p), target_format="qcow2", options={"cluster_size": cs})
+        assert ours["bitmaps"] == theirs["bitmaps"], cs
