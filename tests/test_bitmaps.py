@@ -650,3 +650,24 @@ def test_measure_counts_bitmaps(qemu: Qemu, tmp_path: Path) -> None:
         theirs = json.loads(out.stdout)
         ours = measure(source=str(p), target_format="qcow2", options={"cluster_size": cs})
         assert ours["bitmaps"] == theirs["bitmaps"], cs
+
+
+def test_check_repair_keeps_in_use_bitmaps(
+    qemu: Qemu, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``check -r all`` reports nothing for IN_USE bitmaps and keeps them (QEMU)."""
+    from qcow2aio.cli import main
+
+    theirs = _qemu_image(qemu, tmp_path / "theirs.qcow2")
+    qemu.img("bitmap", "--add", theirs, "b0")
+    _crash_qemu(qemu, theirs, "write 0 64k", "write 1M 4k")
+    mine = tmp_path / "mine.qcow2"
+    shutil.copyfile(theirs, mine)
+    proc = qemu.img("check", "-r", "all", "--output=json", theirs, check=False)
+    capsys.readouterr()
+    rc = main(["check", "-r", "all", "--output=json", str(mine)])
+    out = capsys.readouterr().out
+    assert rc == proc.returncode
+    assert json.loads(out.replace(str(mine), str(theirs))) == json.loads(proc.stdout)
+    assert qemu_bitmaps(qemu, mine) == qemu_bitmaps(qemu, theirs)
+    assert qemu_bitmaps(qemu, mine)[0]["flags"] == ["in-use", "auto"]
