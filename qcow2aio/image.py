@@ -2107,6 +2107,8 @@ class Image:
         """The dirty guest ranges ``(start, length)`` of bitmap ``name`` in
         ``[offset, offset + length)``, merged, clipped to the request and the disk.
         BitmapNotFoundError / BitmapInconsistentError (found IN_USE at open) as QEMU."""
+        if offset < 0 or (length is not None and length < 0):
+            raise Qcow2RangeError(f"dirty_extents: offset={offset} length={length} is negative")
         return self._bitmap_set().get(name).extents(offset, length)
 
     def _bitmap_job(self, op: str, *args: Any, **kw: Any) -> Callable[[], None]:
