@@ -55,6 +55,7 @@ from itertools import compress, repeat
 from operator import add, and_, eq, ne, or_, rshift, sub
 from typing import Any
 
+from . import bitmaps
 from . import constants as C
 from .errors import Qcow2Error, Qcow2ReadOnlyError
 from .metadata import Metadata
@@ -112,21 +113,8 @@ _OL_NAMES = {
 _L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
 _L2_BITMAP_ALL_ZEROES = 0xFFFFFFFF << 32
 
-# Bitmaps extension (qcow2-bitmap.c).
-_BME_MAX_TABLE_SIZE = 0x8000000
-_BME_MAX_PHYS_SIZE = 0x20000000
-_BME_MAX_GRANULARITY_BITS = 31
-_BME_MIN_GRANULARITY_BITS = 9
-_BME_MAX_NAME_SIZE = 1023
-_BME_RESERVED_FLAGS = 0xFFFFFFFC
-_BME_FLAG_IN_USE = 1
-_BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
-_BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-_BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
-_BT_DIRTY_TRACKING_BITMAP = 1
-_MAX_BITMAP_DIRECTORY_SIZE = 1024 * 65535
-_BITMAPS_EXT = struct.Struct(">IIQQ")
-_BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
+# Bitmaps extension: the codec is qcow2aio.bitmaps.
+_BITMAPS_EXT = bitmaps.EXT
 
 # Refcount blocks read during one check: a small write-through cache (like QEMU's
 # refcount block cache), so memory does not grow with the image.
@@ -848,66 +836,28 @@ class _Checker:
                 res.corruptions += 1
                 raise _CheckFailed(errno.EINVAL)
             for e in entries:
-                offset = e & _BME_TABLE_ENTRY_OFFSET_MASK
+                offset = e & bitmaps.ENTRY_OFFSET_MASK
                 if offset:
                     self.inc_refcounts(res, offset, cs)
 
     def _bitmap_entry_ok(self, entry: int) -> bool:
-        if entry & _BME_TABLE_ENTRY_RESERVED_MASK:
-            return False
-        offset = entry & _BME_TABLE_ENTRY_OFFSET_MASK
-        return not offset or not (
-            entry & _BME_TABLE_ENTRY_FLAG_ALL_ONES or offset % self.cluster_size
-        )
+        return bitmaps.table_entry_ok(entry, self.cluster_size)
 
     def _bitmap_list_load(
         self, nb_bitmaps: int, offset: int, size: int
     ) -> list[tuple[int, int]] | None:
-        """bitmap_list_load(): the (table offset, table size) of each bitmap, or None."""
-        if size == 0 or size > _MAX_BITMAP_DIRECTORY_SIZE:
+        """bitmap_list_load(): the (table offset, table size) of each bitmap, or None
+        (the directory decoded and checked by the one codec, :mod:`qcow2aio.bitmaps`)."""
+        if size == 0 or size > bitmaps.MAX_DIRECTORY_SIZE:
             return None
         data = self._pread(offset, size, "read")
-        tables: list[tuple[int, int]] = []
-        pos = 0
-        count = 0
-        virtual_size = (self.hdr.size // 512) * 512
-        while pos < size:
-            if pos + _BITMAP_DIR_ENTRY.size > size:
-                return None
-            count += 1
-            if count > nb_bitmaps:
-                return None
-            (t_off, t_size, flags, btype, gran, name_size, extra) = _BITMAP_DIR_ENTRY.unpack_from(
-                data, pos
+        try:
+            entries = bitmaps.decode_directory(
+                data, nb_bitmaps, self.cluster_size, (self.hdr.size // 512) * 512
             )
-            entry_len = (_BITMAP_DIR_ENTRY.size + name_size + extra + 7) & ~7
-            if pos + entry_len > size:
-                return None
-            if extra:
-                return None
-            bad = (
-                t_size == 0
-                or t_off == 0
-                or t_off % self.cluster_size
-                or t_size > _BME_MAX_TABLE_SIZE
-                or gran > _BME_MAX_GRANULARITY_BITS
-                or gran < _BME_MIN_GRANULARITY_BITS
-                or flags & _BME_RESERVED_FLAGS
-                or name_size > _BME_MAX_NAME_SIZE
-                or btype != _BT_DIRTY_TRACKING_BITMAP
-            )
-            if bad:
-                return None
-            phys = t_size * self.cluster_size
-            if phys > _BME_MAX_PHYS_SIZE:
-                return None
-            if not flags & _BME_FLAG_IN_USE and virtual_size > (((phys * 8) << gran) & _U64):
-                return None
-            tables.append((t_off, t_size))
-            pos += entry_len
-        if count != nb_bitmaps or pos != size:
+        except Qcow2Error:
             return None
-        return tables
+        return [(e.table_offset, e.table_size) for e in entries]
 
     # ------------------------------------------------------------ refblocks
     def check_refblocks(self, res: _Res, fix: int) -> bool:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from . import constants as C
 from . import testing
 from .backing import RAW_FORMATS, RawImage, check_chain, probe_format, resolve_name
+from .bitmaps import BitmapSet
 from .compressed_write import check_compressed_write, prepare_compressed
 from .compression import compress_cluster, decompress_cluster
 from .crypto.payload import SECTOR_MASK, PayloadCrypto, open_crypto
@@ -63,7 +64,7 @@ from .mapping import (
     plan_is_zero,
 )
 from .metadata import Metadata
-from .writes import WriteStep, abort_step, commit_step, prepare_write, zero_clusters
+from .writes import WriteStep, abort_step, commit_step, mark_dirty, prepare_write, zero_clusters
 
 Backing = "Image | RawImage"
 # I/O threads that help the caller inflate the clusters of one synchronous read (zlib
@@ -211,6 +212,9 @@ class Image:
         # One LUKS keyslot change at a time (taken before the metadata lock; its PBKDF2
         # runs under this lock only, so I/O goes on meanwhile).
         self._keyslot_lock = MetaLock(f"{self.path!r} (keyslots)")
+        # Persistent dirty bitmaps: loaded at a read-write open (and maintained), on
+        # first use otherwise (qcow2aio/bitmaps.py).
+        self._bitmaps: BitmapSet | None = None
         try:
             self.meta = Metadata(
                 self._file,
@@ -878,15 +882,20 @@ class Image:
             self._file.pwrite(struct.pack(">Q", hdr.incompatible_features), 72, "header_update")
             self._file.flush("header_update")
             meta.writeback.dirty_on_disk = False
-        # Autoclear bits we do not maintain (bitmaps, unknown) must be cleared before the
-        # first write, or another reader would trust data we are about to change.
-        keep = hdr.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW
+        # Autoclear bits we do not maintain (unknown ones) must be cleared before the
+        # first write, or another reader would trust data we are about to change. The
+        # bitmaps bit stays: the bitmaps are maintained (marked IN_USE below, stored
+        # at close; see docs/bitmaps.md).
+        keep = hdr.autoclear_features & (C.AUTOCLEAR_DATA_FILE_RAW | C.AUTOCLEAR_BITMAPS)
         if hdr.autoclear_features != keep or (
             hdr.version >= 3 and self._on_disk_autoclear() != keep
         ):
             hdr.autoclear_features = keep
             self._file.pwrite(struct.pack(">Q", keep), 88, "header_update")
             self._file.flush("header_update")
+        if hdr.version >= 3:
+            self._bitmaps = BitmapSet(meta, self.size)
+            self._bitmaps.mark_in_use()
 
     def _on_disk_autoclear(self) -> int:
         value: int = struct.unpack(">Q", self._file.pread(88, 8, "header_read"))[0]
@@ -1080,6 +1089,7 @@ class Image:
             ):
                 # Fast path, as in write_sync: COPIED clusters contiguous on the host
                 # (nothing to link), small enough to write inline (see io.py).
+                mark_dirty(self, offset, n)
                 t0 = time.monotonic()
                 data_file.pwritev([view], host, "data_write")
                 data_file.note_inline_write(time.monotonic() - t0)
@@ -1393,7 +1403,9 @@ class Image:
         self._check_writable(offset, length)
         head, mid, tail = self._split_aligned(offset, length, for_discard=False)
         if mid[1]:
-            extra = await self._zero_locked(mid[0], mid[1], unmap=unmap, discard=False)
+            extra = await self._zero_locked(
+                mid[0], mid[1], unmap=unmap, discard=False, dirty=(offset, length)
+            )
         else:
             extra = []
         for off, n in (head, tail, *extra):
@@ -1414,8 +1426,11 @@ class Image:
         if self.meta.version < 3 and self.backing is not None:
             return
         _, mid, _ = self._split_aligned(offset, length, for_discard=True)
-        if mid[1]:
-            await self._zero_locked(mid[0], mid[1], unmap=True, discard=True)
+        if mid[1] or (self._bitmaps is not None and self._bitmaps.active and length):
+            # QEMU marks the whole request, unaligned parts included.
+            await self._zero_locked(
+                mid[0], mid[1], unmap=True, discard=True, dirty=(offset, length)
+            )
 
     def _split_aligned(
         self, offset: int, length: int, *, for_discard: bool
@@ -1438,14 +1453,27 @@ class Image:
         return (offset, a - offset), (a, b - a), (mid_end, end - mid_end)
 
     async def _zero_locked(
-        self, offset: int, length: int, *, unmap: bool, discard: bool
+        self,
+        offset: int,
+        length: int,
+        *,
+        unmap: bool,
+        discard: bool,
+        dirty: tuple[int, int] | None = None,
     ) -> list[tuple[int, int]]:
+        """Zero or discard whole clusters under the lock. ``dirty``: the guest range
+        the request asked for (unaligned parts included, as QEMU marks them), set in
+        the bitmaps in the same hold of the lock as the L2 change."""
         ep = self._enter()
         try:
             while True:
                 await self.lock.acquire()
                 try:
                     self._check_still_open()
+                    if dirty is not None:
+                        mark_dirty(self, *dirty)
+                        if not length:
+                            return []
                     self._check_size(offset, length, whole_clusters=True)
                     blocker: L2Meta | SectorRange | None = self.inflight.overlapping(offset, length)
                     if blocker is None and self._ranges is not None:
@@ -1592,6 +1620,7 @@ class Image:
             host = map_plain(self.meta, offset, n, copied=True)
             if host >= 0:
                 self._check_data_write(host, n)
+                mark_dirty(self, offset, n)
                 data_file.pwritev([view], host, "data_write")
                 return
         pos = 0
@@ -2059,6 +2088,85 @@ class Image:
         finally:
             self._gate_open()
 
+    # ------------------------------------------------- persistent bitmaps
+    def _bitmap_set(self) -> BitmapSet:
+        """The image's bitmaps (read from the directory on first use when read-only)."""
+        self._check_open()
+        if self._bitmaps is None:
+            self._bitmaps = BitmapSet(self.meta, self.size)
+        return self._bitmaps
+
+    def bitmaps(self) -> list[dict[str, Any]]:
+        """The persistent dirty bitmaps as ``qemu-img info --output=json`` lists them
+        (``{"name", "granularity", "flags"}``; flags "in-use" then "auto")."""
+        return self._bitmap_set().info()
+
+    def dirty_extents(
+        self, name: str, offset: int = 0, length: int | None = None
+    ) -> list[tuple[int, int]]:
+        """The dirty guest ranges ``(start, length)`` of bitmap ``name`` in
+        ``[offset, offset + length)``, merged, clipped to the request and the disk.
+        BitmapNotFoundError / BitmapInconsistentError (found IN_USE at open) as QEMU."""
+        if offset < 0 or (length is not None and length < 0):
+            raise Qcow2RangeError(f"dirty_extents: offset={offset} length={length} is negative")
+        return self._bitmap_set().get(name).extents(offset, length)
+
+    def _bitmap_job(self, op: str, *args: Any, **kw: Any) -> Callable[[], None]:
+        from . import bitmaps
+
+        if not self.writable:
+            raise Qcow2ReadOnlyError(f"image {self.path!r} is opened read-only")
+        self._check_changeable("bitmap changes")
+        bset = self._bitmap_set()
+        return lambda: getattr(bitmaps, op)(self, bset, *args, **kw)
+
+    async def add_bitmap(
+        self, name: str, *, granularity: int = 65536, disabled: bool = False
+    ) -> None:
+        """``qemu-img bitmap --add [-g GRANULARITY] [--disable]``: a new bitmap, clean."""
+        await self._exclusive(self._bitmap_job("op_add", name, granularity, disabled))
+
+    def add_bitmap_sync(
+        self, name: str, *, granularity: int = 65536, disabled: bool = False
+    ) -> None:
+        self._exclusive_sync(self._bitmap_job("op_add", name, granularity, disabled))
+
+    async def remove_bitmap(self, name: str) -> None:
+        """``qemu-img bitmap --remove`` (an inconsistent bitmap may be removed)."""
+        await self._exclusive(self._bitmap_job("op_remove", name))
+
+    def remove_bitmap_sync(self, name: str) -> None:
+        self._exclusive_sync(self._bitmap_job("op_remove", name))
+
+    async def clear_bitmap(self, name: str) -> None:
+        """``qemu-img bitmap --clear``: every bit clean."""
+        await self._exclusive(self._bitmap_job("op_clear", name))
+
+    def clear_bitmap_sync(self, name: str) -> None:
+        self._exclusive_sync(self._bitmap_job("op_clear", name))
+
+    async def enable_bitmap(self, name: str) -> None:
+        """``qemu-img bitmap --enable``: writes mark it again (AUTO flag)."""
+        await self._exclusive(self._bitmap_job("op_enable", name, True))
+
+    def enable_bitmap_sync(self, name: str) -> None:
+        self._exclusive_sync(self._bitmap_job("op_enable", name, True))
+
+    async def disable_bitmap(self, name: str) -> None:
+        """``qemu-img bitmap --disable``: writes leave it alone."""
+        await self._exclusive(self._bitmap_job("op_enable", name, False))
+
+    def disable_bitmap_sync(self, name: str) -> None:
+        self._exclusive_sync(self._bitmap_job("op_enable", name, False))
+
+    async def merge_bitmaps(self, src: str, dst: str, *, source: Image | None = None) -> None:
+        """``qemu-img bitmap --merge SRC [-b SOURCE_FILE] IMG DST``: every range dirty in
+        ``src`` (of ``source``, default this image) becomes dirty in ``dst``."""
+        await self._exclusive(self._bitmap_job("op_merge", src, dst, source))
+
+    def merge_bitmaps_sync(self, src: str, dst: str, *, source: Image | None = None) -> None:
+        self._exclusive_sync(self._bitmap_job("op_merge", src, dst, source))
+
     # ------------------------------------------------------------ snapshots
     def snapshots(self) -> list[dict[str, Any]]:
         """The internal snapshots, as ``qemu-img info --output=json`` lists them."""
@@ -2268,6 +2376,8 @@ class Image:
     def _close_steps(self) -> Iterator[str]:
         assert self.meta.writeback is not None and self.meta.allocator is not None
         yield from self._flush_steps()
+        if self._bitmaps is not None and self._bitmaps.dirty:
+            yield from self._bitmaps.store_steps()
         yield from self.meta.writeback.close_steps()
         if self.discard_mode == "unmap" and self._truncate_free_tail():
             yield "close_truncate"

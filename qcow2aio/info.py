@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import constants as C
-from .errors import Qcow2FormatError, Qcow2UnsupportedError
+from .errors import Qcow2UnsupportedError
 
 if TYPE_CHECKING:
     from .backing import RawImage
@@ -34,20 +33,6 @@ __all__ = ["format_human", "format_json", "image_info", "qdict", "raw_image_info
 _QDICT_BUCKET_MAX = 512
 _SECTOR = 512
 
-# qcow2-bitmap.c limits and flags.
-_BME_RESERVED_FLAGS = 0xFFFFFFFC
-_BME_FLAG_IN_USE = 1 << 0
-_BME_FLAG_AUTO = 1 << 1
-_BME_MAX_TABLE_SIZE = 0x8000000
-_BME_MAX_PHYS_SIZE = 0x20000000
-_BME_MAX_GRANULARITY_BITS = 31
-_BME_MIN_GRANULARITY_BITS = 9
-_BME_MAX_NAME_SIZE = 1023
-_BT_DIRTY_TRACKING_BITMAP = 1
-_QCOW2_MAX_BITMAPS = 65535
-_QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * _QCOW2_MAX_BITMAPS
-_BITMAPS_EXT = struct.Struct(">IIQQ")
-_BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
 # QEMUSnapshotInfo's fixed buffers (pstrcpy keeps one byte for the NUL).
 _SN_ID_MAX = 127
 _SN_NAME_MAX = 255
@@ -103,70 +88,10 @@ def _allocated(fd: int) -> int:
 
 
 def _bitmaps(img: Image) -> list[dict[str, Any]] | None:
-    """``qcow2_get_bitmap_info_list``: None when QEMU would not list any bitmap."""
-    hdr = img.meta.header
-    if hdr.bitmaps_ext is None or not hdr.autoclear_features & C.AUTOCLEAR_BITMAPS:
-        # Without the autoclear bit QEMU considers the bitmaps inconsistent and ignores them.
-        return None
-    if len(hdr.bitmaps_ext) != _BITMAPS_EXT.size:
-        raise Qcow2FormatError(
-            f"bitmaps_ext: Invalid extension length: {len(hdr.bitmaps_ext)} (must be 24)"
-        )
-    nb_bitmaps, _reserved, dir_size, dir_offset = _BITMAPS_EXT.unpack(hdr.bitmaps_ext)
-    if nb_bitmaps == 0:
-        return None
-    if dir_size == 0:
-        raise Qcow2FormatError("Requested bitmap directory size is zero")
-    if dir_size > _QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
-        raise Qcow2FormatError(
-            f"Requested bitmap directory size is too big: bitmap_directory_size={dir_size}"
-        )
-    raw = img.meta.file.pread(dir_offset, dir_size, "bitmap_dir_load")
-    cluster_size = hdr.cluster_size
-    virtual_size = hdr.size // _SECTOR * _SECTOR
-    out: list[dict[str, Any]] = []
-    pos = 0
-    count = 0
-    while pos < len(raw):
-        if pos + _BITMAP_DIR_ENTRY.size > len(raw):
-            raise Qcow2FormatError("Broken bitmap directory")
-        count += 1
-        if count > nb_bitmaps:
-            raise Qcow2FormatError("More bitmaps found than specified in header extension")
-        (table_offset, table_size, flags, btype, gran_bits, name_size, extra) = (
-            _BITMAP_DIR_ENTRY.unpack_from(raw, pos)
-        )
-        entry_len = (_BITMAP_DIR_ENTRY.size + extra + name_size + 7) & ~7
-        if pos + entry_len > len(raw):
-            raise Qcow2FormatError("Broken bitmap directory")
-        name_start = pos + _BITMAP_DIR_ENTRY.size + extra
-        name = raw[name_start : name_start + name_size].decode("utf-8", errors="replace")
-        if extra != 0:
-            raise Qcow2UnsupportedError(f"Bitmap extra data is not supported: bitmap {name!r}")
-        phys = table_size * cluster_size
-        if (
-            table_size == 0
-            or table_offset == 0
-            or table_offset % cluster_size
-            or table_size > _BME_MAX_TABLE_SIZE
-            or not _BME_MIN_GRANULARITY_BITS <= gran_bits <= _BME_MAX_GRANULARITY_BITS
-            or flags & _BME_RESERVED_FLAGS
-            or name_size > _BME_MAX_NAME_SIZE
-            or btype != _BT_DIRTY_TRACKING_BITMAP
-            or phys > _BME_MAX_PHYS_SIZE
-            or (not flags & _BME_FLAG_IN_USE and virtual_size > (phys * 8) << gran_bits)
-        ):
-            raise Qcow2FormatError(f"Bitmap '{name}' doesn't satisfy the constraints")
-        flag_names = []
-        if flags & _BME_FLAG_IN_USE:
-            flag_names.append("in-use")
-        if flags & _BME_FLAG_AUTO:
-            flag_names.append("auto")
-        out.append(qdict([("name", name), ("granularity", 1 << gran_bits), ("flags", flag_names)]))
-        pos += entry_len
-    if count < nb_bitmaps:
-        raise Qcow2FormatError("Less bitmaps found than specified in header extension")
-    return out
+    """``qcow2_get_bitmap_info_list``: None when QEMU would not list any bitmap (the
+    directory is decoded and checked by :mod:`qcow2aio.bitmaps`, the one codec)."""
+    listed = img.bitmaps()
+    return listed or None
 
 
 def _format_specific(img: Image) -> dict[str, Any]:

@@ -101,6 +101,9 @@ class Metadata:
         self.writeback: Writeback | None = None
         self.data_file: FileBackend | None = None
         self.meta_map = MetaMap(self.cluster_bits)
+        # The bitmap directory in use (offset, length), kept by qcow2aio.bitmaps: one of
+        # QEMU's overlap checks, so every rebuild of the map includes it.
+        self.bitmap_directory: tuple[int, int] | None = None
         # The first failure after which cached metadata must never be written back
         # (sticky until reopen): a failed fdatasync (the kernel may have dropped dirty
         # pages) or a refcount-table growth that could not switch. The owning Image
@@ -261,6 +264,8 @@ class Metadata:
             off = entry & C.L1E_OFFSET_MASK
             if off:
                 self.add_meta_range(off, self.cluster_size, "l2")
+        if self.bitmap_directory is not None:
+            self.add_meta_range(*self.bitmap_directory, "bitmap_directory")
         if hdr.crypto_area is not None:
             # Not one of QEMU's overlap checks, but a guest write landing on the LUKS
             # header or keyslots would lose every passphrase: refused the same way.

@@ -73,6 +73,8 @@ def check_resize(img: Image, size: int, shrink: bool, preallocation: str) -> Non
         raise Qcow2FormatError("The new size must be a multiple of 512")
     if img.meta.header.nb_snapshots and img.meta.version < 3:
         raise Qcow2UnsupportedError("Can't resize a v2 image which has snapshots")
+    if img._bitmaps is not None:
+        img._bitmaps.check_resize()  # an inconsistent bitmap refuses, as in QEMU
 
 
 def resize_locked(img: Image, size: int, preallocation: str, *, creating: bool = False) -> None:
@@ -90,6 +92,8 @@ def resize_locked(img: Image, size: int, preallocation: str, *, creating: bool =
     elif size > old or creating:
         _grow(img, old, size, preallocation)
     _write_size(img, size)
+    if img._bitmaps is not None:
+        img._bitmaps.resize(size & ~511)  # stored at close, as QEMU does
 
 
 # ------------------------------------------------------------------ common

@@ -546,6 +546,8 @@ def create(img: Image, name: str) -> None:
 
 def apply(img: Image, name_or_id: str) -> None:
     """``qcow2_snapshot_goto``: the active L1 table becomes a copy of the snapshot's."""
+    if img._bitmaps is not None:
+        img._bitmaps.check_snapshot_apply()  # QEMU: refused while there are bitmaps
     op = _Op(img)
     meta = op.meta
     hdr = meta.header

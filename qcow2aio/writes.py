@@ -331,9 +331,21 @@ def _add_meta(
     step.meta = m
 
 
+def mark_dirty(img: Image, offset: int, length: int) -> None:
+    """Set the bits of every enabled persistent bitmap over guest ``[offset, +length)``.
+
+    The one hook of every write kind (called where the write changes L2 or, for an
+    in-place write, where it is admitted to write the data), synchronous and O(1) in
+    the length: a bitmap never misses a write that reached the image."""
+    bm = img._bitmaps
+    if bm is not None and bm.active:
+        bm.mark(offset, length)
+
+
 def commit_step(img: Image, step: WriteStep) -> None:
     """Link a written step into L2 and release its in-flight entry."""
     meta = img.meta
+    mark_dirty(img, step.guest, step.length)
     try:
         if not step.links:
             return
@@ -368,6 +380,7 @@ def commit_step(img: Image, step: WriteStep) -> None:
 def abort_step(img: Image, step: WriteStep) -> None:
     """Undo a step whose data write failed: free its new clusters, release waiters."""
     meta = img.meta
+    mark_dirty(img, step.guest, step.length)  # an in-place step may have written part
     try:
         if step.alloc is not None and meta.allocator is not None:
             meta.allocator.update_refcount(step.alloc[0], step.alloc[1], -1)

@@ -40,6 +40,7 @@ opening and QEMU's tools need for each (the passphrase, QEMU's secret object).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import json
@@ -1079,6 +1080,7 @@ def run_seed(scn: Scenario, driver: str, seed: int, env: SimEnv) -> Outcome:
     hist.sector_tear = setup.crypt != "plain"
     with memoized_unlock():
         img = _open(setup.path, driver, jitter_factory(seed), setup.open_kwargs)
+    _add_sim_bitmap(img, seed)
     ctx = Ctx(
         img=img, hist=hist, setup=setup, driver=driver, seed=seed, scenario=scn.name, outcome=out
     )
@@ -1130,6 +1132,7 @@ def _verify(scn: Scenario, ctx: Ctx, out: Outcome, env: SimEnv) -> None:
                 out.failures.append(Failure("final", bad))
             if scn.verify is not None:
                 scn.verify(ctx, img, final, report)
+            _verify_bitmap(ctx, out, img, final)
     except Exception as exc:
         out.failures.append(
             Failure("final", f"reopen/read/check raised {type(exc).__name__}: {exc}")
@@ -1147,6 +1150,55 @@ def _verify(scn: Scenario, ctx: Ctx, out: Outcome, env: SimEnv) -> None:
     if final and _wants_qemu(ctx, out):
         out.qemu_checked = True
         _qemu_checks(ctx, out, env, final)
+
+
+SIM_BITMAP = "sim"
+
+
+def _add_sim_bitmap(img: qcow2aio.Image, seed: int) -> None:
+    """Every v3 image of the harness maintains a persistent dirty bitmap (issue 15),
+    at a seeded granularity, so the oracle can ask it what was written."""
+    from qcow2aio.bitmaps import BitmapError
+
+    gran = random.Random(f"bitmap:{seed}").choice([512, 4096, 65536])
+    with contextlib.suppress(BitmapError):  # v2: no persistent bitmaps
+        img.add_bitmap_sync(SIM_BITMAP, granularity=gran)
+
+
+def _verify_bitmap(ctx: Ctx, out: Outcome, img: qcow2aio.Image, final: bytes) -> None:
+    """Every range written is dirty: each write, write-zeroes and discard that
+    completed, and every byte that differs from the initial disk (a cancelled or
+    failed write that landed). A bitmap left IN_USE (a close that could not store)
+    is allowed: readers will not trust it."""
+    from qcow2aio.bitmaps import BitmapInconsistentError, BitmapNotFoundError
+
+    try:
+        dirty = img.dirty_extents(SIM_BITMAP)
+    except BitmapNotFoundError:
+        return
+    except BitmapInconsistentError:
+        out.stats["bitmap left in use"] += 1
+        return
+    starts = [s for s, _ in dirty]
+
+    def covered(lo: int, hi: int) -> bool:
+        i = bisect.bisect_right(starts, lo) - 1
+        return i >= 0 and dirty[i][0] <= lo and hi <= dirty[i][0] + dirty[i][1]
+
+    for op in ctx.hist.writes():
+        if op.status == "ok" and op.length and not covered(op.off, op.off + op.length):
+            out.failures.append(Failure("bitmap", f"{op.label()} not dirty in {dirty}"))
+            return
+    initial = ctx.hist.initial
+    n = min(len(initial), len(final))
+    for lo in range(0, n, 65536):
+        hi = min(n, lo + 65536)
+        if initial[lo:hi] == final[lo:hi]:
+            continue
+        for sec in range(lo, hi, 512):
+            if initial[sec : sec + 512] != final[sec : sec + 512] and not covered(sec, sec + 1):
+                out.failures.append(Failure("bitmap", f"sector at {sec} changed, not dirty"))
+                return
 
 
 def _wants_qemu(ctx: Ctx, out: Outcome) -> bool:

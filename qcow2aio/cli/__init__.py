@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from ..errors import Qcow2Error
 from .amend import cmd_amend
+from .bitmap import cmd_bitmap
 from .check import cmd_check
 from .commit import cmd_commit
 from .compare import cmd_compare
@@ -51,6 +52,7 @@ __all__ = [
     "CreateOpts",
     "UsageError",
     "cmd_amend",
+    "cmd_bitmap",
     "cmd_check",
     "cmd_compare",
     "cmd_convert",
@@ -82,6 +84,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "measure": cmd_measure,
     "commit": cmd_commit,
     "rebase": cmd_rebase,
+    "bitmap": cmd_bitmap,
 }
 
 USAGE = (
@@ -112,6 +115,9 @@ USAGE = (
     "          FILE1 FILE2\n"
     "  measure [--output=human|json] [--object OBJECTDEF] [--image-opts] [-O FMT]\n"
     "          [-o OPTIONS] (--size N | [-f FMT] FILE)\n"
+    "  bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)...\n"
+    "         [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [--object OBJECTDEF]\n"
+    "         [--image-opts | -f FMT] FILE BITMAP\n"
     "OBJECTDEF: secret,id=ID,data=STRING|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]\n"
     "--image-opts: FILE is driver=qcow2,file.filename=PATH[,encrypt.key-secret=ID]\n"
     "              [,backing.encrypt.key-secret=ID] (check and resize: backing.*)\n"

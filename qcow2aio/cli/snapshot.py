@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ..bitmaps import BitmapsBusyError
 from ..errors import Qcow2Error, Qcow2UnsupportedError
 from ..image import Image
 from ..info import _snapshot_line
@@ -149,6 +150,8 @@ def cmd_snapshot(argv: Sequence[str]) -> int:
                     f"{os.strerror(errno.ENOENT)}"
                 ) from None
             raise Qcow2Error(f"Could not delete snapshot '{name}': snapshot not found") from None
+        except BitmapsBusyError as exc:  # bdrv_snapshot_goto's own refusal: no prefix
+            raise Qcow2Error(f"Could not apply snapshot '{name}': {exc}") from None
         except Qcow2Error as exc:
             err = getattr(exc, "errno", None)
             if isinstance(exc, SnapshotResizeError):

@@ -24,13 +24,13 @@ checked against qemu-img 7.2 on a grid of sizes and options (tests).
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Mapping
 from typing import Union
 
 from .. import constants as C
 from ..allocator import refcount_metadata_size
 from ..backing import RAW_FORMATS, RawImage, probe_format
+from ..bitmaps import DIR_ENTRY
 from ..blockstatus import Status, block_status, block_status_async
 from ..crypto.ciphers import cipher_key_bytes
 from ..crypto.luks import area_length
@@ -45,9 +45,6 @@ _SECTOR = 512
 _INT64_MAX = (1 << 63) - 1
 _COMPAT = {"0.10": 2, "1.1": 3}
 _PREALLOCATION = ("off", "metadata", "falloc", "full")
-_BITMAP_ENTRY = struct.Struct(
-    ">QIIBBHI"
-)  # table offset, table size, flags, type, gran, name, extra
 _STATUS_WINDOW = 1 << 40
 
 SourceArg = Union[str, "os.PathLike[str]", Image, RawImage]
@@ -217,31 +214,23 @@ def _data_clusters(runs: list[Status], cs: int, seen: int) -> tuple[int, int]:
 
 def _bitmaps_size(img: Image, cs: int) -> int:
     """Room for the source's persistent bitmaps in a target of ``cs``-byte clusters:
-    each bitmap's data clusters and table, and the directory (whole clusters)."""
-    hdr = img.meta.header
-    if hdr.bitmaps_ext is None or not hdr.autoclear_features & C.AUTOCLEAR_BITMAPS:
-        return 0
-    nb, _, dir_size, dir_offset = struct.unpack(">IIQQ", hdr.bitmaps_ext)
-    raw = img._file.pread(dir_offset, dir_size, "bitmap_directory")
+    each bitmap's data clusters and table, and the directory (whole clusters). The
+    bitmaps are those :mod:`qcow2aio.bitmaps` (the one directory codec) lists."""
+    bset = img._bitmap_set()
+    if bset.loaded:
+        items = [(len(b.name.encode("utf-8", "surrogateescape")), b.gran_bits) for b in bset.list]
+    else:
+        items = [(len(e.raw_name), e.gran_bits) for e in bset.on_disk]
     total = 0
     directory = 0
-    pos = 0
-    for _ in range(nb):
-        if pos + _BITMAP_ENTRY.size > len(raw):
-            raise Qcow2FormatError(
-                f"Bitmap directory entry at {dir_offset + pos:#x} runs past "
-                f"bitmap_directory_size={dir_size}"
-            )
-        _, _, _, _, gran_bits, name_size, extra = _BITMAP_ENTRY.unpack_from(raw, pos)
-        entry = _round_up(_BITMAP_ENTRY.size + extra + name_size, 8)
-        pos += entry
+    for name_size, gran_bits in items:
         granularity = 1 << gran_bits
         bits = _round_up(img.size, granularity) // granularity
         nbytes = _round_up(bits, 8) // 8
         clusters = -(-nbytes // cs)
         total += clusters * cs + _round_up(clusters * 8, cs)
-        directory += _round_up(_BITMAP_ENTRY.size + name_size, 8)
-    return total + _round_up(directory, cs)
+        directory += _round_up(DIR_ENTRY.size + name_size, 8)
+    return total + _round_up(directory, cs) if items else 0
 
 
 # ------------------------------------------------------------------ measuring
