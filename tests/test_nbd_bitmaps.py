@@ -64,8 +64,9 @@ def test_qemu_bitmaps_exported_as_qemu_nbd_does(qemu: Qemu, tmp_path: Path, sock
     assert views["ours"][1][2] == [(0, 64 * MiB, 0)]  # disabled: clean
 
 
+@pytest.mark.parametrize("mode", [[], ["--discard=unmap"]])
 def test_round_trip_we_write_qemu_nbd_exports_the_ranges(
-    qemu: Qemu, tmp_path: Path, sockdir: str
+    qemu: Qemu, tmp_path: Path, sockdir: str, mode: list[str]
 ) -> None:
     """Writes through our writable export dirty the enabled bitmaps live; after the
     server stops, qemu-nbd reads exactly those ranges from the stored bitmaps."""
@@ -74,11 +75,11 @@ def test_round_trip_we_write_qemu_nbd_exports_the_ranges(
     shutil.copy(img, twin)
     before = {b: _qemu_view(img, sockdir, b) for b in ("b0", "b1", "b2")}
     cmds = ["write -P 7 20M 4k", "write -z 30M 200k", "discard 50M 1M", "write 63M 1M"]
-    with server("ours", img, f"{sockdir}/o", "-B", "b0", "-B", "b2") as sock:
+    with server("ours", img, f"{sockdir}/o", "-B", "b0", "-B", "b2", *mode) as sock:
         qemu.io(uri(sock), *cmds, fmt="raw")
         live = _dirty_map(sock, "b0")
         assert _dirty_map(sock, "b2") == before["b2"]
-    with server("qemu", twin, f"{sockdir}/q", "-B", "b0", "-B", "b2") as sock:
+    with server("qemu", twin, f"{sockdir}/q", "-B", "b0", "-B", "b2", *mode) as sock:
         qemu.io(uri(sock), *cmds, fmt="raw")  # the same writes through qemu-nbd
     after = {b: _qemu_view(img, sockdir, b) for b in ("b0", "b1", "b2")}
     assert after == {b: _qemu_view(twin, sockdir, b) for b in ("b0", "b1", "b2")}
