@@ -184,7 +184,8 @@ def decode_directory(
             )
         start = pos + DIR_ENTRY.size + extra
         raw_name = bytes(raw[start : start + name_size])
-        name = raw_name.decode("utf-8", errors="replace")
+        # surrogateescape: a name that is not UTF-8 is stored back byte for byte.
+        name = raw_name.decode("utf-8", errors="surrogateescape")
         if extra:
             raise Qcow2UnsupportedError(f"Bitmap extra data is not supported: bitmap {name!r}")
         phys = t_size * cluster_size
@@ -295,6 +296,11 @@ def read_table(meta: Metadata, entry: DirEntry) -> array[int]:
 
 
 # ------------------------------------------------------------- the bitmaps
+def _shown(name: str) -> str:
+    """A name as listed: bytes that are not UTF-8 shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 _LSB_MASKS = [(1 << k) - 1 for k in range(9)]
 
 
@@ -354,7 +360,11 @@ class DirtyBitmap:
         from .info import qdict
 
         return qdict(
-            [("name", self.name), ("granularity", self.granularity), ("flags", self.qemu_flags())]
+            [
+                ("name", _shown(self.name)),
+                ("granularity", self.granularity),
+                ("flags", self.qemu_flags()),
+            ]
         )
 
     # ---------------------------------------------------------------- bits
@@ -398,10 +408,11 @@ class DirtyBitmap:
         self.disk_size = disk_size
         self._last_bit = (disk_size - 1) >> self.gran_bits
         n = nbytes(disk_size, self.gran_bits)
-        if n < len(self.bits):
-            del self.bits[n:]
-        else:
-            self.bits += bytes(n - len(self.bits))
+        # A new buffer, not an in-place resize: a reader (extents) may hold a view.
+        new = bytearray(n)
+        keep = min(n, len(self.bits))
+        new[:keep] = self.bits[:keep]
+        self.bits = new
         self._mask_tail()
 
     def _mask_tail(self) -> None:
@@ -548,7 +559,9 @@ class BitmapSet:
             if e.flags & FLAG_AUTO:
                 flags.append("auto")
             out.append(
-                qdict([("name", e.name), ("granularity", 1 << e.gran_bits), ("flags", flags)])
+                qdict(
+                    [("name", _shown(e.name)), ("granularity", 1 << e.gran_bits), ("flags", flags)]
+                )
             )
         return out
 
@@ -785,7 +798,10 @@ def op_add(img: Any, bset: BitmapSet, name: str, granularity: int, disabled: boo
         raise _persist_error(
             img, name, "Too much space will be occupied by the bitmap. Use larger granularity"
         )
-    dir_size = sum((DIR_ENTRY.size + len(b.name.encode()) + 7) & ~7 for b in bset.list)
+    dir_size = sum(
+        (DIR_ENTRY.size + len(b.name.encode("utf-8", "surrogateescape")) + 7) & ~7
+        for b in bset.list
+    )
     if dir_size + ((DIR_ENTRY.size + len(raw) + 7) & ~7) > MAX_DIRECTORY_SIZE:
         raise _persist_error(img, name, "Not enough space in the bitmap directory")
     if bset.find(name) is not None:
