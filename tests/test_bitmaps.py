@@ -9,6 +9,7 @@ image must stay ``qemu-img check`` clean.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -692,3 +693,28 @@ def test_maintained_on_image_variants(qemu: Qemu, tmp_path: Path, opts: str) -> 
     rc, report = qemu.check(p)
     assert rc == 0 and not report.get("leaks") and not report.get("corruptions")
     assert qemu_view(p, "b") == naive_extents(done, 512, size)
+
+
+def test_inconsistent_and_consistent_bitmaps_together(qemu: Qemu, tmp_path: Path) -> None:
+    """An IN_USE bitmap next to consistent ones: those are maintained and stored, it
+    is written back unchanged (QEMU does the same on the twin image)."""
+    theirs = _qemu_image(qemu, tmp_path / "theirs.qcow2")
+    qemu.img("bitmap", "--add", theirs, "old")
+    _crash_qemu(qemu, theirs, "write 0 64k")
+    qemu.img("bitmap", "--add", "-g", "4k", theirs, "fresh")
+    mine = tmp_path / "mine.qcow2"
+    shutil.copyfile(theirs, mine)
+    qemu.io(theirs, "write 3M 8k", "write -z 9M 1M")
+    with qcow2aio.open(mine, "r+") as img:
+        img.write_sync(3 * MiB, b"\0" * 8192)
+        asyncio.run(img.write_zeroes(9 * MiB, MiB))
+    _same_bitmaps_fresh(qemu, theirs, mine)
+
+
+def _same_bitmaps_fresh(qemu: Qemu, theirs: Path, mine: Path) -> None:
+    assert qemu_bitmaps(qemu, mine) == qemu_bitmaps(qemu, theirs)
+    assert qemu_bitmaps(qemu, mine)[0]["flags"] == ["in-use", "auto"]
+    assert (
+        qemu_view(mine, "fresh") == qemu_view(theirs, "fresh") == [(3 * MiB, 8192), (9 * MiB, MiB)]
+    )
+    assert qemu.check(mine)[0] == 0
