@@ -78,6 +78,14 @@ DIR_ENTRY = struct.Struct(">QIIBBHI")  # table offset, table size, flags, type, 
 _INCONSISTENT = "Bitmap '{}' is inconsistent and cannot be used"
 
 
+class BitmapConstraintError(Qcow2FormatError):
+    """A directory entry QEMU refuses to load: QEMU's message, the fields in ``detail``."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"Bitmap '{name}' doesn't satisfy the constraints")
+        self.detail = detail
+
+
 class BitmapError(Qcow2Error):
     """A bitmap operation QEMU refuses; the message is QEMU's reason."""
 
@@ -172,16 +180,13 @@ def decode_directory(
     size = len(raw)
     while pos < size:
         if pos + DIR_ENTRY.size > size:
-            raise Qcow2FormatError(f"Broken bitmap directory: entry at {pos} of {size} bytes")
+            raise Qcow2FormatError("Broken bitmap directory")  # QEMU's words
         if len(out) + 1 > nb_bitmaps:
             raise Qcow2FormatError("More bitmaps found than specified in header extension")
         t_off, t_size, flags, btype, gran, name_size, extra = DIR_ENTRY.unpack_from(raw, pos)
         entry_len = (DIR_ENTRY.size + extra + name_size + 7) & ~7
         if pos + entry_len > size:
-            raise Qcow2FormatError(
-                f"Broken bitmap directory: entry at {pos} (length {entry_len}) runs past "
-                f"bitmap_directory_size={size}"
-            )
+            raise Qcow2FormatError("Broken bitmap directory")
         start = pos + DIR_ENTRY.size + extra
         raw_name = bytes(raw[start : start + name_size])
         # surrogateescape: a name that is not UTF-8 is stored back byte for byte.
@@ -201,10 +206,12 @@ def decode_directory(
             or phys > MAX_PHYS_SIZE
             or (not flags & FLAG_IN_USE and disk_size > (phys * 8) << gran)
         ):
-            raise Qcow2FormatError(
-                f"Bitmap '{name}' doesn't satisfy the constraints (table_offset={t_off:#x}, "
-                f"table_size={t_size}, flags={flags:#x}, type={btype}, "
-                f"granularity_bits={gran}, name_size={name_size})"
+            # QEMU's words exactly (the CLI prints them as qemu-img does); the fields
+            # ride along on the exception.
+            raise BitmapConstraintError(
+                name,
+                f"table_offset={t_off:#x}, table_size={t_size}, flags={flags:#x}, "
+                f"type={btype}, granularity_bits={gran}, name_size={name_size}",
             )
         out.append(DirEntry(name, t_off, t_size, flags, gran, btype, raw_name))
         pos += entry_len
