@@ -36,7 +36,6 @@ from . import constants as C
 from .errors import Qcow2CorruptError, Qcow2Error, Qcow2FormatError, Qcow2UnsupportedError
 
 if TYPE_CHECKING:
-    from .io import FileBackend
     from .metadata import Metadata
 
 __all__ = [
@@ -252,18 +251,24 @@ def directory_location(meta: Metadata) -> tuple[int, int, int] | None:
     return nb, dir_size, dir_offset
 
 
+def _pread(meta: Metadata, offset: int, length: int, what: str, event: str) -> bytes:
+    """A read of bitmap metadata that must lie inside the file (a hostile offset is
+    refused by name, never handed to the system call)."""
+    size = meta.file.size()
+    if offset < 0 or offset + length > size:
+        raise Qcow2CorruptError(
+            f"{what} at offset {offset:#x} (+{length}) lies past the end of the file ({size} bytes)"
+        )
+    return meta.file.pread(offset, length, event)
+
+
 def read_directory(meta: Metadata) -> list[DirEntry]:
     """The image's bitmap directory ([] when there is none QEMU would use)."""
     loc = directory_location(meta)
     if loc is None:
         return []
     nb, dir_size, dir_offset = loc
-    raw = meta.file.pread(dir_offset, dir_size, "bitmap_dir_load")
-    if len(raw) < dir_size:
-        raise Qcow2FormatError(
-            f"Bitmap directory at {dir_offset:#x} (bitmap_directory_size={dir_size}) "
-            "runs past the end of the file"
-        )
+    raw = _pread(meta, dir_offset, dir_size, "bitmap_directory_offset", "bitmap_dir_load")
     return decode_directory(raw, nb, meta.cluster_size, meta.header.size & ~511)
 
 
@@ -293,12 +298,13 @@ def encode_table(entries: list[int]) -> bytes:
 
 
 def read_table(meta: Metadata, entry: DirEntry) -> array[int]:
-    raw = meta.file.pread(entry.table_offset, entry.table_size * 8, "bitmap_table_load")
-    if len(raw) < entry.table_size * 8:
-        raise Qcow2CorruptError(
-            f"Bitmap '{entry.name}': table at {entry.table_offset:#x} "
-            f"(table_size={entry.table_size}) runs past the end of the file"
-        )
+    raw = _pread(
+        meta,
+        entry.table_offset,
+        entry.table_size * 8,
+        f"Bitmap '{entry.name}': table_offset",
+        "bitmap_table_load",
+    )
     return decode_table(raw, meta.cluster_size, entry.name)
 
 
@@ -478,16 +484,12 @@ def load_bits(meta: Metadata, entry: DirEntry, disk_size: int) -> bytearray:
             f"the disk ({need} clusters of bits needed)"
         )
     out = bytearray(need * cs)
-    file: FileBackend = meta.file
     for i in range(need):
         e = table[i]
         off = e & ENTRY_OFFSET_MASK
         if off:
-            data = file.pread(off, cs, "bitmap_data_load")
-            if len(data) < cs:
-                raise Qcow2CorruptError(
-                    f"Bitmap '{entry.name}': data cluster {off:#x} runs past the end of the file"
-                )
+            what = f"Bitmap '{entry.name}': table entry {i} (data cluster)"
+            data = _pread(meta, off, cs, what, "bitmap_data_load")
             out[i * cs : (i + 1) * cs] = data
         elif e & ENTRY_ALL_ONES:
             out[i * cs : (i + 1) * cs] = b"\xff" * cs

@@ -718,3 +718,42 @@ def _same_bitmaps_fresh(qemu: Qemu, theirs: Path, mine: Path) -> None:
         qemu_view(mine, "fresh") == qemu_view(theirs, "fresh") == [(3 * MiB, 8192), (9 * MiB, MiB)]
     )
     assert qemu.check(mine)[0] == 0
+
+
+def test_hostile_directory_and_tables(qemu: Qemu, tmp_path: Path) -> None:
+    """Random damage to the directory, a table or the extension: every open, listing,
+    read of the bits and read-write open either works or raises a Qcow2Error, and a
+    read-only open never writes."""
+    p = _qemu_image(qemu, tmp_path / "a.qcow2", "300M")
+    qemu.img("bitmap", "--add", "-g", "512", p, "b0")
+    qemu.img("bitmap", "--add", "--disable", p, "b1")
+    qemu.io(p, "write 0 1M", "write 260M 64k")
+    with qcow2aio.open(p) as img:
+        entries = B.read_directory(img.meta)
+        loc = B.directory_location(img.meta)
+        hdr_len = img.meta.header.header_length
+    assert loc is not None
+    pristine = p.read_bytes()
+    regions = [(loc[2], loc[1]), (entries[0].table_offset, entries[0].table_size * 8)]
+    regions.append((hdr_len, 64))  # the extensions area (bitmaps ext among them)
+    rng = random.Random(1515)
+    work = tmp_path / "w.qcow2"
+    for _ in range(60):
+        data = bytearray(pristine)
+        off, n = rng.choice(regions)
+        for _ in range(rng.randrange(1, 4)):
+            data[off + rng.randrange(n)] = rng.randrange(256)
+        work.write_bytes(bytes(data))
+        before = digest(work)
+        try:
+            with qcow2aio.open(work) as img:
+                for b in img.bitmaps():
+                    img.dirty_extents(str(b["name"]), 0, 1 << 30)
+        except Qcow2Error:
+            pass
+        assert digest(work) == before
+        try:
+            with qcow2aio.open(work, "r+") as img:
+                img.write_sync(4096, b"x" * 512)
+        except Qcow2Error:
+            pass
