@@ -26,7 +26,7 @@ import struct
 import sys
 import threading
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -315,6 +315,7 @@ def _shown(name: str) -> str:
 
 
 _LSB_MASKS = [(1 << k) - 1 for k in range(9)]
+_WINDOW = 1 << 16  # bytes of bits examined at a time by DirtyBitmap.extents
 
 
 class DirtyBitmap:
@@ -443,19 +444,33 @@ class DirtyBitmap:
         first = offset >> g
         last = ((end - 1) >> g) + 1  # bit range [first, last)
         b0, b1 = first >> 3, ((last - 1) >> 3) + 1
-        raw = np.frombuffer(self.bits, dtype=np.uint8)[b0:b1]
-        if not raw.any():
-            return []
-        arr = np.unpackbits(raw, bitorder="little")
-        arr = arr[first - (b0 << 3) : last - (b0 << 3)]
-        padded = np.concatenate(([0], arr, [0])).astype(np.int8)
-        edges = np.flatnonzero(np.diff(padded))
+        every = np.frombuffer(self.bits, dtype=np.uint8)
+        # Windows of bytes: clean ones are skipped and full ones taken whole without
+        # unpacking, so a large request over a mostly clean (or mostly dirty) bitmap
+        # costs a scan of its bytes, and memory stays bounded whatever its length.
+        runs: list[list[int]] = []  # absolute bit runs [start, end), merged
+        for wb in range(b0, b1, _WINDOW):
+            we = min(b1, wb + _WINDOW)
+            raw = every[wb:we]
+            if not raw.any():
+                continue
+            base = wb << 3
+            if raw.min() == 0xFF:
+                pairs: Iterable[tuple[int, int]] = ((base, we << 3),)
+            else:
+                padded = np.zeros(raw.size * 8 + 2, dtype=np.int8)
+                padded[1:-1] = np.unpackbits(raw, bitorder="little")
+                edges = (np.flatnonzero(np.diff(padded)) + base).tolist()
+                pairs = zip(edges[0::2], edges[1::2], strict=True)
+            for s, e in pairs:
+                if runs and runs[-1][1] == s:
+                    runs[-1][1] = e
+                else:
+                    runs.append([s, e])
         out: list[tuple[int, int]] = []
-        starts = edges[0::2]
-        stops = edges[1::2]
-        for s, e in zip(starts.tolist(), stops.tolist(), strict=True):
-            lo = max(offset, (first + s) << g)
-            hi = min(end, (first + e) << g)
+        for s, e in runs:
+            lo = max(offset, max(s, first) << g)
+            hi = min(end, min(e, last) << g)
             if hi > lo:
                 out.append((lo, hi - lo))
         return out

@@ -757,3 +757,36 @@ def test_hostile_directory_and_tables(qemu: Qemu, tmp_path: Path) -> None:
                 img.write_sync(4096, b"x" * 512)
         except Qcow2Error:
             pass
+
+
+def test_extents_across_scan_windows() -> None:
+    """Runs that cross the 64 KiB-byte windows extents() scans by, full windows, and
+    requests starting and ending inside bytes."""
+    gran = 512
+    size = 1 << 30  # 2 Mi bits: four windows
+    w = B._WINDOW * 8 * gran  # guest bytes one window covers
+    ranges = [
+        (w - 3 * gran, 7 * gran),  # across the first boundary
+        (2 * w - 4096, w + 8192),  # a full window plus both neighbours' edges
+        (size - 700, 700),  # the last chunk
+        (5 * gran + 1, 1),
+    ]
+    bm = DirtyBitmap("t", 9, size)
+    for s, n in ranges:
+        bm.mark(s, n)
+
+    def oracle(off: int, n: int) -> list[tuple[int, int]]:
+        """Interval arithmetic (no per-chunk set: the ranges span 2^19 chunks)."""
+        spans = sorted((s // gran * gran, min(size, -(-(s + n) // gran) * gran)) for s, n in ranges)
+        merged: list[list[int]] = []
+        for lo, hi in spans:
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        clipped = [(max(lo, off), min(hi, off + n)) for lo, hi in merged]
+        return [(lo, hi - lo) for lo, hi in clipped if hi > lo]
+
+    assert bm.extents() == oracle(0, size)
+    for off, n in [(w - gran - 5, 3 * gran), (2 * w + 100, w), (0, size), (w, 1)]:
+        assert bm.extents(off, n) == oracle(off, n), (off, n)
