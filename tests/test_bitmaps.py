@@ -790,3 +790,28 @@ def test_extents_across_scan_windows() -> None:
     assert bm.extents() == oracle(0, size)
     for off, n in [(w - gran - 5, 3 * gran), (2 * w + 100, w), (0, size), (w, 1)]:
         assert bm.extents(off, n) == oracle(off, n), (off, n)
+
+
+def test_check_survives_a_table_offset_past_any_file(qemu: Qemu, tmp_path: Path) -> None:
+    """A table offset of 2^63 and more: check fails with EIO (QEMU's read error)
+    instead of an OverflowError from the read; a read-only open reports it by name."""
+    from qcow2aio.check import check_image
+    from qcow2aio.io import FileBackend
+    from qcow2aio.metadata import Metadata
+
+    p = _qemu_image(qemu, tmp_path / "a.qcow2")
+    qemu.img("bitmap", "--add", p, "b0")
+    with qcow2aio.open(p) as img:
+        loc = B.directory_location(img.meta)
+    assert loc is not None
+    with open(p, "r+b") as f:
+        f.seek(loc[2])
+        f.write((0x8000000000010000).to_bytes(8, "big"))
+    fb = FileBackend(str(p), writable=False)
+    try:
+        res = check_image(Metadata(fb, writable=False))
+    finally:
+        fb.close()
+    assert res.error is not None
+    with qcow2aio.open(p) as img, pytest.raises(Qcow2Error, match="table_offset"):
+        img.dirty_extents("b0")
