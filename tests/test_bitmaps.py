@@ -819,3 +819,22 @@ def test_check_survives_a_table_offset_past_any_file(qemu: Qemu, tmp_path: Path)
     assert res.error is not None
     with qcow2aio.open(p) as img, pytest.raises(Qcow2Error, match="table_offset"):
         img.dirty_extents("b0")
+
+
+def test_discard_ignore_marks_nothing(qemu: Qemu, tmp_path: Path) -> None:
+    """discard=ignore: a discard is a no-op and marks nothing; write-zeroes marks
+    (observed with qemu-io -d ignore on a twin)."""
+    theirs = _qemu_image(qemu, tmp_path / "theirs.qcow2")
+    qemu.io(theirs, "write 0 1M")
+    qemu.img("bitmap", "--add", theirs, "b")
+    mine = tmp_path / "mine.qcow2"
+    shutil.copyfile(theirs, mine)
+    qemu.io(theirs, "discard 0 64k", "write -z 1M 64k", extra_args=["-d", "ignore"])
+
+    async def go() -> None:
+        async with qcow2aio.open(mine, "r+", discard="ignore") as img:
+            await img.discard(0, 65536)
+            await img.write_zeroes(MiB, 65536)
+
+    asyncio.run(go())
+    assert qemu_view(mine, "b") == qemu_view(theirs, "b") == [(MiB, 65536)]
