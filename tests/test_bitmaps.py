@@ -17,6 +17,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def qemu_view(path: Path, name: str) -> list[tuple[int, int]]:
         for _ in range(500):
             if os.path.exists(sock) or proc.poll() is not None:
                 break
-            subprocess.run(["sleep", "0.01"], check=True)
+            time.sleep(0.01)
         if proc.poll() is not None:
             raise AssertionError(f"qemu-nbd failed: {proc.stderr.read() if proc.stderr else ''!r}")
         out = subprocess.run(
