@@ -112,3 +112,16 @@ from .tools.commit import CommitError, commit, commit_sync  # noqa: E402
 from .tools.rebase import RebaseError, rebase, rebase_sync  # noqa: E402
 
 __all__ += ["CommitError", "RebaseError", "commit", "commit_sync", "rebase", "rebase_sync"]
+
+# Issue 15's persistent dirty bitmaps (appended): qemu-img bitmap, and the errors.
+from .bitmaps import BitmapError, BitmapInconsistentError, BitmapNotFoundError  # noqa: E402
+from .tools.bitmap import BitmapActionError, bitmap, bitmap_sync  # noqa: E402
+
+__all__ += [
+    "BitmapActionError",
+    "BitmapError",
+    "BitmapInconsistentError",
+    "BitmapNotFoundError",
+    "bitmap",
+    "bitmap_sync",
+]

@@ -26,7 +26,7 @@ import struct
 import sys
 import threading
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,6 @@ from . import constants as C
 from .errors import Qcow2CorruptError, Qcow2Error, Qcow2FormatError, Qcow2UnsupportedError
 
 if TYPE_CHECKING:
-    from .io import FileBackend
     from .metadata import Metadata
 
 __all__ = [
@@ -76,6 +75,14 @@ DIR_ENTRY = struct.Struct(">QIIBBHI")  # table offset, table size, flags, type, 
 # name size, extra data size (24 bytes, then extra data, then the name, padded to 8)
 
 _INCONSISTENT = "Bitmap '{}' is inconsistent and cannot be used"
+
+
+class BitmapConstraintError(Qcow2FormatError):
+    """A directory entry QEMU refuses to load: QEMU's message, the fields in ``detail``."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"Bitmap '{name}' doesn't satisfy the constraints")
+        self.detail = detail
 
 
 class BitmapError(Qcow2Error):
@@ -172,19 +179,17 @@ def decode_directory(
     size = len(raw)
     while pos < size:
         if pos + DIR_ENTRY.size > size:
-            raise Qcow2FormatError(f"Broken bitmap directory: entry at {pos} of {size} bytes")
+            raise Qcow2FormatError("Broken bitmap directory")  # QEMU's words
         if len(out) + 1 > nb_bitmaps:
             raise Qcow2FormatError("More bitmaps found than specified in header extension")
         t_off, t_size, flags, btype, gran, name_size, extra = DIR_ENTRY.unpack_from(raw, pos)
         entry_len = (DIR_ENTRY.size + extra + name_size + 7) & ~7
         if pos + entry_len > size:
-            raise Qcow2FormatError(
-                f"Broken bitmap directory: entry at {pos} (length {entry_len}) runs past "
-                f"bitmap_directory_size={size}"
-            )
+            raise Qcow2FormatError("Broken bitmap directory")
         start = pos + DIR_ENTRY.size + extra
         raw_name = bytes(raw[start : start + name_size])
-        name = raw_name.decode("utf-8", errors="replace")
+        # surrogateescape: a name that is not UTF-8 is stored back byte for byte.
+        name = raw_name.decode("utf-8", errors="surrogateescape")
         if extra:
             raise Qcow2UnsupportedError(f"Bitmap extra data is not supported: bitmap {name!r}")
         phys = t_size * cluster_size
@@ -200,10 +205,12 @@ def decode_directory(
             or phys > MAX_PHYS_SIZE
             or (not flags & FLAG_IN_USE and disk_size > (phys * 8) << gran)
         ):
-            raise Qcow2FormatError(
-                f"Bitmap '{name}' doesn't satisfy the constraints (table_offset={t_off:#x}, "
-                f"table_size={t_size}, flags={flags:#x}, type={btype}, "
-                f"granularity_bits={gran}, name_size={name_size})"
+            # QEMU's words exactly (the CLI prints them as qemu-img does); the fields
+            # ride along on the exception.
+            raise BitmapConstraintError(
+                name,
+                f"table_offset={t_off:#x}, table_size={t_size}, flags={flags:#x}, "
+                f"type={btype}, granularity_bits={gran}, name_size={name_size}",
             )
         out.append(DirEntry(name, t_off, t_size, flags, gran, btype, raw_name))
         pos += entry_len
@@ -244,18 +251,24 @@ def directory_location(meta: Metadata) -> tuple[int, int, int] | None:
     return nb, dir_size, dir_offset
 
 
+def _pread(meta: Metadata, offset: int, length: int, what: str, event: str) -> bytes:
+    """A read of bitmap metadata that must lie inside the file (a hostile offset is
+    refused by name, never handed to the system call)."""
+    size = meta.file.size()
+    if offset < 0 or offset + length > size:
+        raise Qcow2CorruptError(
+            f"{what} at offset {offset:#x} (+{length}) lies past the end of the file ({size} bytes)"
+        )
+    return meta.file.pread(offset, length, event)
+
+
 def read_directory(meta: Metadata) -> list[DirEntry]:
     """The image's bitmap directory ([] when there is none QEMU would use)."""
     loc = directory_location(meta)
     if loc is None:
         return []
     nb, dir_size, dir_offset = loc
-    raw = meta.file.pread(dir_offset, dir_size, "bitmap_dir_load")
-    if len(raw) < dir_size:
-        raise Qcow2FormatError(
-            f"Bitmap directory at {dir_offset:#x} (bitmap_directory_size={dir_size}) "
-            "runs past the end of the file"
-        )
+    raw = _pread(meta, dir_offset, dir_size, "bitmap_directory_offset", "bitmap_dir_load")
     return decode_directory(raw, nb, meta.cluster_size, meta.header.size & ~511)
 
 
@@ -285,17 +298,24 @@ def encode_table(entries: list[int]) -> bytes:
 
 
 def read_table(meta: Metadata, entry: DirEntry) -> array[int]:
-    raw = meta.file.pread(entry.table_offset, entry.table_size * 8, "bitmap_table_load")
-    if len(raw) < entry.table_size * 8:
-        raise Qcow2CorruptError(
-            f"Bitmap '{entry.name}': table at {entry.table_offset:#x} "
-            f"(table_size={entry.table_size}) runs past the end of the file"
-        )
+    raw = _pread(
+        meta,
+        entry.table_offset,
+        entry.table_size * 8,
+        f"Bitmap '{entry.name}': table_offset",
+        "bitmap_table_load",
+    )
     return decode_table(raw, meta.cluster_size, entry.name)
 
 
 # ------------------------------------------------------------- the bitmaps
+def _shown(name: str) -> str:
+    """A name as listed: bytes that are not UTF-8 shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 _LSB_MASKS = [(1 << k) - 1 for k in range(9)]
+_WINDOW = 1 << 16  # bytes of bits examined at a time by DirtyBitmap.extents
 
 
 class DirtyBitmap:
@@ -354,7 +374,11 @@ class DirtyBitmap:
         from .info import qdict
 
         return qdict(
-            [("name", self.name), ("granularity", self.granularity), ("flags", self.qemu_flags())]
+            [
+                ("name", _shown(self.name)),
+                ("granularity", self.granularity),
+                ("flags", self.qemu_flags()),
+            ]
         )
 
     # ---------------------------------------------------------------- bits
@@ -398,10 +422,11 @@ class DirtyBitmap:
         self.disk_size = disk_size
         self._last_bit = (disk_size - 1) >> self.gran_bits
         n = nbytes(disk_size, self.gran_bits)
-        if n < len(self.bits):
-            del self.bits[n:]
-        else:
-            self.bits += bytes(n - len(self.bits))
+        # A new buffer, not an in-place resize: a reader (extents) may hold a view.
+        new = bytearray(n)
+        keep = min(n, len(self.bits))
+        new[:keep] = self.bits[:keep]
+        self.bits = new
         self._mask_tail()
 
     def _mask_tail(self) -> None:
@@ -419,19 +444,33 @@ class DirtyBitmap:
         first = offset >> g
         last = ((end - 1) >> g) + 1  # bit range [first, last)
         b0, b1 = first >> 3, ((last - 1) >> 3) + 1
-        raw = np.frombuffer(self.bits, dtype=np.uint8)[b0:b1]
-        if not raw.any():
-            return []
-        arr = np.unpackbits(raw, bitorder="little")
-        arr = arr[first - (b0 << 3) : last - (b0 << 3)]
-        padded = np.concatenate(([0], arr, [0])).astype(np.int8)
-        edges = np.flatnonzero(np.diff(padded))
+        every = np.frombuffer(self.bits, dtype=np.uint8)
+        # Windows of bytes: clean ones are skipped and full ones taken whole without
+        # unpacking, so a large request over a mostly clean (or mostly dirty) bitmap
+        # costs a scan of its bytes, and memory stays bounded whatever its length.
+        runs: list[list[int]] = []  # absolute bit runs [start, end), merged
+        for wb in range(b0, b1, _WINDOW):
+            we = min(b1, wb + _WINDOW)
+            raw = every[wb:we]
+            if not raw.any():
+                continue
+            base = wb << 3
+            if raw.min() == 0xFF:
+                pairs: Iterable[tuple[int, int]] = ((base, we << 3),)
+            else:
+                padded = np.zeros(raw.size * 8 + 2, dtype=np.int8)
+                padded[1:-1] = np.unpackbits(raw, bitorder="little")
+                edges = (np.flatnonzero(np.diff(padded)) + base).tolist()
+                pairs = zip(edges[0::2], edges[1::2], strict=True)
+            for s, e in pairs:
+                if runs and runs[-1][1] == s:
+                    runs[-1][1] = e
+                else:
+                    runs.append([s, e])
         out: list[tuple[int, int]] = []
-        starts = edges[0::2]
-        stops = edges[1::2]
-        for s, e in zip(starts.tolist(), stops.tolist(), strict=True):
-            lo = max(offset, (first + s) << g)
-            hi = min(end, (first + e) << g)
+        for s, e in runs:
+            lo = max(offset, max(s, first) << g)
+            hi = min(end, min(e, last) << g)
             if hi > lo:
                 out.append((lo, hi - lo))
         return out
@@ -460,16 +499,12 @@ def load_bits(meta: Metadata, entry: DirEntry, disk_size: int) -> bytearray:
             f"the disk ({need} clusters of bits needed)"
         )
     out = bytearray(need * cs)
-    file: FileBackend = meta.file
     for i in range(need):
         e = table[i]
         off = e & ENTRY_OFFSET_MASK
         if off:
-            data = file.pread(off, cs, "bitmap_data_load")
-            if len(data) < cs:
-                raise Qcow2CorruptError(
-                    f"Bitmap '{entry.name}': data cluster {off:#x} runs past the end of the file"
-                )
+            what = f"Bitmap '{entry.name}': table entry {i} (data cluster)"
+            data = _pread(meta, off, cs, what, "bitmap_data_load")
             out[i * cs : (i + 1) * cs] = data
         elif e & ENTRY_ALL_ONES:
             out[i * cs : (i + 1) * cs] = b"\xff" * cs
@@ -548,7 +583,9 @@ class BitmapSet:
             if e.flags & FLAG_AUTO:
                 flags.append("auto")
             out.append(
-                qdict([("name", e.name), ("granularity", 1 << e.gran_bits), ("flags", flags)])
+                qdict(
+                    [("name", _shown(e.name)), ("granularity", 1 << e.gran_bits), ("flags", flags)]
+                )
             )
         return out
 
@@ -785,7 +822,10 @@ def op_add(img: Any, bset: BitmapSet, name: str, granularity: int, disabled: boo
         raise _persist_error(
             img, name, "Too much space will be occupied by the bitmap. Use larger granularity"
         )
-    dir_size = sum((DIR_ENTRY.size + len(b.name.encode()) + 7) & ~7 for b in bset.list)
+    dir_size = sum(
+        (DIR_ENTRY.size + len(b.name.encode("utf-8", "surrogateescape")) + 7) & ~7
+        for b in bset.list
+    )
     if dir_size + ((DIR_ENTRY.size + len(raw) + 7) & ~7) > MAX_DIRECTORY_SIZE:
         raise _persist_error(img, name, "Not enough space in the bitmap directory")
     if bset.find(name) is not None:

@@ -406,6 +406,9 @@ class _Checker:
         self.ctx.msg(line)
 
     def _pread(self, offset: int, length: int, event: str) -> bytes:
+        if offset < 0 or offset + length > (1 << 63) - 1:
+            # Past any file offset (a hostile bitmap table offset): EIO, as QEMU's read.
+            raise _CheckFailed(errno.EIO)
         try:
             return self.file.pread(offset, length, event=event)
         except Qcow2Error as exc:

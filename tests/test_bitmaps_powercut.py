@@ -175,7 +175,10 @@ def test_store_without_marks_is_caught(
     states = build_states(journal, random.Random(1), randoms=2)
     state_file = tmp_path / "state.qcow2"
     caught = 0
-    for st in states:
+    # The states after the store are the ones that must show it: latest crash first.
+    for st in sorted(states, key=lambda s: -s.crash):
         state_file.write_bytes(materialize(initial, journal, st))
         caught += bool(_violations(state_file, journal, st.crash, before))
+        if caught:
+            break
     assert caught
