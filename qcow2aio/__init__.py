@@ -25,11 +25,14 @@ from .errors import (
 )
 from .image import DEFAULT_WAIT_TIMEOUT, Image
 from .io import BackendFactory
+from .tools.commit import CommitError, commit, commit_sync
 from .tools.compare import CompareResult, compare, compare_sync
 from .tools.convert import convert, convert_sync
 from .tools.measure import measure, measure_async
+from .tools.rebase import RebaseError, rebase, rebase_sync
 
 __all__ = [
+    "CommitError",
     "CompareResult",
     "Image",
     "ImageBusyError",
@@ -41,7 +44,10 @@ __all__ = [
     "Qcow2RangeError",
     "Qcow2ReadOnlyError",
     "Qcow2UnsupportedError",
+    "RebaseError",
     "WaitTimeoutError",
+    "commit",
+    "commit_sync",
     "compare",
     "compare_sync",
     "convert",
@@ -50,6 +56,8 @@ __all__ = [
     "measure",
     "measure_async",
     "open",
+    "rebase",
+    "rebase_sync",
 ]
 
 __version__ = "0.1.0"
@@ -105,10 +113,3 @@ def open(
         wait_timeout=wait_timeout,
         discard=discard,
     )
-
-
-# Issue 13's movers (appended; each lives in qcow2aio.tools): qemu-img commit / rebase.
-from .tools.commit import CommitError, commit, commit_sync  # noqa: E402
-from .tools.rebase import RebaseError, rebase, rebase_sync  # noqa: E402
-
-__all__ += ["CommitError", "RebaseError", "commit", "commit_sync", "rebase", "rebase_sync"]
