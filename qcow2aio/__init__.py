@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from .bitmaps import BitmapError, BitmapInconsistentError, BitmapNotFoundError
 from .create import create
 from .errors import (
     ImageBusyError,
@@ -25,11 +26,19 @@ from .errors import (
 )
 from .image import DEFAULT_WAIT_TIMEOUT, Image
 from .io import BackendFactory
+from .tools.bitmap import BitmapActionError, bitmap, bitmap_sync
+from .tools.commit import CommitError, commit, commit_sync
 from .tools.compare import CompareResult, compare, compare_sync
 from .tools.convert import convert, convert_sync
 from .tools.measure import measure, measure_async
+from .tools.rebase import RebaseError, rebase, rebase_sync
 
 __all__ = [
+    "BitmapActionError",
+    "BitmapError",
+    "BitmapInconsistentError",
+    "BitmapNotFoundError",
+    "CommitError",
     "CompareResult",
     "Image",
     "ImageBusyError",
@@ -41,7 +50,12 @@ __all__ = [
     "Qcow2RangeError",
     "Qcow2ReadOnlyError",
     "Qcow2UnsupportedError",
+    "RebaseError",
     "WaitTimeoutError",
+    "bitmap",
+    "bitmap_sync",
+    "commit",
+    "commit_sync",
     "compare",
     "compare_sync",
     "convert",
@@ -50,6 +64,8 @@ __all__ = [
     "measure",
     "measure_async",
     "open",
+    "rebase",
+    "rebase_sync",
 ]
 
 __version__ = "0.1.0"
@@ -105,23 +121,3 @@ def open(
         wait_timeout=wait_timeout,
         discard=discard,
     )
-
-
-# Issue 13's movers (appended; each lives in qcow2aio.tools): qemu-img commit / rebase.
-from .tools.commit import CommitError, commit, commit_sync  # noqa: E402
-from .tools.rebase import RebaseError, rebase, rebase_sync  # noqa: E402
-
-__all__ += ["CommitError", "RebaseError", "commit", "commit_sync", "rebase", "rebase_sync"]
-
-# Issue 15's persistent dirty bitmaps (appended): qemu-img bitmap, and the errors.
-from .bitmaps import BitmapError, BitmapInconsistentError, BitmapNotFoundError  # noqa: E402
-from .tools.bitmap import BitmapActionError, bitmap, bitmap_sync  # noqa: E402
-
-__all__ += [
-    "BitmapActionError",
-    "BitmapError",
-    "BitmapInconsistentError",
-    "BitmapNotFoundError",
-    "bitmap",
-    "bitmap_sync",
-]

@@ -1402,15 +1402,50 @@ class Image:
             await self._admit()
         self._check_writable(offset, length)
         head, mid, tail = self._split_aligned(offset, length, for_discard=False)
-        if mid[1]:
-            extra = await self._zero_locked(
-                mid[0], mid[1], unmap=unmap, discard=False, dirty=(offset, length)
-            )
-        else:
-            extra = []
-        for off, n in (head, tail, *extra):
-            if n:
-                await self.write(off, bytes(n))
+        # In address order, as QEMU: a head written as data turns a compressed cluster
+        # into a plain one, whose subclusters the middle can then zero.
+        await self._zero_end(*head)
+        if mid[1] and await self._zero_locked(
+            mid[0], mid[1], unmap=unmap, discard=False, dirty=mid
+        ):
+            # Part of a compressed cluster (extended L2) cannot be zeroed: QEMU then
+            # writes the whole middle as data (here in pieces of at most 1 MiB).
+            for pos in range(mid[0], mid[0] + mid[1], 1 << 20):
+                await self.write(pos, bytes(min(1 << 20, mid[0] + mid[1] - pos)))
+        await self._zero_end(*tail)
+
+    async def _zero_end(self, offset: int, length: int) -> None:
+        """An unaligned end of a write-zeroes: written as data, but on an extended-L2
+        image see :meth:`_zero_or_write_subclusters`."""
+        if length and self.meta.extended_l2:
+            await self._zero_or_write_subclusters(offset, length)
+        elif length:
+            await self.write(offset, bytes(length))
+
+    async def _zero_or_write_subclusters(self, offset: int, length: int) -> None:
+        """A write-zeroes' unaligned end on an extended-L2 image, as QEMU does it: each
+        subcluster it touches that already reads as zeros gets its zero bit (no reader
+        can tell; no cluster is allocated), the others get zeros written as data. Only
+        this layer is looked at (under the lock): a subcluster that reads from the
+        backing file is written, even where QEMU finds zeros in the backing file.
+        The image's last subcluster, from its start to the end of the image, counts
+        as whole: its zero bit is set whatever it holds (QEMU's rule too)."""
+        sc = self.meta.cluster_size >> 5
+        pos, end = offset, offset + length
+        while pos < end:
+            start = pos & ~(sc - 1)
+            stop = min(end, start + sc)
+            whole = pos == start and stop == self.size
+            if await self._zero_locked(
+                start,
+                sc,
+                unmap=False,
+                discard=False,
+                only_if_zero=not whole,
+                dirty=(pos, stop - pos),
+            ):
+                await self.write(pos, bytes(stop - pos))
+            pos = stop
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard whole clusters in the range (v3: they read as zeros; host clusters freed).
@@ -1435,17 +1470,25 @@ class Image:
     def _split_aligned(
         self, offset: int, length: int, *, for_discard: bool
     ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-        """Split into unaligned head, aligned middle, unaligned tail (granule = cluster).
+        """Split into unaligned head, aligned middle, unaligned tail.
 
-        The last cluster counts as whole when the range runs to the end of the image.
+        The granule is the cluster, but for write-zeroes on an extended-L2 image the
+        subcluster: QEMU then sets the zero bits of the subclusters the request
+        covers (:func:`zero_clusters` takes subcluster ranges) and writes only the
+        rest as data. Discard stays whole clusters, as in QEMU. The last cluster
+        counts as whole when the range runs to the end of the image; the image's last
+        partial subcluster is the tail (see :meth:`_zero_or_write_subclusters`).
         """
         gran = self.meta.cluster_size
+        sub = self.meta.extended_l2 and not for_discard
+        if sub:
+            gran >>= 5  # 32 subclusters a cluster
         end = offset + length
         if self.meta.version < 3 and not for_discard:
             return (offset, length), (end, 0), (end, 0)
         a = (offset + gran - 1) & ~(gran - 1)
         b = end & ~(gran - 1)
-        if end == self.size:
+        if end == self.size and not sub:
             b = (end + gran - 1) & ~(gran - 1)
         if b <= a:
             return (offset, length), (end, 0), (end, 0)
@@ -1459,6 +1502,7 @@ class Image:
         *,
         unmap: bool,
         discard: bool,
+        only_if_zero: bool = False,
         dirty: tuple[int, int] | None = None,
     ) -> list[tuple[int, int]]:
         """Zero or discard whole clusters under the lock. ``dirty``: the guest range
@@ -1482,7 +1526,12 @@ class Image:
                         blocker = self._ranges.blocker(offset, offset + length, serial=False)
                     if blocker is None:
                         return zero_clusters(
-                            self, offset, offset + length, unmap=unmap, discard=discard
+                            self,
+                            offset,
+                            offset + length,
+                            unmap=unmap,
+                            discard=discard,
+                            only_if_zero=only_if_zero,
                         )
                 finally:
                     self.lock.release()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from . import constants as C
 from .errors import Qcow2CorruptError, Qcow2Error
 from .inflight import L2Meta
-from .mapping import ZERO, Extent, map_read
+from .mapping import ZERO, Extent, map_read, plan_is_zero
 from .tables import Table, compressed_descriptor
 
 if TYPE_CHECKING:
@@ -391,7 +391,14 @@ def abort_step(img: Image, step: WriteStep) -> None:
 
 # --------------------------------------------------- write-zeroes, discard
 def zero_clusters(
-    img: Image, start: int, end: int, *, unmap: bool, discard: bool, unallocate: bool = False
+    img: Image,
+    start: int,
+    end: int,
+    *,
+    unmap: bool,
+    discard: bool,
+    unallocate: bool = False,
+    only_if_zero: bool = False,
 ) -> list[tuple[int, int]]:
     """Make whole clusters (or subclusters) ``[start, end)`` read as zeros / be discarded.
 
@@ -404,9 +411,17 @@ def zero_clusters(
     lies below: the range then reads from the backing file again. That is QEMU's
     full discard, which ``qemu-img commit`` uses to empty the committed image
     (:meth:`Image.make_empty`); the same unlink-then-free order applies.
+
+    ``only_if_zero``: unless the whole range already reads as zeros in this layer,
+    nothing is changed and the range is returned as leftover (the caller then writes
+    its own part of it, which may be narrower, as data).
     """
     leftover: list[tuple[int, int]] = []
     meta = img.meta
+    if only_if_zero and not plan_is_zero(
+        map_read(meta, start, end - start, img.backing is not None)
+    ):
+        return [(start, end - start)]
     cb = meta.cluster_bits
     cs = meta.cluster_size
     ext = meta.extended_l2

@@ -346,11 +346,7 @@ def _stress_cases() -> Iterator[tuple[str, str]]:
 
 
 # Known differences (strict: they fail the run once fixed, so the mark goes).
-_KNOWN = {
-    "-O qcow2 -B base.qcow2 -F qcow2 -o extended_l2=on top.qcow2": "Image.write_zeroes "
-    "zeroes whole clusters only: a zero 4 KiB block in an allocated cluster is written "
-    "as data where QEMU sets zero subclusters",
-}
+_KNOWN: dict[str, str] = {}
 
 
 def _stress_params() -> list[object]:

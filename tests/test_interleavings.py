@@ -494,15 +494,29 @@ async def cancel_at_await(ctx: Ctx) -> None:
         ctx.outcome.stats["target cancelled at its k-th await"] += 1
 
 
+def cancel_granule(kind: str, cluster_size: int, extended_l2: bool) -> tuple[int, str]:
+    """The unit a cancelled request of ``kind`` is atomic in, and its name.
+
+    A write, and a discard, is atomic per cluster: each cluster's data is linked by one
+    L2 update. A write-zeroes on an extended-L2 image sets the zero bits of the whole
+    subclusters it covers (one L2 update) and writes the unaligned rest, at each end,
+    as data (a write of its own): cancelled between these steps, each *subcluster* is
+    old or new, but a cluster may hold both."""
+    if kind == "zero" and extended_l2:
+        return cluster_size >> 5, "subcluster"
+    return cluster_size, "cluster"
+
+
 def _cancel_atomic(ctx: Ctx, img: qcow2aio.Image, final: bytes, rep: dict[str, Any]) -> None:
-    """The cancelled request is, per cluster, wholly present or wholly absent."""
+    """The cancelled request is, per granule (:func:`cancel_granule`), wholly present
+    or wholly absent."""
     target = next((o for o in ctx.hist.ops if o.tag == "target"), None)
     if target is None or target.kind == "flush":
         return
     ctx.outcome.stats[f"target {target.kind} {target.status}"] += 1
     if target.status != "cancelled":
         return
-    cs = ctx.cs
+    cs, unit = cancel_granule(target.kind, ctx.cs, img.meta.extended_l2)
     # Everything else acknowledged, in completion order: the target's bytes overlap none.
     old = bytearray(ctx.hist.initial)
     for w in sorted(ctx.hist.writes(), key=lambda o: o.end):
@@ -513,11 +527,11 @@ def _cancel_atomic(ctx: Ctx, img: qcow2aio.Image, final: bytes, rep: dict[str, A
         cend = min(end, (pos // cs + 1) * cs)
         got = final[pos:cend]
         if got == old[pos:cend]:
-            ctx.outcome.stats["cancelled cluster absent"] += 1
+            ctx.outcome.stats[f"cancelled {unit} absent"] += 1
         elif got == target.bytes_at(pos, cend):
-            ctx.outcome.stats["cancelled cluster present"] += 1
+            ctx.outcome.stats[f"cancelled {unit} present"] += 1
         else:
-            ctx.fail("extra", f"cancelled {target.label()}: cluster at {pos // cs * cs} is torn")
+            ctx.fail("extra", f"cancelled {target.label()}: {unit} at {pos // cs * cs} is torn")
         pos = cend
 
 
@@ -827,6 +841,44 @@ def test_oracle_old_or_new() -> None:
     assert h.check(b"CCBBBBDD", 0) is None
     # A read that started after a was acknowledged must not see the initial zeros there.
     assert h.check(b"\0\0", 0, start=a.end + 1, end=h.tick()) is not None
+
+
+@pytest.mark.parametrize("extended_l2", [False, True])
+def test_cancel_oracle_granule(extended_l2: bool) -> None:
+    """The cancel oracle itself: a cancelled write-zeroes on an extended-L2 image may
+    leave each subcluster old or new (one cluster holding both), never a subcluster
+    half old, half new; elsewhere the unit is the cluster."""
+    from types import SimpleNamespace
+
+    from sim import History, Op
+
+    cs = 32 * 1024
+    sc = cs // 32
+    old = b"o" * (2 * cs)
+    ctx: Any = SimpleNamespace(cs=cs, hist=History(old), outcome=SimpleNamespace(stats=Counter()))
+    failures: list[str] = []
+    ctx.fail = lambda kind, detail: failures.append(detail)
+    img: Any = SimpleNamespace(meta=SimpleNamespace(extended_l2=extended_l2))
+    target = ctx.hist.begin(Op("zero", sc // 2, cs, tag="target"))
+    ctx.hist.cancelled(target)
+
+    def judge(final: bytes) -> list[str]:
+        failures.clear()
+        _cancel_atomic(ctx, img, final, {})
+        return list(failures)
+
+    new = bytearray(old)
+    new[sc // 2 : sc // 2 + cs] = bytes(cs)
+    assert judge(old) == [] and judge(bytes(new)) == []
+    # The head (a data write into the first subcluster) landed, the rest did not.
+    per_subcluster = bytearray(old)
+    per_subcluster[sc // 2 : sc] = bytes(sc // 2)
+    assert (judge(bytes(per_subcluster)) == []) is extended_l2
+    # Half a subcluster: torn whatever the unit.
+    torn = bytearray(old)
+    torn[sc // 2 : sc] = bytes(sc // 2)
+    torn[sc : sc + sc // 2] = bytes(sc // 2)
+    assert judge(bytes(torn)) != []
 
 
 def test_oracle_sector_tear_only_for_concurrent_writes() -> None:

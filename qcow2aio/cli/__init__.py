@@ -33,6 +33,7 @@ from .options import (
     CREATE_OPTIONS,
     PROG,
     CreateOpts,
+    HelpRequested,
     UsageError,
     parse_bool,
     parse_number,
@@ -141,6 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         return command(args[1:])
+    except HelpRequested as exc:
+        # qemu-img's help(): the usage on stdout, status 0 (after getopt's complaint
+        # for a command that lets getopt print its errors).
+        if exc.message:
+            sys.stderr.write(exc.message + "\n")
+        sys.stdout.write(USAGE)
+        return 0
     except (Qcow2Error, UsageError) as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")
         return 1

@@ -19,13 +19,22 @@ from ..amend import AMEND_OPTIONS, AmendError, _invalid
 from ..backing import probe_format
 from ..image import Image
 from .imageopts import could_not_open, image_spec
-from .options import PROG, CreateOpts, UsageError, split_options, take_value
+from .options import (
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    CommandLine,
+    CommandSpec,
+    CreateOpts,
+    LongOpt,
+    UsageError,
+    split_options,
+    usage_error,
+)
 from .secrets import Secrets
 from .unlock import _passphrase, check_encrypt_options, ensure_readable, read_header
 
-_TRY = f"\nTry '{PROG} --help' for more information"
-_SHORT_WITH_ARG = "oft"
-_SHORT_FLAGS = "hpqU"
+SPEC = CommandSpec("amend", ":ho:f:t:pq", (HELP, OBJECT, IMAGE_OPTS, LongOpt("force")))
 
 AMEND_HELP = """Amend options for 'qcow2':
   backing_file=<str>     - File name of a base image
@@ -44,64 +53,11 @@ AMEND_HELP = """Amend options for 'qcow2':
 """
 
 
-def _usage(msg: str) -> UsageError:
-    return UsageError(msg + _TRY)
-
-
 def _parse(argv: Sequence[str]) -> tuple[list[str], list[str], str | None, bool, Secrets]:
-    """getopt_long("ho:f:t:pqU", object, image-opts, force), permuting."""
-    options: list[str] = []
-    files: list[str] = []
-    fmt: str | None = None
-    image_opts = False
-    secrets = Secrets()
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            files += args[i + 1 :]
-            break
-        if a.startswith("--"):
-            if a == "--object" or a.startswith("--object="):
-                text, i = take_value(args, i, "--object")
-                secrets.add_object(text)
-                continue
-            if a == "--image-opts":
-                image_opts = True
-            elif a == "--help":
-                raise _usage("amend [-f FMT] -o OPTIONS FILE")
-            elif a != "--force":
-                raise _usage(f"unrecognized option '{a}'")
-            i += 1
-            continue
-        if not a.startswith("-") or a == "-":
-            files.append(a)
-            i += 1
-            continue
-        j = 1
-        i += 1
-        while j < len(a):
-            ch = a[j]
-            if ch in _SHORT_WITH_ARG:
-                if j + 1 < len(a):
-                    value = a[j + 1 :]
-                elif i < len(args):
-                    value = args[i]
-                    i += 1
-                else:
-                    raise _usage(f"option requires an argument -- '{ch}'")
-                if ch == "o":
-                    options.append(value)
-                elif ch == "f":
-                    fmt = value
-                break
-            if ch not in _SHORT_FLAGS:
-                raise _usage(f"unrecognized option '-{ch}'")
-            if ch == "h":
-                raise _usage("amend [-f FMT] -o OPTIONS FILE")
-            j += 1
-    return options, files, fmt, image_opts, secrets
+    """The ``-o`` options (all of them, joined later), files, format, --image-opts
+    and secrets."""
+    p = CommandLine(SPEC, argv).parse()
+    return p.lists.get("o", []), p.files, p.values.get("f"), p.image_opts, p.secrets
 
 
 def amend_options(text: str) -> dict[str, object]:
@@ -125,7 +81,7 @@ def cmd_amend(argv: Sequence[str]) -> int:
     """Amend the image's format options; qemu-img's messages and exit status."""
     options, files, fmt, image_opts, secrets = _parse(argv)
     if not options:
-        raise _usage("Must specify options (-o)")
+        raise usage_error("Must specify options (-o)")
     if len(files) != 1:
         raise UsageError("Expecting one image file name")
     text = ",".join(options)

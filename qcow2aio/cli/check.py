@@ -21,13 +21,37 @@ from ..errors import Qcow2Error
 from ..io import FileBackend
 from ..metadata import Metadata
 from .imageopts import could_not_open, image_spec
-from .options import take_value
-from .secrets import Secrets
+from .options import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    OUTPUT,
+    CommandLine,
+    CommandSpec,
+    LongOpt,
+    usage_error,
+)
 from .unlock import open_chain
 
 USAGE = (
     "check [-q] [--object OBJ] [--image-opts] [-f qcow2] [-r leaks|all] "
     "[--output=human|json] [-U] FILE"
+)
+
+
+SPEC = CommandSpec(
+    "check",
+    ":hf:r:T:qU",
+    (
+        HELP,
+        LongOpt("format", True, "f"),
+        LongOpt("repair", True, "r"),
+        OUTPUT,
+        OBJECT,
+        FORCE_SHARE,
+        IMAGE_OPTS,
+    ),
 )
 
 
@@ -39,56 +63,28 @@ def cmd_check(argv: Sequence[str]) -> int:
     """Run the check; print QEMU's stdout/stderr text; return qemu-img's exit code."""
     repair: str | None = None
     output = "human"
-    quiet = False
     fmt: str | None = None
-    image_opts = False
-    secrets = Secrets()
-    files: list[str] = []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a in ("-r", "-f", "--output", "-T") and i + 1 < len(args):
-            value = args[i + 1]
-            i += 2
-        elif a.startswith("--output="):
-            value, a = a.split("=", 1)[1], "--output"
-            i += 1
-        elif a in ("-q", "-U", "--force-share"):
-            quiet = quiet or a == "-q"
-            i += 1
-            continue
-        elif a == "--object" or a.startswith("--object="):
-            text, i = take_value(args, i, "--object")
-            secrets.add_object(text)
-            continue
-        elif a == "--image-opts":
-            image_opts = True
-            i += 1
-            continue
-        elif a.startswith("-") and a != "-":
-            raise CheckUsageError(f"check: unknown option {a!r}; usage: {USAGE}")
-        else:
-            files.append(a)
-            i += 1
-            continue
-        if a == "-r":
+    cl = CommandLine(SPEC, argv)
+    for key, value in cl:
+        if key == "r":
             if value not in ("leaks", "all"):
-                raise CheckUsageError(
+                raise usage_error(
                     f"Unknown option value for -r (expecting 'leaks' or 'all'): {value}"
                 )
             repair = value
-        elif a == "-f":
-            if value != "qcow2":
-                raise CheckUsageError(f"check: only the qcow2 format is supported, not {value!r}")
+        elif key == "f":
             fmt = value
-        elif a == "--output":
-            if value not in ("human", "json"):
-                raise CheckUsageError("--output must be used with human or json as argument.")
+        elif key == "output":
             output = value
+    quiet = cl.flag("q")
+    files, secrets = cl.files, cl.secrets
     if len(files) != 1:
-        raise CheckUsageError(f"Expecting one image file name; usage: {USAGE}")
-    spec = image_spec(files[0], fmt, image_opts, backing_allowed=True)
+        raise usage_error("Expecting one image file name")
+    if output not in ("human", "json"):
+        raise CheckUsageError("--output must be used with human or json as argument.")
+    if fmt is not None and fmt != "qcow2":
+        raise CheckUsageError(f"check: only the qcow2 format is supported, not {fmt!r}")
+    spec = image_spec(files[0], fmt, cl.image_opts, backing_allowed=True)
     with could_not_open(spec.name):
         open_chain(spec, secrets)
     path = spec.path

@@ -21,79 +21,23 @@ from ..errors import Qcow2Error
 from ..tools.commit import CommitError, commit_sync
 from ..tools.progress import QemuProgress
 from .imageopts import could_not_open, image_spec
-from .options import PROG, UsageError, take_value
-from .secrets import Secrets
+from .options import (
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    CommandLine,
+    CommandSpec,
+    ParsedArgs,
+    UsageError,
+    cvtnum,
+    parse_args,
+    usage_error,
+)
 from .unlock import chain_passphrases, ensure_readable, open_chain
 
-_TRY = f"\nTry '{PROG} --help' for more information"
-
-
-def usage_error(msg: str) -> UsageError:
-    """A usage error as qemu-img words it (with the ``--help`` hint line)."""
-    return UsageError(msg + _TRY)
-
-
-class ParsedArgs:
-    """Options of a qemu-img command line, as ``getopt_long`` sees them (permuted)."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, str] = {}
-        self.flags: set[str] = set()
-        self.files: list[str] = []
-        self.image_opts = False
-        self.secrets = Secrets()
-
-
-def parse_args(argv: Sequence[str], with_arg: str, flags: str, help_text: str) -> ParsedArgs:
-    """``getopt_long`` over ``argv``: short options taking a value (``with_arg``) or
-    not (``flags``), ``--object`` and ``--image-opts``; the last value of an option
-    repeated wins, as in qemu-img."""
-    out = ParsedArgs()
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            out.files += args[i + 1 :]
-            break
-        if a.startswith("--"):
-            if a == "--object" or a.startswith("--object="):
-                text, i = take_value(args, i, "--object")
-                out.secrets.add_object(text)
-                continue
-            if a == "--image-opts":
-                out.image_opts = True
-            elif a == "--help":
-                raise usage_error(help_text)
-            else:
-                raise usage_error(f"unrecognized option '{a}'")
-            i += 1
-            continue
-        if not a.startswith("-") or a == "-":
-            out.files.append(a)
-            i += 1
-            continue
-        j = 1
-        i += 1
-        while j < len(a):
-            ch = a[j]
-            if ch in with_arg:
-                if j + 1 < len(a):
-                    value = a[j + 1 :]
-                elif i < len(args):
-                    value = args[i]
-                    i += 1
-                else:
-                    raise usage_error(f"option requires an argument -- '{ch}'")
-                out.values[ch] = value
-                break
-            if ch not in flags:
-                raise usage_error(f"invalid option -- '{ch}'")
-            if ch == "h":
-                raise usage_error(help_text)
-            out.flags.add(ch)
-            j += 1
-    return out
+SPEC = CommandSpec("commit", ":f:ht:b:dpqr:", (HELP, OBJECT, IMAGE_OPTS))
+# ParsedArgs, parse_args and usage_error moved to .options (re-exported here).
+__all__ = ["SPEC", "ParsedArgs", "cmd_commit", "open_format", "parse_args", "usage_error"]
 
 
 def open_format(name: str, path: str, fmt: str | None) -> str:
@@ -108,7 +52,11 @@ def open_format(name: str, path: str, fmt: str | None) -> str:
 
 def cmd_commit(argv: Sequence[str]) -> int:
     """Commit FILE into its backing file (or ``-b BASE``); qemu-img's text and status."""
-    p = parse_args(argv, "fbtr", "hdpqU", "commit [-b BASE] [-d] [-p] [-f FMT] FILE")
+    cl = CommandLine(SPEC, argv)
+    for key, value in cl:
+        if key == "r":
+            cvtnum("rate limit", value)  # checked as qemu-img does; no rate limit here
+    p = cl.parsed
     if len(p.files) != 1:
         raise usage_error("Expecting one image file name")
     quiet = "q" in p.flags

@@ -23,7 +23,17 @@ from ..image import Image
 from ..tools.compare import CompareResult, compare
 from ..tools.progress import QemuProgress
 from .imageopts import ImageSpec, OpenError, image_spec
-from .options import PROG, UsageError
+from .options import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    PROG,
+    CommandLine,
+    CommandSpec,
+    UsageError,
+    usage_error,
+)
 from .secrets import Secrets
 from .unlock import chain_passphrases, ensure_readable, open_chain
 
@@ -31,7 +41,8 @@ USAGE = (
     "compare [--object OBJ] [--image-opts] [-f FMT] [-F FMT] [-T SRC_CACHE] [-p] [-q] [-s] "
     "[-U] FILE1 FILE2"
 )
-_TRY = f"\nTry '{PROG} --help' for more information"
+SPEC = CommandSpec("compare", ":hf:F:T:pqsU", (HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE))
+_CACHE_MODES = ("writeback", "none", "writethrough", "directsync", "unsafe")
 
 
 def _f32(x: float) -> float:
@@ -102,75 +113,6 @@ def error(msg: str, status: int = 2) -> int:
     return status
 
 
-def _parse(argv: Sequence[str]) -> tuple[dict[str, object], list[str], Secrets]:
-    """getopt ``:hf:F:T:pqsU`` plus --object and --image-opts, as qemu-img."""
-    opts: dict[str, object] = {
-        "fmt1": None,
-        "fmt2": None,
-        "progress": False,
-        "quiet": False,
-        "strict": False,
-        "image_opts": False,
-    }
-    secrets = Secrets()
-    files: list[str] = []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        i += 1
-        if a == "--":
-            files.extend(args[i:])
-            break
-        if a.startswith("--"):
-            name, eq, value = a.partition("=")
-            if name == "--object":
-                if not eq:
-                    if i >= len(args):
-                        raise UsageError(f"option '--object' requires an argument{_TRY}")
-                    value, i = args[i], i + 1
-                secrets.add_object(value)
-            elif name == "--image-opts" and not eq:
-                opts["image_opts"] = True
-            elif name in ("--force-share", "--help") and not eq:
-                pass
-            else:
-                raise UsageError(f"unrecognized option '{a}'{_TRY}")
-            continue
-        if not a.startswith("-") or a == "-":
-            files.append(a)
-            continue
-        j = 1
-        while j < len(a):
-            c = a[j]
-            j += 1
-            if c in "fFT":
-                if j < len(a):
-                    value, j = a[j:], len(a)
-                elif i < len(args):
-                    value, i = args[i], i + 1
-                else:
-                    raise UsageError(f"missing argument for option '-{c}'{_TRY}")
-                if c == "f":
-                    opts["fmt1"] = value
-                elif c == "F":
-                    opts["fmt2"] = value
-                elif value not in ("writeback", "none", "writethrough", "directsync", "unsafe"):
-                    raise Exit(error(f"Invalid source cache option: {value}"))
-            elif c == "p":
-                opts["progress"] = True
-            elif c == "q":
-                opts["quiet"] = True
-            elif c == "s":
-                opts["strict"] = True
-            elif c in "Uh":
-                pass
-            else:
-                # getopt's ':' mode: qemu-img names the whole argument.
-                raise UsageError(f"unrecognized option '{a}'{_TRY}")
-    return opts, files, secrets
-
-
 def cmd_compare(argv: Sequence[str]) -> int:
     """Compare two images; print qemu-img's text; return its exit status."""
     try:
@@ -180,16 +122,19 @@ def cmd_compare(argv: Sequence[str]) -> int:
 
 
 def _run(argv: Sequence[str]) -> int:
-    opts, files, secrets = _parse(argv)
-    quiet = bool(opts["quiet"])
-    show = bool(opts["progress"]) and not quiet
+    cl = CommandLine(SPEC, argv)
+    p = cl.parse()
+    quiet = cl.flag("q")
+    show = cl.flag("p") and not quiet
+    files, secrets = cl.files, cl.secrets
     if len(files) != 2:
-        raise UsageError(f"Expecting two image file names{_TRY}")
-    image_opts = bool(opts["image_opts"])
-    fmt1 = opts["fmt1"]
-    fmt2 = opts["fmt2"]
-    assert fmt1 is None or isinstance(fmt1, str)
-    assert fmt2 is None or isinstance(fmt2, str)
+        raise usage_error("Expecting two image file names")
+    cache = p.values.get("T")
+    if cache is not None and cache not in _CACHE_MODES:
+        raise Exit(error(f"Invalid source cache option: {cache}"))
+    image_opts = cl.image_opts
+    fmt1 = p.values.get("f")
+    fmt2 = p.values.get("F")
     try:
         a = open_image(_spec(files[0], fmt1, image_opts), secrets)
         try:
@@ -197,7 +142,7 @@ def _run(argv: Sequence[str]) -> int:
             try:
                 # The first record (0.00) once both images are open, as qemu-img.
                 bar = CompareProgress(sys.stdout) if show else None
-                return asyncio.run(_compare(a, b, bool(opts["strict"]), quiet, bar))
+                return asyncio.run(_compare(a, b, cl.flag("s"), quiet, bar))
             finally:
                 b.close()
         finally:

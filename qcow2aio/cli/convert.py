@@ -20,13 +20,40 @@ from ..tools.convert import MAX_MIN_SPARSE, convert
 from ..tools.progress import QemuProgress
 from .create import create_kwargs, qapi_visit
 from .imageopts import ImageSpec, OpenError, could_not_open, image_spec, parse_image_opts
-from .options import PROG, CreateOpts, UsageError, parse_size, split_options, take_value
-from .secrets import SecretError, Secrets
+from .options import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    CommandLine,
+    CommandSpec,
+    CreateOpts,
+    LongOpt,
+    UsageError,
+    cvtnum,
+    split_options,
+)
+from .secrets import SecretError
 from .unlock import chain_passphrases, ensure_readable, open_chain
 
 _SPARSE_SIZE = (
     "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up "
     "to 16777216. Select 0 to disable sparse detection (fully allocates output)."
+)
+SPEC = CommandSpec(
+    "convert",
+    ":hf:O:B:Cco:l:S:pt:T:qnm:WUr:F:",
+    (
+        HELP,
+        OBJECT,
+        IMAGE_OPTS,
+        LongOpt("target-image-opts"),
+        LongOpt("salvage"),
+        LongOpt("target-is-zero"),
+        LongOpt("bitmaps"),
+        LongOpt("skip-broken-bitmaps"),
+        FORCE_SHARE,
+    ),
 )
 _COROUTINES = "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
 
@@ -52,99 +79,32 @@ def _kwargs(opts: CreateOpts) -> dict[str, Any]:
 def cmd_convert(argv: Sequence[str]) -> int:
     """``convert [-f FMT] [-O FMT] [-c] [-o OPTS] [-B BACKING [-F BFMT]] [-S SIZE] [-m N]
     [-W] [-n] [-p] [-q] [--object OBJ] [--image-opts] [--target-image-opts] SRC... DST``."""
-    fmt: str | None = None
-    out_fmt: str | None = None
-    compress = False
-    options: list[str] = []
-    backing: str | None = None
-    backing_fmt: str | None = None
     min_sparse = 4096
     parallel = 8
-    unordered = False
-    skip_create = False
-    progress = False
-    quiet = False
-    image_opts = False
-    target_image_opts = False
-    secrets = Secrets()
-    positional: list[str] = []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            positional.extend(args[i + 1 :])
-            break
-        if a.startswith("--"):
-            if a == "--object" or a.startswith("--object="):
-                text, i = take_value(args, i, "--object")
-                secrets.add_object(text)
-                continue
-            if a == "--image-opts":
-                image_opts = True
-            elif a == "--target-image-opts":
-                target_image_opts = True
-            elif a in ("--force-share", "--salvage"):
-                pass
-            else:
-                raise UsageError(f"unrecognized option '{a}'")
-            i += 1
-            continue
-        if not a.startswith("-") or a == "-":
-            positional.append(a)
-            i += 1
-            continue
-        flag = a[:2]
-        if flag in ("-f", "-O", "-o", "-B", "-F", "-S", "-m", "-t", "-T", "-l", "-r", "-s"):
-            value, i = take_value(args, i, flag)
-            if flag == "-f":
-                fmt = value
-            elif flag == "-O":
-                out_fmt = value
-            elif flag == "-o":
-                options.append(value)
-            elif flag == "-B":
-                backing = value
-            elif flag == "-F":
-                backing_fmt = value
-            elif flag == "-S":
-                try:
-                    min_sparse = parse_size(value)
-                except ValueError:
-                    raise UsageError(
-                        "Invalid buffer size for sparse output specified. You may use k, M, "
-                        f"G, T, P or E suffixes for\n{PROG}: kilobytes, megabytes, gigabytes, "
-                        "terabytes, petabytes and exabytes."
-                    ) from None
-                if min_sparse % 512 or min_sparse > MAX_MIN_SPARSE:
-                    raise UsageError(_SPARSE_SIZE)
-            elif flag == "-m":
-                try:
-                    parallel = int(value, 0)
-                except ValueError:
-                    parallel = 0
-                if not 1 <= parallel <= 16:
-                    raise UsageError(_COROUTINES)
-            elif flag in ("-l", "-r", "-s"):
-                raise UsageError(f"convert: option {flag} is not supported")
-            continue  # -t/-T (cache modes): the page cache is always used
-        for ch in a[1:]:
-            if ch == "c":
-                compress = True
-            elif ch == "W":
-                unordered = True
-            elif ch == "n":
-                skip_create = True
-            elif ch == "p":
-                progress = True
-            elif ch == "q":
-                quiet = True
-            elif ch in "UhC":
-                if ch == "h":
-                    raise UsageError("convert: see 'qcow2aio --help'")
-            else:
-                raise UsageError(f"invalid option -- '{ch}'")
-        i += 1
+    cl = CommandLine(SPEC, argv)
+    for key, value in cl:
+        if key == "S":
+            min_sparse = cvtnum("buffer size for sparse output", value)
+            if min_sparse % 512 or min_sparse > MAX_MIN_SPARSE:
+                raise UsageError(_SPARSE_SIZE)
+        elif key == "m":
+            try:
+                parallel = int(value, 0)
+            except ValueError:
+                parallel = 0
+            if not 1 <= parallel <= 16:
+                raise UsageError(_COROUTINES)
+        elif key in ("l", "r", "target-is-zero", "bitmaps", "skip-broken-bitmaps"):
+            flag = f"-{key}" if len(key) == 1 else f"--{key}"
+            raise UsageError(f"convert: option {flag} is not supported")
+    p = cl.parsed
+    fmt, out_fmt, backing, backing_fmt = (p.values.get(k) for k in "fOBF")
+    options = p.lists.get("o", [])
+    compress, unordered, skip_create = cl.flag("c"), cl.flag("W"), cl.flag("n")
+    progress, quiet = cl.flag("p"), cl.flag("q")
+    target_image_opts = cl.flag("target-image-opts")
+    secrets, positional = cl.secrets, cl.files
+    image_opts = cl.image_opts
     if quiet:
         progress = False
     if len(positional) < 2:

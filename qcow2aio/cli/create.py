@@ -17,18 +17,22 @@ from ..backing import probe_format, resolve_name
 from ..create import backing_size, create
 from ..errors import Qcow2Error, Qcow2FormatError, Qcow2PassphraseError, Qcow2UnsupportedError
 from .options import (
-    INT64_MAX,
+    HELP,
+    OBJECT,
+    CommandLine,
+    CommandSpec,
     CreateOpts,
     UsageError,
+    cvtnum,
     opt_int,
     opt_str,
-    parse_size,
     split_options,
-    take_value,
+    usage_error,
 )
 from .qapi import first_unexpected, visit_order
 from .secrets import SecretError, Secrets
 
+SPEC = CommandSpec("create", ":F:b:f:ho:qu", (HELP, OBJECT))
 _KEY_SECRET_REQUIRED = "Parameter 'encrypt.key-secret' is required for cipher"
 # QAPI enums of QCryptoBlockCreateOptionsLUKS's members (QEMU 7.2), in the order the
 # visitor checks them.
@@ -56,60 +60,24 @@ _LUKS_ENUMS: dict[str, tuple[str, ...]] = {
 
 def cmd_create(argv: Sequence[str]) -> int:
     """``create [-q] [--object OBJ] [-f qcow2] [-b BACKING [-F FMT]] [-o OPTS] FILE [SIZE]``."""
-    fmt = "raw"
-    options: list[str] = []
-    backing: str | None = None
-    backing_fmt: str | None = None
-    quiet = False
-    secrets = Secrets()
-    positional: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            positional.extend(argv[i + 1 :])
-            break
-        if arg.startswith("-f"):
-            fmt, i = take_value(argv, i, "-f")
-        elif arg.startswith("-o"):
-            opt, i = take_value(argv, i, "-o")
-            options.append(opt)
-        elif arg.startswith("-b"):
-            backing, i = take_value(argv, i, "-b")
-        elif arg.startswith("-F"):
-            backing_fmt, i = take_value(argv, i, "-F")
-        elif arg == "-q":
-            quiet = True
-            i += 1
-        elif arg == "--object" or arg.startswith("--object="):
-            text, i = take_value(argv, i, "--object")
-            secrets.add_object(text)
-        elif arg.startswith("-") and arg != "-":
-            raise UsageError(f"invalid option -- '{arg.lstrip('-')}'")
-        else:
-            positional.append(arg)
-            i += 1
-    if fmt != "qcow2":
-        raise Qcow2UnsupportedError(f"Unsupported format: -f {fmt} (only qcow2 is supported)")
+    p = CommandLine(SPEC, argv).parse()
+    fmt = p.values.get("f", "raw")
+    options = p.lists.get("o", [])
+    backing, backing_fmt = p.values.get("b"), p.values.get("F")
+    quiet, unsafe, secrets, positional = "q" in p.flags, "u" in p.flags, p.secrets, p.files
     if not positional:
-        raise UsageError("Expecting image file name")
-    if len(positional) > 2:
-        raise UsageError(f"Unexpected argument: {positional[2]}")
+        raise usage_error("Expecting image file name")
     filename = positional[0]
     size: int | None = None
-    if len(positional) == 2:
-        try:
-            size = parse_size(positional[1])
-        except ValueError:
-            raise UsageError(
-                "Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
-                "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
-            ) from None
-        if size > INT64_MAX:
-            raise UsageError(f"Invalid image size specified. Must be between 0 and {INT64_MAX}.")
+    if len(positional) >= 2:
+        size = cvtnum("image size", positional[1])
+    if len(positional) > 2:
+        raise usage_error(f"Unexpected argument: {positional[2]}")
+    if fmt != "qcow2":
+        raise Qcow2UnsupportedError(f"Unsupported format: -f {fmt} (only qcow2 is supported)")
 
     try:
-        _img_create(filename, fmt, size, options, backing, backing_fmt, quiet, secrets)
+        _img_create(filename, fmt, size, options, backing, backing_fmt, quiet, secrets, unsafe)
     except (Qcow2Error, UsageError) as exc:
         # bdrv_img_create's errors: qemu-img prefixes them with the image's name.
         raise UsageError(f"{filename}: {exc}") from None
@@ -125,8 +93,12 @@ def _img_create(
     backing_fmt: str | None,
     quiet: bool,
     secrets: Secrets,
+    unsafe: bool = False,
 ) -> None:
-    """``bdrv_img_create``: options, backing file, the Formatting line, then the driver."""
+    """``bdrv_img_create``: options, backing file, the Formatting line, then the driver.
+
+    ``unsafe`` (``-u``) leaves the backing file unopened: no probe of its format or
+    size, so both ``-F`` and the size are then required."""
     opts = CreateOpts()
     if options:
         for name, value in split_options(",".join(options)):
@@ -153,12 +125,14 @@ def _img_create(
         if bfile == "":
             raise Qcow2FormatError("Expected backing file name, got empty string")
         if bfmt is None:
+            if unsafe:
+                raise Qcow2FormatError("Backing file specified without backing format")
             detected = probe_format(resolve_name(bfile, filename))
             raise Qcow2FormatError(
                 f"Backing file specified without backing format (detected format of {detected})"
             )
-        probed = backing_size(filename, bfile, bfmt)
-        if image_size is None:
+        probed = None if unsafe else backing_size(filename, bfile, bfmt)
+        if image_size is None and probed is not None:
             opts.raw["size"] = str(probed)
             opts.value["size"] = probed
             image_size = probed

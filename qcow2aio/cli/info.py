@@ -17,9 +17,33 @@ from ..errors import Qcow2FormatError, Qcow2UnsupportedError
 from ..image import Image
 from ..info import format_human, format_json, full_backing_filename, image_info, raw_image_info
 from .imageopts import ImageSpec, could_not_open, image_spec
-from .options import UsageError, take_value
-from .secrets import Secrets
+from .options import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    OUTPUT,
+    CommandLine,
+    CommandSpec,
+    LongOpt,
+    UsageError,
+    usage_error,
+)
 from .unlock import check_encrypt_options, ensure_readable
+
+SPEC = CommandSpec(
+    "info",
+    ":f:hU",
+    (
+        HELP,
+        LongOpt("format", True, "f"),
+        OUTPUT,
+        LongOpt("backing-chain"),
+        OBJECT,
+        IMAGE_OPTS,
+        FORCE_SHARE,
+    ),
+)
 
 
 def _chain_infos(spec: ImageSpec, chain: bool) -> list[dict[str, object]]:
@@ -62,38 +86,21 @@ def cmd_info(argv: Sequence[str]) -> int:
     [-U] FILE``."""
     output = "human"
     chain = False
-    image_opts = False
-    secrets = Secrets()
     fmt: str | None = None
-    files: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--output"):
-            output, i = take_value(argv, i, "--output")
-        elif arg == "--backing-chain":
+    cl = CommandLine(SPEC, argv)
+    for key, value in cl:
+        if key == "output":
+            output = value
+        elif key == "backing-chain":
             chain = True
-            i += 1
-        elif arg in ("-U", "--force-share"):
-            i += 1  # reading never takes QEMU's locks
-        elif arg == "--object" or arg.startswith("--object="):
-            text, i = take_value(argv, i, "--object")
-            secrets.add_object(text)
-        elif arg == "--image-opts":
-            image_opts = True
-            i += 1
-        elif arg.startswith("-f"):
-            fmt, i = take_value(argv, i, "-f")
-        elif arg.startswith("-") and arg != "-":
-            raise UsageError(f"invalid option -- '{arg.lstrip('-')}'")
-        else:
-            files.append(arg)
-            i += 1
-    if output not in ("human", "json"):
-        raise UsageError(f"--output must be used with human or json as argument: {output}")
+        elif key == "f":
+            fmt = value
+    files = cl.files
     if len(files) != 1:
-        raise UsageError("Expecting one image file name")
-    spec = image_spec(files[0], fmt, image_opts, backing_allowed=False)
+        raise usage_error("Expecting one image file name")
+    if output not in ("human", "json"):
+        raise UsageError("--output must be used with human or json as argument.")
+    spec = image_spec(files[0], fmt, cl.image_opts, backing_allowed=False)
     with could_not_open(spec.name):
         infos = _chain_infos(spec, chain)
     if output == "json":

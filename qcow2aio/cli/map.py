@@ -14,8 +14,19 @@ from ..errors import Qcow2UnsupportedError
 from ..image import Image
 from ..tools.map import display_names, map_image_sync, map_text
 from .imageopts import could_not_open, image_spec
-from .options import UsageError, parse_size, take_value
-from .secrets import Secrets
+from .options import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    OUTPUT,
+    CommandLine,
+    CommandSpec,
+    LongOpt,
+    UsageError,
+    cvtnum,
+    usage_error,
+)
 from .unlock import chain_passphrases, ensure_readable, open_chain
 
 USAGE = (
@@ -23,62 +34,44 @@ USAGE = (
     "[--max-length=LEN] [--output=human|json] [-U] FILE"
 )
 
-_SUFFIXES = (
-    "You may use k, M, G, T, P or E suffixes for "
-    "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+SPEC = CommandSpec(
+    "map",
+    ":f:s:l:hU",
+    (
+        HELP,
+        LongOpt("format", True, "f"),
+        OUTPUT,
+        OBJECT,
+        IMAGE_OPTS,
+        FORCE_SHARE,
+        LongOpt("start-offset", True, "s"),
+        LongOpt("max-length", True, "l"),
+    ),
 )
-
-
-def _number(text: str, what: str) -> int:
-    try:
-        value = parse_size(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise UsageError(f"Invalid {what} specified. {_SUFFIXES}")
-    return value
 
 
 def cmd_map(argv: Sequence[str]) -> int:
     """``map [--output=human|json] [-f FMT] [--start-offset=N] [--max-length=N] FILE``."""
     output = "human"
-    image_opts = False
-    secrets = Secrets()
     fmt: str | None = None
     start = 0
     max_length: int | None = None
-    files: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--output"):
-            output, i = take_value(argv, i, "--output")
-        elif arg.startswith("--start-offset"):
-            text, i = take_value(argv, i, "--start-offset")
-            start = _number(text, "start offset")
-        elif arg.startswith("--max-length"):
-            text, i = take_value(argv, i, "--max-length")
-            max_length = _number(text, "max length")
-        elif arg in ("-U", "--force-share"):
-            i += 1
-        elif arg == "--object" or arg.startswith("--object="):
-            text, i = take_value(argv, i, "--object")
-            secrets.add_object(text)
-        elif arg == "--image-opts":
-            image_opts = True
-            i += 1
-        elif arg.startswith("-f"):
-            fmt, i = take_value(argv, i, "-f")
-        elif arg.startswith("-") and arg != "-":
-            raise UsageError(f"invalid option -- '{arg.lstrip('-')}'")
-        else:
-            files.append(arg)
-            i += 1
+    cl = CommandLine(SPEC, argv)
+    for key, value in cl:
+        if key == "output":
+            output = value
+        elif key == "s":
+            start = cvtnum("start offset", value)
+        elif key == "l":
+            max_length = cvtnum("max length", value)
+        elif key == "f":
+            fmt = value
+    files, secrets = cl.files, cl.secrets
+    if len(files) != 1:
+        raise usage_error("Expecting one image file name")
     if output not in ("human", "json"):
         raise UsageError("--output must be used with human or json as argument.")
-    if len(files) != 1:
-        raise UsageError("Expecting one image file name")
-    spec = image_spec(files[0], fmt, image_opts, backing_allowed=True)
+    spec = image_spec(files[0], fmt, cl.image_opts, backing_allowed=True)
     with could_not_open(spec.name):
         ensure_readable(spec.path)
         kind = spec.fmt if spec.fmt is not None else probe_format(spec.path)

@@ -20,14 +20,33 @@ from ..tools.measure import MeasureError, measure
 from .compare import Exit, error, open_image
 from .create import encryption_kwargs
 from .imageopts import image_spec
-from .options import INT64_MAX, PROG, CreateOpts, UsageError, parse_size, split_options
+from .options import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    OUTPUT,
+    CommandLine,
+    CommandSpec,
+    CreateOpts,
+    LongOpt,
+    UsageError,
+    cvtnum,
+    split_options,
+)
 from .secrets import SecretError, Secrets
 
 USAGE = (
     "measure [--output=human|json] [--object OBJ] [--image-opts] [-O FMT] [-o OPTIONS] "
     "[-l SNAPSHOT] (--size N | [-f FMT] FILE)"
 )
-_TRY = f"\nTry '{PROG} --help' for more information"
+# The one optstring without a leading ":": getopt prints its own message, then
+# qemu-img its help (status 0).
+SPEC = CommandSpec(
+    "measure",
+    "hf:O:o:l:U",
+    (HELP, IMAGE_OPTS, OBJECT, OUTPUT, LongOpt("size", True), FORCE_SHARE),
+)
 
 # Formats QEMU 7.2 knows but cannot measure ("Block driver 'X' does not support size
 # measurement"); qcow2aio measures raw and qcow2 (QEMU also luks, refused below).
@@ -52,91 +71,26 @@ def cmd_measure(argv: Sequence[str]) -> int:
 
 
 def _parse(argv: Sequence[str]) -> tuple[dict[str, object], list[str], Secrets]:
-    """getopt ``:hf:O:o:l:U`` with --object, --image-opts, --output, --size."""
-    opts: dict[str, object] = {
-        "fmt": None,
-        "out_fmt": "raw",
-        "options": [],
-        "snapshot": None,
-        "image_opts": False,
-        "json": False,
-        "size": None,
-    }
-    secrets = Secrets()
-    files: list[str] = []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        i += 1
-        if a == "--":
-            files.extend(args[i:])
-            break
-        if a.startswith("--"):
-            name, eq, value = a.partition("=")
-            takes = name in ("--object", "--output", "--size")
-            if takes and not eq:
-                if i >= len(args):
-                    raise UsageError(f"option '{name}' requires an argument{_TRY}")
-                value, i = args[i], i + 1
-            if name == "--object":
-                secrets.add_object(value)
-            elif name == "--output":
-                if value not in ("human", "json"):
-                    raise Exit(error("--output must be used with human or json as argument.", 1))
-                opts["json"] = value == "json"
-            elif name == "--size":
-                opts["size"] = _size(value)
-            elif name == "--image-opts" and not eq:
-                opts["image_opts"] = True
-            elif name == "--force-share" and not eq:
-                pass
-            else:
-                raise UsageError(f"unrecognized option '{a}'{_TRY}")
-            continue
-        if not a.startswith("-") or a == "-":
-            files.append(a)
-            continue
-        j = 1
-        while j < len(a):
-            c = a[j]
-            j += 1
-            if c in "fOol":
-                if j < len(a):
-                    value, j = a[j:], len(a)
-                elif i < len(args):
-                    value, i = args[i], i + 1
-                else:
-                    raise UsageError(f"missing argument for option '-{c}'{_TRY}")
-                if c == "f":
-                    opts["fmt"] = value
-                elif c == "O":
-                    opts["out_fmt"] = value
-                elif c == "o":
-                    options = opts["options"]
-                    assert isinstance(options, list)
-                    options.append(value)
-                else:
-                    opts["snapshot"] = value
-            elif c == "U":
-                pass
-            else:
-                raise UsageError(f"unrecognized option '{a}'{_TRY}")
-    return opts, files, secrets
-
-
-def _size(text: str) -> int:
-    """``cvtnum("image size", ...)``: qemu-img's two messages."""
-    try:
-        value = parse_size(text)
-    except ValueError:
-        error("Invalid image size specified. You may use k, M, G, T, P or E suffixes for", 1)
-        raise Exit(
-            error("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.", 1)
-        ) from None
-    if value > INT64_MAX:
-        raise Exit(error(f"Invalid image size specified. Must be between 0 and {INT64_MAX}.", 1))
-    return value
+    """The options, with the checks qemu-img makes while reading them (``--output``,
+    ``--size``); measure lets getopt print its own errors (see :data:`SPEC`)."""
+    opts: dict[str, object] = {"json": False, "size": None}
+    cl = CommandLine(SPEC, argv)
+    for key, value in cl:
+        if key == "output":
+            if value not in ("human", "json"):
+                raise Exit(error("--output must be used with human or json as argument.", 1))
+            opts["json"] = value == "json"
+        elif key == "size":
+            opts["size"] = cvtnum("image size", value)
+    p = cl.parsed
+    opts.update(
+        fmt=p.values.get("f"),
+        out_fmt=p.values.get("O", "raw"),
+        options=p.lists.get("o", []),
+        snapshot=p.values.get("l"),
+        image_opts=cl.image_opts,
+    )
+    return opts, cl.files, cl.secrets
 
 
 def _run(argv: Sequence[str]) -> int:

@@ -8,8 +8,12 @@ details, so they are kept in one place that every command uses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from .secrets import Secrets
 
 PROG = "qcow2aio"
 
@@ -240,3 +244,294 @@ def opt_str(opts: CreateOpts, name: str) -> str | None:
 def opt_int(opts: CreateOpts, name: str, default: int) -> int:
     value = opts.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+# --------------------------------------------------------------------------- getopt
+#
+# Every command's options are read by one parser with the behaviour of glibc's
+# ``getopt_long`` as qemu-img 7.2 calls it: short options clustered or not ("-qf
+# FMT", "-fFMT"), long options with their value after "=" or in the next argument,
+# unique prefixes of long options ("--out=json"), operands permuted after the
+# options, "--" ending them. qemu-img's error messages name ``argv[optind - 1]``, so
+# they inherit getopt's quirks, which are observable and so reproduced: an unknown
+# letter inside a cluster names the argument *before* the cluster ("qemu-img info a
+# -qZ" -> "unrecognized option 'a'"), in getopt's permuted order.
+
+TRY_HELP = f"\nTry '{PROG} --help' for more information"
+
+
+class HelpRequested(Exception):
+    """``-h``/``--help``: qemu-img prints its help on stdout and exits 0. So does a
+    command whose optstring does not start with ":" (``measure``) on any option error,
+    after getopt's own complaint, ``message``, on stderr ("" for ``-h``)."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class LongOpt:
+    """One ``struct option``: its name, whether it takes a value, and the key the
+    parser yields for it (a short option's letter, or by default the name itself)."""
+
+    name: str
+    has_arg: bool = False
+    key: str = ""
+
+    @property
+    def code(self) -> str:
+        return self.key or self.name
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A command's getopt table as qemu-img 7.2 declares it (observed): the optstring
+    (a leading ":" makes qemu-img print its own messages, as all commands but
+    ``measure`` do) and the long options."""
+
+    command: str
+    short: str
+    long: tuple[LongOpt, ...] = ()
+
+    def takes_arg(self, ch: str) -> bool | None:
+        """None when ``ch`` is no option letter, else whether it takes a value."""
+        pos = self.short.find(ch)
+        if ch == ":" or pos < 0:
+            return None
+        return self.short[pos + 1 : pos + 2] == ":"
+
+    def find_long(self, name: str) -> list[LongOpt]:
+        """What ``--name`` designates: the exact match, else every option ``name`` is
+        a prefix of (several with the same meaning count as one, as in getopt)."""
+        exact = [o for o in self.long if o.name == name]
+        if exact:
+            return exact
+        found = [o for o in self.long if o.name.startswith(name)]
+        if len({(o.has_arg, o.code) for o in found}) == 1:
+            return found[:1]
+        return found
+
+
+# The long options most commands have.
+HELP = LongOpt("help", key="h")
+OBJECT = LongOpt("object", True)
+IMAGE_OPTS = LongOpt("image-opts")
+FORCE_SHARE = LongOpt("force-share", key="U")
+OUTPUT = LongOpt("output", True)
+
+
+class _Getopt:
+    """getopt_long's state: ``args[first:last]`` are the non-options skipped so far,
+    moved after the options (``exchange``) when more options follow them."""
+
+    def __init__(self, spec: CommandSpec, argv: Sequence[str]) -> None:
+        self.spec = spec
+        self.args = [spec.command, *argv]
+        self.optind = 1
+        self.first = self.last = 1
+        self.nextchar = ""
+
+    def error(self, missing: bool, glibc: str) -> NoReturn:
+        if not self.spec.short.startswith(":"):
+            raise HelpRequested(f"{self.spec.command}: {glibc}")
+        what = "missing argument for" if missing else "unrecognized"
+        raise UsageError(f"{what} option '{self.args[self.optind - 1]}'{TRY_HELP}")
+
+    def exchange(self) -> None:
+        a, first, last, optind = self.args, self.first, self.last, self.optind
+        a[first:optind] = a[last:optind] + a[first:last]
+        self.first = first + optind - last
+        self.last = optind
+
+    def next(self) -> tuple[str, str] | None:
+        """The next ``(key, value)``, or None when the options are over."""
+        args = self.args
+        argc = len(args)
+        if not self.nextchar:
+            self.last = min(self.last, self.optind)
+            self.first = min(self.first, self.optind)
+            if self.first != self.last and self.last != self.optind:
+                self.exchange()
+            elif self.last != self.optind:
+                self.first = self.optind
+            while self.optind < argc and (args[self.optind][:1] != "-" or args[self.optind] == "-"):
+                self.optind += 1
+            self.last = self.optind
+            if self.optind != argc and args[self.optind] == "--":
+                self.optind += 1
+                if self.first != self.last and self.last != self.optind:
+                    self.exchange()
+                elif self.first == self.last:
+                    self.first = self.optind
+                self.last = self.optind = argc
+            if self.optind == argc:
+                return None
+            if args[self.optind].startswith("--"):
+                return self.long_option()
+            self.nextchar = args[self.optind][1:]
+        ch, self.nextchar = self.nextchar[0], self.nextchar[1:]
+        if not self.nextchar:
+            self.optind += 1
+        takes = self.spec.takes_arg(ch)
+        if takes is None:
+            self.error(False, f"invalid option -- '{ch}'")
+        if not takes:
+            return ch, ""
+        if self.nextchar:
+            value, self.nextchar = self.nextchar, ""
+            self.optind += 1
+        elif self.optind == argc:
+            self.error(True, f"option requires an argument -- '{ch}'")
+        else:
+            value = args[self.optind]
+            self.optind += 1
+        return ch, value
+
+    def long_option(self) -> tuple[str, str]:
+        arg = self.args[self.optind]
+        name, eq, value = arg[2:].partition("=")
+        found = self.spec.find_long(name)
+        self.optind += 1
+        if not found:
+            self.error(False, f"unrecognized option '{arg}'")
+        if len(found) > 1:
+            names = " ".join(f"'--{o.name}'" for o in found)
+            self.error(False, f"option '{arg}' is ambiguous; possibilities: {names}")
+        opt = found[0]
+        if not opt.has_arg:
+            if eq:
+                self.error(False, f"option '--{opt.name}' doesn't allow an argument")
+            return opt.code, ""
+        if not eq:
+            if self.optind == len(self.args):
+                self.error(True, f"option '--{opt.name}' requires an argument")
+            value = self.args[self.optind]
+            self.optind += 1
+        return opt.code, value
+
+    def operands(self) -> list[str]:
+        """After the options: the non-options in order, then all that followed "--"."""
+        return self.args[self.first :] if self.first != self.last else []
+
+
+def getopt_long(spec: CommandSpec, argv: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """Yield ``(key, value)`` for each option of ``argv`` (the command's arguments,
+    without its name) as it is read, ``value`` "" for a flag; then each operand as
+    ``("", operand)``. ``-h``/``--help`` raises :class:`HelpRequested`; errors raise
+    :class:`UsageError` with qemu-img's text. Options are yielded as they are read so
+    that a command reports a bad value (``-m 99``) before a later getopt error, as
+    qemu-img does, checking values in its getopt loop."""
+    state = _Getopt(spec, argv)
+    while (item := state.next()) is not None:
+        if item[0] == "h":
+            raise HelpRequested()
+        yield item
+    for operand in state.operands():
+        yield "", operand
+
+
+class ParsedArgs:
+    """A command line read by :class:`CommandLine`: the last value of each option
+    (``values``), every value in order (``lists``, for ``-o`` that accumulates), the
+    options given (``flags``, with or without a value), the operands, and the shared
+    ``--object``/``--image-opts``."""
+
+    def __init__(self, secrets: Secrets) -> None:
+        self.values: dict[str, str] = {}
+        self.lists: dict[str, list[str]] = {}
+        self.flags: set[str] = set()
+        self.files: list[str] = []
+        self.image_opts = False
+        self.secrets = secrets
+
+
+class CommandLine:
+    """One command's arguments read with :func:`getopt_long`, the options every command
+    shares handled here once: ``--object`` (defined as soon as it is read, so its
+    errors come in qemu-img's order), ``--image-opts``, and ``-U``/``--force-share``
+    (qcow2aio takes no image locks, so sharing them is always granted).
+
+    Iterate to handle the remaining options in order (a command that checks values
+    while parsing, as qemu-img does, raises from its loop), or call :meth:`parse`."""
+
+    def __init__(self, spec: CommandSpec, argv: Sequence[str]) -> None:
+        from .secrets import Secrets  # secrets.py imports this module
+
+        self.parsed = ParsedArgs(Secrets())
+        self._items = getopt_long(spec, argv)
+
+    @property
+    def files(self) -> list[str]:
+        return self.parsed.files
+
+    @property
+    def secrets(self) -> Secrets:
+        return self.parsed.secrets
+
+    @property
+    def image_opts(self) -> bool:
+        return self.parsed.image_opts
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        p = self.parsed
+        for key, value in self._items:
+            if not key:
+                p.files.append(value)
+            elif key == "object":
+                p.secrets.add_object(value)
+            elif key == "image-opts":
+                p.image_opts = True
+            elif key != "U":
+                p.values[key] = value
+                p.lists.setdefault(key, []).append(value)
+                p.flags.add(key)
+                yield key, value
+
+    def parse(self) -> ParsedArgs:
+        """Read all the options: values (the last one wins), lists and flags."""
+        for _ in self:
+            pass
+        return self.parsed
+
+    def flag(self, key: str) -> bool:
+        """Whether option ``key`` was given (once iterated)."""
+        return key in self.parsed.flags
+
+
+def parse_args(
+    argv: Sequence[str], with_arg: str, flags: str, help_text: str = "", *, command: str = ""
+) -> ParsedArgs:
+    """Short options taking a value (``with_arg``) or not (``flags``) plus ``--help``,
+    ``--object`` and ``--image-opts``, as qemu-img's simpler commands declare them
+    (``help_text`` is no longer used: ``-h`` prints the usage, see
+    :class:`HelpRequested`). ``command`` is getopt's ``argv[0]``, which an error
+    inside the first cluster of options names."""
+    del help_text
+    short = ":" + "".join(c + ":" for c in with_arg) + flags
+    spec = CommandSpec(command, short, (HELP, OBJECT, IMAGE_OPTS))
+    return CommandLine(spec, argv).parse()
+
+
+def usage_error(msg: str) -> UsageError:
+    """A usage error as qemu-img words it (with the ``--help`` hint line)."""
+    return UsageError(msg + TRY_HELP)
+
+
+_SUFFIX_HELP = (
+    "You may use k, M, G, T, P or E suffixes for\n"
+    f"{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+)
+
+
+def cvtnum(what: str, text: str, limit: int = INT64_MAX) -> int:
+    """qemu-img's ``cvtnum``: a size for option ``what`` ("start offset", "image
+    size", ...) with its two messages (the second line of the first one is printed
+    with its own ``qemu-img:`` prefix, as qemu-img's two error_report calls do)."""
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise UsageError(f"Invalid {what} specified. {_SUFFIX_HELP}") from None
+    if value > limit:
+        raise UsageError(f"Invalid {what} specified. Must be between 0 and {limit}.")
+    return value

@@ -23,17 +23,26 @@ from ..backing import RAW_FORMATS, resolve_name
 from ..errors import Qcow2Error
 from ..tools.progress import QemuProgress
 from ..tools.rebase import RebaseError, rebase_sync
-from .commit import open_format, parse_args, usage_error
+from .commit import open_format
 from .imageopts import OpenError, could_not_open, image_spec
-from .options import UsageError
+from .options import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    CommandLine,
+    CommandSpec,
+    UsageError,
+    usage_error,
+)
 from .unlock import chain_passphrases, ensure_readable, open_chain
 
-_HELP = "rebase [-u] [-b BACKING] [-F FMT] [-p] [-f FMT] FILE"
+SPEC = CommandSpec("rebase", ":hf:F:b:upt:T:qU", (HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE))
 
 
 def cmd_rebase(argv: Sequence[str]) -> int:
     """Rebase FILE onto ``-b BACKING``; qemu-img's text and status."""
-    p = parse_args(argv, "fFbtT", "hpuqU", _HELP)
+    p = CommandLine(SPEC, argv).parse()
     backing = p.values.get("b")
     unsafe = "u" in p.flags
     if len(p.files) != 1:

@@ -17,7 +17,17 @@ from ..errors import Qcow2Error
 from ..image import Image
 from ..resize import PREALLOCATION_MODES
 from .imageopts import ImageSpec, could_not_open, image_spec
-from .options import PROG, UsageError, parse_size, take_value
+from .options import (
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    PROG,
+    CommandLine,
+    CommandSpec,
+    LongOpt,
+    UsageError,
+    parse_size,
+)
 from .secrets import Secrets
 from .unlock import chain_passphrases, open_chain
 
@@ -26,6 +36,11 @@ USAGE = (
     "FILE [+|-]SIZE"
 )
 
+SPEC = CommandSpec(
+    "resize",
+    ":f:hq",
+    (HELP, OBJECT, IMAGE_OPTS, LongOpt("preallocation", True), LongOpt("shrink")),
+)
 _SIZE_ERROR = (
     "Parameter 'size' expects a non-negative number below 2^64\n"
     "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
@@ -51,54 +66,21 @@ def cmd_resize(argv: Sequence[str]) -> int:
     args = list(argv)
     if len(args) < 2:
         return _usage("Not enough arguments")
-    fmt: str | None = None
-    image_opts = False
-    secrets = Secrets()
+    # qemu-img takes the size off the end before getopt, so that "-1G" is no option.
+    size_text = args.pop()
     prealloc = "off"
-    shrink = False
-    quiet = False
-    rest: list[str] = []
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            rest.extend(args[i + 1 :])
-            break
-        if a == "-f" or (a.startswith("-f") and len(a) > 2 and not a.startswith("--")):
-            if a == "-f":
-                if i + 1 >= len(args):
-                    return _usage("option requires an argument -- 'f'")
-                fmt, i = args[i + 1], i + 2
-            else:
-                fmt, i = a[2:], i + 1
-            continue
-        if a == "--preallocation" or a.startswith("--preallocation="):
-            value, i = take_value(args, i, "--preallocation")
+    cl = CommandLine(SPEC, args)
+    for key, value in cl:
+        if key == "preallocation":
             if value not in PREALLOCATION_MODES:
                 sys.stderr.write(f"{PROG}: Invalid preallocation mode '{value}'\n")
                 return 1
             prealloc = value
-            continue
-        if a == "--object" or a.startswith("--object="):
-            text, i = take_value(args, i, "--object")
-            secrets.add_object(text)
-            continue
-        if a == "--shrink":
-            shrink = True
-        elif a == "--image-opts":
-            image_opts = True
-        elif a == "-q":
-            quiet = True
-        elif a in ("-U", "--force-share"):
-            pass
-        elif a.startswith("-") and len(a) > 1 and not _is_size(a):
-            return _usage(f"unrecognized option '{a}'")
-        else:
-            rest.append(a)
-        i += 1
-    if len(rest) != 2:
+    fmt = cl.parsed.values.get("f")
+    shrink, quiet = cl.flag("shrink"), cl.flag("q")
+    if len(cl.files) != 1:
         return _usage("Expecting image file name and size")
-    name, size_text = rest
+    name = cl.files[0]
     relative = 0
     if size_text[:1] == "+":
         relative, size_text = 1, size_text[1:]
@@ -112,10 +94,10 @@ def cmd_resize(argv: Sequence[str]) -> int:
     if n > (1 << 63) - 1:
         sys.stderr.write(f"{PROG}: {_SIZE_ERROR}\n")
         return 1
-    spec = image_spec(name, fmt, image_opts, backing_allowed=True)
+    spec = image_spec(name, fmt, cl.image_opts, backing_allowed=True)
     try:
         if spec.fmt in (None, "qcow2"):
-            _resize_qcow2(spec, secrets, n, relative, shrink, prealloc)
+            _resize_qcow2(spec, cl.secrets, n, relative, shrink, prealloc)
         elif spec.fmt == "raw":
             _resize_raw(spec.path, n, relative, shrink, prealloc)
         else:
@@ -125,10 +107,6 @@ def cmd_resize(argv: Sequence[str]) -> int:
     if not quiet:
         sys.stdout.write("Image resized.\n")
     return 0
-
-
-def _is_size(text: str) -> bool:
-    return text[1:2].isdigit()
 
 
 def _target(current: int, n: int, relative: int) -> int:

@@ -22,81 +22,36 @@ from ..image import Image
 from ..info import _snapshot_line
 from ..snapshot_ops import SnapshotNotFoundError, SnapshotResizeError, find_by_name
 from .imageopts import could_not_open, image_spec
-from .options import PROG, UsageError, take_value
+from .options import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    PROG,
+    CommandLine,
+    CommandSpec,
+    usage_error,
+)
 from .secrets import Secrets
 from .unlock import _passphrase, check_encrypt_options, ensure_readable, read_header
 
-_TRY = f"\nTry '{PROG} --help' for more information"
-_SHORT_WITH_ARG = "acdf"
-_SHORT_FLAGS = "lhqU"
-
-
-def _usage(msg: str) -> UsageError:
-    return UsageError(msg + _TRY)
+# qemu-img's table plus "f:" (-f qcow2 is accepted here, see above).
+SPEC = CommandSpec("snapshot", ":la:c:d:f:hqU", (HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE))
 
 
 def _parse(argv: Sequence[str]) -> tuple[str | None, str, list[str], str | None, bool, Secrets]:
-    """getopt_long("la:c:d:f:hqU", object, image-opts, force-share), permuting."""
+    """The action (one at most, checked as each is read, as qemu-img does), its
+    snapshot name, files, format, --image-opts and secrets."""
     action: str | None = None
     name = ""
-    files: list[str] = []
-    fmt: str | None = None
-    image_opts = False
-    secrets = Secrets()
-    i = 0
-    args = list(argv)
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            files += args[i + 1 :]
-            break
-        if a.startswith("--"):
-            if a == "--object" or a.startswith("--object="):
-                text, i = take_value(args, i, "--object")
-                secrets.add_object(text)
-                continue
-            if a == "--image-opts":
-                image_opts = True
-            elif a in ("--force-share", "--help"):
-                if a == "--help":
-                    raise _usage("snapshot [-l | -a NAME | -c NAME | -d NAME] FILE")
-            else:
-                raise _usage(f"unrecognized option '{a}'")
-            i += 1
-            continue
-        if not a.startswith("-") or a == "-":
-            files.append(a)
-            i += 1
-            continue
-        j = 1
-        i += 1
-        while j < len(a):
-            ch = a[j]
-            if ch in _SHORT_WITH_ARG:
-                if j + 1 < len(a):
-                    value = a[j + 1 :]
-                elif i < len(args):
-                    value = args[i]
-                    i += 1
-                else:
-                    raise _usage(f"missing argument for option '{a}'")
-                if ch == "f":
-                    fmt = value
-                else:
-                    if action is not None:
-                        raise _usage("Cannot mix '-l', '-a', '-c', '-d'")
-                    action, name = ch, value
-                break
-            if ch not in _SHORT_FLAGS:
-                raise _usage(f"unrecognized option '{a}'")
-            if ch == "h":
-                raise _usage("snapshot [-l | -a NAME | -c NAME | -d NAME] FILE")
-            if ch == "l":
-                if action is not None:
-                    raise _usage("Cannot mix '-l', '-a', '-c', '-d'")
-                action = "l"
-            j += 1
-    return action, name, files, fmt, image_opts, secrets
+    cl = CommandLine(SPEC, argv)
+    for key, value in cl:
+        if key in ("l", "a", "c", "d"):
+            if action is not None:
+                raise usage_error("Cannot mix '-l', '-a', '-c', '-d'")
+            action, name = key, value
+    p = cl.parsed
+    return action, name, p.files, p.values.get("f"), p.image_opts, p.secrets
 
 
 def snapshot_list(snaps: list[dict[str, object]]) -> str:
@@ -116,7 +71,7 @@ def cmd_snapshot(argv: Sequence[str]) -> int:
     """Run one snapshot action; qemu-img's output, messages and exit codes."""
     action, name, files, fmt, image_opts, secrets = _parse(argv)
     if len(files) != 1:
-        raise _usage("Expecting one image file name")
+        raise usage_error("Expecting one image file name")
     spec = image_spec(files[0], fmt, image_opts, backing_allowed=False)
     if spec.fmt is not None and spec.fmt != "qcow2":
         raise Qcow2UnsupportedError(f"Unknown file format '{spec.fmt}'")

@@ -432,10 +432,13 @@ class _Job:
             out.append((pos, length, True))
         return out
 
-    async def _zeroes(self, offset: int, length: int) -> None:
+    async def _zeroes(self, offset: int, length: int, *, in_data: bool = False) -> None:
         """Zeros the target must be told about (not zero-initialised, not past the end
-        of a new overlay's backing file)."""
-        length = min(offset + length, self.zero_from) - offset
+        of a new overlay's backing file, unless ``in_data``: QEMU writes the zeros it
+        finds inside data it copies even there, which an extended-L2 target shows as
+        zero subclusters)."""
+        if not in_data:
+            length = min(offset + length, self.zero_from) - offset
         if length <= 0 or self.zero_init:
             return
         target = self.target
@@ -472,7 +475,7 @@ class _Job:
             if not z:
                 await self.target.write(offset + a, view[a:b])
             else:
-                await self._zeroes(offset + a, b - a)
+                await self._zeroes(offset + a, b - a, in_data=True)
 
     async def _write_compressed(self, offset: int, buf: bytearray, length: int) -> None:
         """Compress the chunk's clusters at once (I/O threads), zeros as zero ranges."""
