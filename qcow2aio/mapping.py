@@ -8,6 +8,7 @@ afterwards without the lock and without caring whether a table was evicted.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 from . import constants as C
@@ -61,6 +62,41 @@ def _append(plan: list[Extent], kind: int, guest: int, length: int, host: int) -
 
 # Entries looked at per step of map_read's scan for a run of unallocated entries.
 _SCAN = 1023
+# The largest host offset an L2 entry holds (bits 9-55): a run never carries past it.
+_MAX_HOST = C.L2E_OFFSET_MASK
+
+
+def _continued(entries: array[int], i: int, stop: int, entry: int, step: int) -> int:
+    """How many entries from index ``i`` (before ``stop``) continue a run of plain data
+    whose entry at ``i - 1`` is ``entry``: each the same flags and the next host
+    cluster, ``entries[i + k] == entry + (k + 1) * step``.
+
+    Compared at C speed against the expected entries, in windows that grow from 8 to
+    1024 (a fragmented table costs one failed window per run, not a long one); the
+    end of a failed window is found by halving. A fully allocated, contiguous table
+    (what a copy or ``qemu-img convert`` leaves) is then a few steps, not one Python
+    iteration per cluster: block status of 1 GiB took ~35 ms that way."""
+    n = 0
+    w = 8
+    limit = min(stop - i, (_MAX_HOST - (entry & _MAX_HOST)) // step)
+    while n < limit:
+        w = min(w, limit - n)
+        base = entry + (n + 1) * step
+        want = array("Q", range(base, base + w * step, step))
+        got = entries[i + n : i + n + w]
+        if got == want:
+            n += w
+            w = min(2 * w, _SCAN + 1)
+            continue
+        lo, hi = 0, w  # got[:lo] == want[:lo]; a mismatch lies in [lo, hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if got[lo:mid] == want[lo:mid]:
+                lo = mid
+            else:
+                hi = mid
+        return n + lo
+    return n
 
 
 def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> list[Extent]:
@@ -146,6 +182,19 @@ def map_read(meta: Metadata, offset: int, length: int, has_backing: bool) -> lis
                     _append(plan, ZERO, pos, run, host + in_cluster if host else 0)
                 elif allocated:
                     _append(plan, DATA, pos, run, host + in_cluster)
+                    pos += run
+                    if (
+                        pos < l2_stop
+                        and not data_file
+                        and entries[l2_index + 1] == entry + cluster_size
+                    ):
+                        # The next clusters continue the run: count them at C speed.
+                        last = ((l2_stop - 1) >> cluster_bits) & l2_mask
+                        n = _continued(entries, l2_index + 1, last + 1, entry, cluster_size)
+                        stop = min(l2_stop, pos + (n << cluster_bits))
+                        plan[-1].length += stop - pos
+                        pos = stop
+                    continue
                 else:
                     _append(plan, unalloc, pos, run, 0)
                 pos += run

@@ -168,6 +168,22 @@ def _case_huge_sparse(q: Qemu) -> tuple[str, str]:
     return "a.qcow2", "b.qcow2"
 
 
+def _case_mismatch_second_piece(q: Qemu) -> tuple[str, str]:
+    # Chunks of 2 MiB are read and checked in 1 MiB pieces: the first differing sector
+    # lies in a chunk's second piece, the first piece matching.
+    _io(q, _img(q, "a.qcow2", "4M"), "write -P 1 0 4M")
+    _io(q, _img(q, "b.qcow2", "4M"), "write -P 1 0 4M", "write -P 9 3670023 1")
+    return "a.qcow2", "b.qcow2"
+
+
+def _case_zero_check_second_piece(q: Qemu) -> tuple[str, str]:
+    # Data (written zeros, then one byte) against an unallocated range: the zero check
+    # of a 2 MiB chunk passes its first 1 MiB piece and fails in the second.
+    _io(q, _img(q, "a.qcow2", "4M"), "write -P 0 1M 2M", "write -P 2 2621447 1")
+    _img(q, "b.qcow2", "4M")
+    return "a.qcow2", "b.qcow2"
+
+
 CASES: dict[str, Builder] = {
     "identical": _case_identical,
     "mismatch_odd_byte": _case_mismatch_odd_byte,
@@ -183,6 +199,8 @@ CASES: dict[str, Builder] = {
     "size_tail_data": _case_size_tail_data,
     "raw_odd_size": _case_raw_odd_size,
     "huge_sparse": _case_huge_sparse,
+    "mismatch_second_piece": _case_mismatch_second_piece,
+    "zero_check_second_piece": _case_zero_check_second_piece,
 }
 
 

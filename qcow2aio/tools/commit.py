@@ -28,9 +28,15 @@ With ``drop`` (``-d``), or when ``base`` names the image (``-b``, which implies
 ``-d`` as in qemu-img), the top and intermediate images are left as they are.
 
 The copy is pipelined: up to ``max_inflight`` pieces of at most ``chunk_size``
-bytes in flight at once (8 MiB of buffers by default), each a read of the top and
-a write (or write-zeroes) of the base; the base is a normal read-write
+bytes in flight at once, each a read of the top into a buffer of its own (reused from
+piece to piece: ``max_inflight * (chunk_size + one base cluster)``, about 8 MiB by
+default) and a write (or write-zeroes) of the base; the base is a normal read-write
 :class:`~qcow2aio.image.Image`, so its allocations obey the driver's serialization.
+The kernel's writeback of the base is started every 32 MiB
+(:class:`~qcow2aio.tools.raw.EarlyWriteback`, a hint with no durability promise), so
+the disk works while the copy goes on instead of all at the closing flush (which
+qemu-img leaves to its ``fdatasync``: on the 1 GiB bench chain that flush is 0.7 s of
+its 1 s).
 """
 
 from __future__ import annotations
@@ -46,8 +52,9 @@ from ..backing import RawImage
 from ..blockstatus import Status, block_status_async
 from ..errors import Qcow2Error, Qcow2ReadOnlyError
 from ..image import Image
-from ..io import BackendFactory, to_thread
+from ..io import BackendFactory, Buffer, to_thread
 from .progress import Counter, Progress
+from .raw import EarlyWriteback
 
 __all__ = ["CommitError", "commit", "commit_sync", "find_base"]
 
@@ -165,7 +172,7 @@ class RawTarget:
     async def resize(self, size: int) -> None:
         await self.file.atruncate(size, "commit_grow")
 
-    async def write(self, offset: int, data: bytes) -> None:
+    async def write(self, offset: int, data: Buffer) -> None:
         await self.file.apwritev([data], offset, "data_write")
 
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
@@ -214,27 +221,52 @@ def plan_commit(top: Image, depth: int, chunk_size: int, status: list[Status]) -
     bcs = gran if isinstance(base, RawImage) else base.cluster_size
     above = [(st.start, st.start + st.length) for st in status if st.present and st.depth < depth]
     pieces: list[Piece] = []
+
+    def emit(kind: int, start: int, end: int) -> None:
+        last = pieces[-1] if pieces else None
+        if last is not None and last.kind == kind and last.start + last.length == start:
+            last.length = end - last.start
+        else:
+            pieces.append(Piece(kind, start, end - start))
+
+    # The chunks (``gran``-aligned) are classified a run of block status at a time, not
+    # one by one: a 1 GiB commit is 16384 chunks of 64 KiB but a handful of runs.
     i = 0
     for a, b in _round_out(_merge(above), gran, size):
-        for c in range(a, b, gran):
-            c_end = min(b, c + gran)
+        c = a
+        while c < b:
             while status[i].start + status[i].length <= c:
                 i += 1
+            st = status[i]
+            run_end = st.start + st.length
+            if not st.zero or st.data:
+                # Every chunk that starts in this run holds data.
+                stop = min(b, -(-run_end // gran) * gran)
+                emit(DATA_PIECE, c, stop)
+                c = stop
+                continue
             # A chunk is zeroed when one run of zeros covers it, as the layer that
             # answers reports runs: never across one of its L2 tables (observed: with
             # 512-byte clusters, 32 KiB runs of zeros in 64 KiB chunks are copied).
-            st = status[i]
             span = _table_span(layers[st.depth]) if st.depth < len(layers) else 0
-            run_end = st.start + st.length
-            if span:
-                run_end = min(run_end, (c // span + 1) * span)
-            zero = st.zero and not st.data and run_end >= c_end
-            kind = ZERO_PIECE if zero else DATA_PIECE
-            last = pieces[-1] if pieces else None
-            if last is not None and last.kind == kind and last.start + last.length == c:
-                last.length += c_end - c
+            if span and span % gran:
+                # Tables smaller than a chunk (or not a multiple of it): judged chunk
+                # by chunk, capped at the table holding the chunk's start.
+                c_end = min(b, c + gran)
+                zero = min(run_end, (c // span + 1) * span) >= c_end
+                emit(ZERO_PIECE if zero else DATA_PIECE, c, c_end)
+                c = c_end
+                continue
+            # Tables are whole chunks: every chunk inside the run is zero (a chunk never
+            # crosses a table); the one the run ends inside is data.
+            stop = b if run_end >= b else run_end - run_end % gran
+            if stop > c:
+                emit(ZERO_PIECE, c, stop)
+                c = stop
             else:
-                pieces.append(Piece(kind, c, c_end - c))
+                c_end = min(b, c + gran)
+                emit(DATA_PIECE, c, c_end)
+                c = c_end
     groups: list[list[Piece]] = []
     cur: list[Piece] = []
     cur_bytes = 0
@@ -369,23 +401,44 @@ async def commit(
             status = await block_status_async(top, 0, top.size)
             groups = plan_commit(top, depth, chunk_size, status)
             counter = Counter(sum(p.length for g in groups for p in g), progress)
+            writeback = EarlyWriteback(layer.path)
+
+            # One buffer per piece of work in flight, reused: a fresh 1 MiB buffer
+            # per read costs its page faults (and an mmap/munmap) every time.
+            bcs = target.cluster_size
+            pool = [bytearray(chunk_size + bcs) for _ in range(min(max_inflight, len(groups)))]
 
             async def work(group: list[Piece]) -> int:
+                buf = pool.pop()
+                try:
+                    return await copy_group(group, memoryview(buf))
+                finally:
+                    pool.append(buf)
+
+            async def copy_group(group: list[Piece], view: memoryview) -> int:
                 # All reads first: data the base itself holds is read through the
                 # top's (read-only) handle of the base, which must not see this
                 # group's writes move those base clusters; no other group shares them.
-                data = [
-                    await top.read(p.start, p.length) if p.kind == DATA_PIECE else b""
-                    for p in group
-                ]
-                for p, buf in zip(group, data, strict=True):
+                pos = 0
+                for p in group:
                     if p.kind == DATA_PIECE:
-                        await target.write(p.start, buf)
+                        await top.readinto(view[pos : pos + p.length], p.start)
+                        pos += p.length
+                pos = 0
+                for p in group:
+                    if p.kind == DATA_PIECE:
+                        await target.write(p.start, view[pos : pos + p.length])
+                        pos += p.length
                     else:
                         await target.write_zeroes(p.start, p.length, unmap=True)
-                return sum(p.length for p in group)
+                n = sum(p.length for p in group)
+                await writeback.wrote(n)
+                return n
 
-            await pipeline(groups, work, counter, max_inflight)
+            try:
+                await pipeline(groups, work, counter, max_inflight)
+            finally:
+                writeback.close()
             await target.flush()
         finally:
             await target.aclose()

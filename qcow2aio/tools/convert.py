@@ -60,7 +60,6 @@ from ..blockstatus import block_status
 from ..create import create
 from ..errors import Qcow2Error, Qcow2IOError, Qcow2RangeError, Qcow2UnsupportedError
 from ..image import Image
-from ..io import to_thread
 from .progress import Counter, Progress
 from .raw import EarlyWriteback, RawTarget
 
@@ -68,7 +67,6 @@ CHUNK = 2 << 20
 """Bytes one worker reads and writes at a time (QEMU's convert buffer is 2 MiB too)."""
 
 MAX_PARALLEL = 16
-_SCAN_IN_THREAD = 256 << 10
 MAX_MIN_SPARSE = 16 << 20
 
 # Range kinds in the target.
@@ -142,6 +140,38 @@ def _runs(sources: Sequence[_Source], top_only: bool) -> Iterator[tuple[int, int
             pos += n
     if cur is not None:
         yield cur[0], cur[1], cur[2]
+
+
+_ZERO_BLOCK = bytes(64 << 10)
+_BLOCK_SECTORS = len(_ZERO_BLOCK) // 512
+
+
+def _nonzero_sectors(buf: bytearray, full: int) -> Any:
+    """Which of the first ``full`` 512-byte sectors of ``buf`` hold a nonzero byte (a
+    numpy bool array). A sector whose first 8 bytes are not all zero is data (one
+    strided look per sector: nearly every data sector is decided so); 64 KiB blocks
+    that are all zeros are found with ``memcmp`` (``bytearray.startswith``, no copy);
+    only the sectors left (first 8 bytes zero, in a block that is not all zeros) are
+    read whole. The same answer as OR-ing every word of every sector, at less than
+    half its cost on data that is half zeros (1 GiB: about 0.15 s against 0.3 s)."""
+    words = np.frombuffer(buf, dtype=np.uint64, count=full * 64).reshape(full, 64)
+    nonzero = words[:, 0] != 0
+    maybe = ~nonzero
+    if not maybe.any():
+        return nonzero
+    blocks = full // _BLOCK_SECTORS
+    if blocks:
+        zero_blocks = np.fromiter(
+            (buf.startswith(_ZERO_BLOCK, i * len(_ZERO_BLOCK)) for i in range(blocks)),
+            dtype=np.bool_,
+            count=blocks,
+        )
+        if zero_blocks.any():
+            maybe[: blocks * _BLOCK_SECTORS] &= ~np.repeat(zero_blocks, _BLOCK_SECTORS)
+    todo = np.flatnonzero(maybe)
+    if todo.size:
+        nonzero[todo] = np.bitwise_or.reduce(words[todo], axis=1) != 0
+    return nonzero
 
 
 @dataclass(slots=True)
@@ -292,16 +322,25 @@ class _Job:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         for item in self._items:
+            runs: list[tuple[int, int, bool]] | None = None
             if item.kind == DATA:
                 data = view[: item.length]
                 try:
                     await self._read(item.offset, data)
                 except Qcow2IOError as exc:
                     raise _qemu_io_error("reading", item.offset, exc) from exc
+                if self.min_sparse and not self.compress:
+                    # Scanned here, before waiting for the turn to write: inline (the
+                    # bytes just read are still in the CPU's caches, and a hop to a
+                    # thread per chunk cost more than the scan), while earlier chunks'
+                    # writes are in flight in the I/O threads.
+                    runs = self._widen(
+                        self._zero_runs(buf, item.length, item.offset), item.offset, item.length
+                    )
             await self._turn(item.seq)
             try:
                 if item.kind == DATA:
-                    await self._write_data(item.offset, buf, item.length)
+                    await self._write_data(item.offset, buf, item.length, runs)
                     if self.writeback is not None:
                         await self.writeback.wrote(item.length)
                 else:
@@ -350,14 +389,14 @@ class _Job:
         to the alignment (the largest power of two not above ``-S``): up for data, down
         for zeros, and a zero run that would vanish so is data; after data, zero runs
         shorter than ``-S`` are data too (a chunk shorter than ``-S`` takes its length
-        as the minimum). Whether each sector is zero is found with numpy in one pass.
+        as the minimum). Whether each sector is zero is found with numpy
+        (:func:`_nonzero_sectors`).
         """
         full = length // 512
         nsec = -(-length // 512)
         nonzero = np.zeros(nsec, dtype=np.bool_)
         if full:
-            words = np.frombuffer(buf, dtype=np.uint64, count=full * 64)
-            nonzero[:full] = words.reshape(full, 64).any(axis=1)
+            nonzero[:full] = _nonzero_sectors(buf, full)
         if nsec > full:  # a raw file's partial last sector
             nonzero[full] = any(buf[full * 512 : length])
         # Where the zero/nonzero state changes: runs are looked up, never walked.
@@ -458,20 +497,19 @@ class _Job:
             return
         await target.write_zeroes(offset, length, unmap=True)
 
-    async def _write_data(self, offset: int, buf: bytearray, length: int) -> None:
+    async def _write_data(
+        self, offset: int, buf: bytearray, length: int, runs: list[tuple[int, int, bool]] | None
+    ) -> None:
+        """Write a chunk: compressed, or its data ``runs`` (:meth:`_zero_runs`, widened;
+        None: all of it, ``-S 0``) with the zero runs between them as zero ranges."""
         view = memoryview(buf)
         if self.compress:
             await self._write_compressed(offset, buf, length)
             return
-        if not self.min_sparse:
+        if runs is None:
             await self.target.write(offset, view[:length])
             return
-        if length >= _SCAN_IN_THREAD:
-            # numpy releases the GIL: the loop goes on with other chunks meanwhile.
-            runs = await to_thread(self._zero_runs, buf, length, offset)
-        else:
-            runs = self._zero_runs(buf, length, offset)
-        for a, b, z in self._widen(runs, offset, length):
+        for a, b, z in runs:
             if not z:
                 await self.target.write(offset + a, view[a:b])
             else:
