@@ -1415,37 +1415,50 @@ class Image:
         await self._zero_end(*tail)
 
     async def _zero_end(self, offset: int, length: int) -> None:
-        """An unaligned end of a write-zeroes: written as data, but on an extended-L2
-        image see :meth:`_zero_or_write_subclusters`."""
-        if length and self.meta.extended_l2:
-            await self._zero_or_write_subclusters(offset, length)
-        elif length:
+        """An unaligned end of a write-zeroes, as QEMU 7.2 treats one: on a v3 image
+        each granule (subcluster with extended L2, else cluster) it touches becomes a
+        zero granule when that granule is zero or unallocated in this layer and the
+        rest of it already reads as zeros down the chain (nobody can tell; nothing is
+        allocated); otherwise, and on v2, zeros are written as data. The image's last
+        granule, from its start to the end of the image, counts as whole: it is made
+        zero whatever it holds (QEMU's rule too)."""
+        if not length:
+            return
+        if self.meta.version < 3:
             await self.write(offset, bytes(length))
-
-    async def _zero_or_write_subclusters(self, offset: int, length: int) -> None:
-        """A write-zeroes' unaligned end on an extended-L2 image, as QEMU does it: each
-        subcluster it touches that already reads as zeros gets its zero bit (no reader
-        can tell; no cluster is allocated), the others get zeros written as data. Only
-        this layer is looked at (under the lock): a subcluster that reads from the
-        backing file is written, even where QEMU finds zeros in the backing file.
-        The image's last subcluster, from its start to the end of the image, counts
-        as whole: its zero bit is set whatever it holds (QEMU's rule too)."""
-        sc = self.meta.cluster_size >> 5
+            return
+        sc = self.meta.cluster_size >> 5 if self.meta.extended_l2 else self.meta.cluster_size
         pos, end = offset, offset + length
         while pos < end:
             start = pos & ~(sc - 1)
             stop = min(end, start + sc)
             whole = pos == start and stop == self.size
-            if await self._zero_locked(
-                start,
-                sc,
-                unmap=False,
-                discard=False,
-                only_if_zero=not whole,
-                dirty=(pos, stop - pos),
+            if (whole or await self._reads_zero_around(start, pos, stop, sc)) and not (
+                await self._zero_locked(
+                    start,
+                    sc,
+                    unmap=False,
+                    discard=False,
+                    only_if_zero=not whole,
+                    dirty=(pos, stop - pos),
+                )
             ):
-                await self.write(pos, bytes(stop - pos))
+                pos = stop
+                continue
+            await self.write(pos, bytes(stop - pos))
             pos = stop
+
+    async def _reads_zero_around(self, start: int, pos: int, stop: int, sc: int) -> bool:
+        """Whether granule ``[start, start + sc)`` reads as zeros outside ``[pos, stop)``,
+        backing files included (QEMU's ``is_zero`` of a zeroing's head and tail). It
+        is asked before the lock is taken; the backing files cannot change, and
+        :func:`writes.zero_clusters` checks this layer again under the lock."""
+        from .blockstatus import block_status_async
+
+        for a, b in ((start, pos), (stop, min(start + sc, self.size))):
+            if b > a and not all(st.zero for st in await block_status_async(self, a, b - a)):
+                return False
+        return True
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard whole clusters in the range (v3: they read as zeros; host clusters freed).
@@ -1477,7 +1490,7 @@ class Image:
         covers (:func:`zero_clusters` takes subcluster ranges) and writes only the
         rest as data. Discard stays whole clusters, as in QEMU. The last cluster
         counts as whole when the range runs to the end of the image; the image's last
-        partial subcluster is the tail (see :meth:`_zero_or_write_subclusters`).
+        partial subcluster is the tail (see :meth:`_zero_end`).
         """
         gran = self.meta.cluster_size
         sub = self.meta.extended_l2 and not for_discard

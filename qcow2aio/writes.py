@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from . import constants as C
 from .errors import Qcow2CorruptError, Qcow2Error
 from .inflight import L2Meta
-from .mapping import ZERO, Extent, map_read, plan_is_zero
+from .mapping import BACKING, ZERO, Extent, map_read
 from .tables import Table, compressed_descriptor
 
 if TYPE_CHECKING:
@@ -412,14 +412,16 @@ def zero_clusters(
     full discard, which ``qemu-img commit`` uses to empty the committed image
     (:meth:`Image.make_empty`); the same unlink-then-free order applies.
 
-    ``only_if_zero``: unless the whole range already reads as zeros in this layer,
-    nothing is changed and the range is returned as leftover (the caller then writes
-    its own part of it, which may be narrower, as data).
+    ``only_if_zero``: unless the whole range is zero or unallocated in this layer
+    (the caller has checked that what it does not itself zero reads as zeros down
+    the chain), nothing is changed and the range is returned as leftover (the
+    caller then writes its own part of it, which may be narrower, as data).
     """
     leftover: list[tuple[int, int]] = []
     meta = img.meta
-    if only_if_zero and not plan_is_zero(
-        map_read(meta, start, end - start, img.backing is not None)
+    if only_if_zero and any(
+        ext.kind not in (ZERO, BACKING)
+        for ext in map_read(meta, start, end - start, img.backing is not None)
     ):
         return [(start, end - start)]
     cb = meta.cluster_bits
