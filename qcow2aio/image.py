@@ -1417,8 +1417,8 @@ class Image:
     async def _zero_end(self, offset: int, length: int) -> None:
         """An unaligned end of a write-zeroes, as QEMU 7.2 treats one: on a v3 image
         each granule (subcluster with extended L2, else cluster) it touches becomes a
-        zero granule when that granule is zero or unallocated in this layer and the
-        rest of it already reads as zeros down the chain (nobody can tell; nothing is
+        zero granule when that granule is zero in this layer, or unallocated here with
+        the rest of it reading as zeros down the chain (nobody can tell; nothing is
         allocated); otherwise, and on v2, zeros are written as data. The image's last
         granule, from its start to the end of the image, counts as whole: it is made
         zero whatever it holds (QEMU's rule too)."""
@@ -1433,30 +1433,35 @@ class Image:
             start = pos & ~(sc - 1)
             stop = min(end, start + sc)
             whole = pos == start and stop == self.size
-            if (whole or await self._reads_zero_around(start, pos, stop, sc)) and not (
-                await self._zero_locked(
-                    start,
-                    sc,
-                    unmap=False,
-                    discard=False,
-                    only_if_zero=not whole,
-                    dirty=(pos, stop - pos),
-                )
+            below_zero = whole or await self._backing_zero_around(start, pos, stop, sc)
+            if not await self._zero_locked(
+                start,
+                sc,
+                unmap=False,
+                discard=False,
+                only_if_zero=not whole,
+                backing_zero=below_zero,
+                dirty=(pos, stop - pos),
             ):
                 pos = stop
                 continue
             await self.write(pos, bytes(stop - pos))
             pos = stop
 
-    async def _reads_zero_around(self, start: int, pos: int, stop: int, sc: int) -> bool:
-        """Whether granule ``[start, start + sc)`` reads as zeros outside ``[pos, stop)``,
-        backing files included (QEMU's ``is_zero`` of a zeroing's head and tail). It
-        is asked before the lock is taken; the backing files cannot change, and
-        :func:`writes.zero_clusters` checks this layer again under the lock."""
+    async def _backing_zero_around(self, start: int, pos: int, stop: int, sc: int) -> bool:
+        """Whether the backing chain reads as zeros in granule ``[start, start + sc)``
+        outside ``[pos, stop)`` (QEMU's ``is_zero`` of a zeroing's head and tail, for
+        the case that this layer leaves the granule unallocated). Asked before the
+        lock is taken, as the backing files cannot change; this layer itself is looked
+        at under the lock, by :func:`writes.zero_clusters`."""
+        below = self.backing
+        if below is None:
+            return True
         from .blockstatus import block_status_async
 
         for a, b in ((start, pos), (stop, min(start + sc, self.size))):
-            if b > a and not all(st.zero for st in await block_status_async(self, a, b - a)):
+            b = min(b, below.size)  # past the backing file's end: zeros
+            if b > a and not all(st.zero for st in await block_status_async(below, a, b - a)):
                 return False
         return True
 
@@ -1516,6 +1521,7 @@ class Image:
         unmap: bool,
         discard: bool,
         only_if_zero: bool = False,
+        backing_zero: bool = True,
         dirty: tuple[int, int] | None = None,
     ) -> list[tuple[int, int]]:
         """Zero or discard whole clusters under the lock. ``dirty``: the guest range
@@ -1545,6 +1551,7 @@ class Image:
                             unmap=unmap,
                             discard=discard,
                             only_if_zero=only_if_zero,
+                            backing_zero=backing_zero,
                         )
                 finally:
                     self.lock.release()

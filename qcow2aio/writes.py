@@ -399,6 +399,7 @@ def zero_clusters(
     discard: bool,
     unallocate: bool = False,
     only_if_zero: bool = False,
+    backing_zero: bool = True,
 ) -> list[tuple[int, int]]:
     """Make whole clusters (or subclusters) ``[start, end)`` read as zeros / be discarded.
 
@@ -412,18 +413,19 @@ def zero_clusters(
     full discard, which ``qemu-img commit`` uses to empty the committed image
     (:meth:`Image.make_empty`); the same unlink-then-free order applies.
 
-    ``only_if_zero``: unless the whole range is zero or unallocated in this layer
-    (the caller has checked that what it does not itself zero reads as zeros down
-    the chain), nothing is changed and the range is returned as leftover (the
-    caller then writes its own part of it, which may be narrower, as data).
+    ``only_if_zero``: unless the whole range is zero in this layer, or unallocated
+    here where ``backing_zero`` (the caller found that the backing chain reads as
+    zeros over what it does not itself zero), nothing is changed and the range is
+    returned as leftover (the caller then writes its own part of it, which may be
+    narrower, as data).
     """
     leftover: list[tuple[int, int]] = []
     meta = img.meta
-    if only_if_zero and any(
-        ext.kind not in (ZERO, BACKING)
-        for ext in map_read(meta, start, end - start, img.backing is not None)
-    ):
-        return [(start, end - start)]
+    if only_if_zero:
+        allowed = (ZERO, BACKING) if backing_zero else (ZERO,)
+        plan = map_read(meta, start, end - start, img.backing is not None)
+        if any(ext.kind not in allowed for ext in plan):
+            return [(start, end - start)]
     cb = meta.cluster_bits
     cs = meta.cluster_size
     ext = meta.extended_l2
