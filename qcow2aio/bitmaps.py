@@ -315,6 +315,12 @@ def _shown(name: str) -> str:
 
 
 _LSB_MASKS = [(1 << k) - 1 for k in range(9)]
+# Bits first..last (inclusive, 0-7) of a byte, indexed by first * 8 + last.
+_RANGE_MASKS = bytes(
+    (0xFF >> (7 - last)) & (0xFF << first) & 0xFF if last >= first else 0
+    for first in range(8)
+    for last in range(8)
+)
 _WINDOW = 1 << 16  # bytes of bits examined at a time by DirtyBitmap.extents
 
 
@@ -539,6 +545,8 @@ class BitmapSet:
         self.list: list[DirtyBitmap] = []
         self.loaded = False
         self.active: tuple[DirtyBitmap, ...] = ()
+        # Writes mark from any thread (synchronous writes); one mutex for all bitmaps.
+        self._mutex = threading.Lock()
         # True from the moment we told the disk the bitmaps are in use (or changed
         # them): close must store them.
         self.dirty = False
@@ -605,8 +613,31 @@ class BitmapSet:
         return b
 
     def mark(self, offset: int, length: int) -> None:
-        for b in self.active:
-            b.mark(offset, length)
+        """:meth:`DirtyBitmap.mark` on every active bitmap, inlined under one mutex:
+        this runs on every write, so it is kept to a few operations per bitmap (a write
+        inside one byte of bits, the common case, is one table lookup and one OR)."""
+        if length <= 0:
+            return
+        end = offset + length - 1
+        with self._mutex:
+            for b in self.active:
+                g = b.gran_bits
+                first = offset >> g
+                last = end >> g
+                if last > b._last_bit:
+                    last = b._last_bit
+                    if last < first:
+                        continue
+                bits = b.bits
+                b0 = first >> 3
+                b1 = last >> 3
+                if b0 == b1:
+                    bits[b0] |= _RANGE_MASKS[((first & 7) << 3) | (last & 7)]
+                    continue
+                bits[b0] |= _RANGE_MASKS[((first & 7) << 3) | 7]
+                bits[b1] |= _RANGE_MASKS[last & 7]
+                if b1 > b0 + 1:
+                    bits[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
 
     def check_resize(self) -> None:
         """QEMU refuses to resize an image with an inconsistent bitmap."""

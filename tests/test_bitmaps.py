@@ -839,3 +839,25 @@ def test_discard_ignore_marks_nothing(qemu: Qemu, tmp_path: Path) -> None:
 
     asyncio.run(go())
     assert qemu_view(mine, "b") == qemu_view(theirs, "b") == [(MiB, 65536)]
+
+
+def test_set_mark_equals_bitmap_mark() -> None:
+    """The inlined per-write hook (BitmapSet.mark) sets exactly DirtyBitmap.mark's bits."""
+    import threading
+
+    rng = random.Random(99)
+    for _ in range(50):
+        size = rng.randrange(1, 4000) * 512
+        grans = [rng.choice([9, 10, 12, 16]) for _ in range(3)]
+        ours = [DirtyBitmap(f"b{i}", g, size) for i, g in enumerate(grans)]
+        ref = [DirtyBitmap(f"r{i}", g, size) for i, g in enumerate(grans)]
+        bset = B.BitmapSet.__new__(B.BitmapSet)
+        bset._mutex = threading.Lock()
+        bset.active = tuple(ours)
+        for _ in range(30):
+            s = rng.randrange(0, size + 4096)
+            n = rng.randrange(0, 200000)
+            bset.mark(s, n)
+            for r in ref:
+                r.mark(s, n)
+        assert [bytes(b.bits) for b in ours] == [bytes(r.bits) for r in ref]
