@@ -1459,11 +1459,24 @@ class Image:
             return True
         from .blockstatus import block_status_async
 
-        for a, b in ((start, pos), (stop, min(start + sc, self.size))):
-            b = min(b, below.size)  # past the backing file's end: zeros
-            if b > a and not all(st.zero for st in await block_status_async(below, a, b - a)):
-                return False
-        return True
+        found: list[bool] = []
+
+        async def walk() -> None:
+            for a, b in ((start, pos), (stop, min(start + sc, self.size))):
+                b = min(b, below.size)  # past the backing file's end: zeros
+                if b > a and not all(st.zero for st in await block_status_async(below, a, b - a)):
+                    found.append(False)
+                    return
+            found.append(True)
+
+        # A request like any other: a close waits for the walk (on its worker thread)
+        # even if this caller is cancelled, so the backing file stays open under it.
+        ep = self._enter()
+        try:
+            await self._shielded(ep, walk())
+        finally:
+            self._leave(ep)
+        return found == [True]
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard whole clusters in the range (v3: they read as zeros; host clusters freed).
