@@ -1490,8 +1490,9 @@ class Image:
         if self.discard_mode == "ignore":
             return  # QEMU's discard=ignore: the request succeeds and changes nothing
         if self.meta.version < 3 and self.backing is not None:
-            return
-        _, mid, _ = self._split_aligned(offset, length, for_discard=True)
+            mid = (offset, 0)  # nothing can be discarded, but the request is marked
+        else:
+            _, mid, _ = self._split_aligned(offset, length, for_discard=True)
         if mid[1] or (self._bitmaps is not None and self._bitmaps.active and length):
             # QEMU marks the whole request, unaligned parts included.
             await self._zero_locked(

@@ -421,6 +421,14 @@ def zero_clusters(
     """
     leftover: list[tuple[int, int]] = []
     meta = img.meta
+    if meta.version < 3 and not unallocate:
+        # Checked again here, under the lock: an amend to compat=0.10 may have run
+        # since the caller split its request. v2 has no zero flag: write-zeroes falls
+        # back to data; a discard over a backing file cannot hide it and does nothing.
+        if not discard:
+            return [(start, end - start)]
+        if img.backing is not None:
+            return []
     if only_if_zero:
         allowed = (ZERO, BACKING) if backing_zero else (ZERO,)
         plan = map_read(meta, start, end - start, img.backing is not None)
