@@ -324,6 +324,29 @@ _RANGE_MASKS = bytes(
 _WINDOW = 1 << 16  # bytes of bits examined at a time by DirtyBitmap.extents
 
 
+def _mark_bits(bitmaps: Iterable[DirtyBitmap], offset: int, last_byte: int) -> None:
+    """Set the bits covering guest ``[offset, last_byte]`` in each bitmap: whatever
+    the length, at most two partial bytes (one table lookup each) and one slice
+    assignment per bitmap; the caller holds the mutex that guards the bits."""
+    for b in bitmaps:
+        first = offset >> b.gran_bits
+        last = last_byte >> b.gran_bits
+        if last > b._last_bit:
+            last = b._last_bit
+            if last < first:
+                continue
+        bits = b.bits
+        b0 = first >> 3
+        b1 = last >> 3
+        if b0 == b1:
+            bits[b0] |= _RANGE_MASKS[((first & 7) << 3) | (last & 7)]
+            continue
+        bits[b0] |= _RANGE_MASKS[((first & 7) << 3) | 7]
+        bits[b1] |= _RANGE_MASKS[last & 7]
+        if b1 > b0 + 1:
+            bits[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
+
+
 class DirtyBitmap:
     """One bitmap in memory: its bits (LSB first, as on disk), name, granularity,
     whether writes mark it (``enabled``, the AUTO flag) and whether it was found
@@ -389,33 +412,11 @@ class DirtyBitmap:
 
     # ---------------------------------------------------------------- bits
     def mark(self, offset: int, length: int) -> None:
-        """Set the bits covering guest ``[offset, offset + length)``: at most two
-        partial bytes and one slice assignment, whatever the length. A write into
-        chunks already dirty (the common case of a hot range) only reads a byte."""
-        if length <= 0:
-            return
-        g = self.gran_bits
-        first = offset >> g
-        last = (offset + length - 1) >> g  # inclusive
-        if last > self._last_bit:
-            last = self._last_bit
-            if last < first:
-                return
-        bits = self.bits
-        b0 = first >> 3
-        b1 = last >> 3
-        if b0 == b1:
-            m = _LSB_MASKS[(last & 7) + 1] & ~_LSB_MASKS[first & 7]
-            if bits[b0] & m == m:
-                return
+        """Set the bits covering guest ``[offset, offset + length)`` (see
+        :func:`_mark_bits`)."""
+        if length > 0:
             with self._mutex:
-                bits[b0] |= m
-            return
-        with self._mutex:
-            bits[b0] |= 0xFF & ~_LSB_MASKS[first & 7]
-            bits[b1] |= _LSB_MASKS[(last & 7) + 1]
-            if b1 > b0 + 1:
-                bits[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
+                _mark_bits((self,), offset, offset + length - 1)
 
     def clear(self) -> None:
         self.bits = bytearray(len(self.bits))
@@ -613,31 +614,11 @@ class BitmapSet:
         return b
 
     def mark(self, offset: int, length: int) -> None:
-        """:meth:`DirtyBitmap.mark` on every active bitmap, inlined under one mutex:
-        this runs on every write, so it is kept to a few operations per bitmap (a write
-        inside one byte of bits, the common case, is one table lookup and one OR)."""
-        if length <= 0:
-            return
-        end = offset + length - 1
-        with self._mutex:
-            for b in self.active:
-                g = b.gran_bits
-                first = offset >> g
-                last = end >> g
-                if last > b._last_bit:
-                    last = b._last_bit
-                    if last < first:
-                        continue
-                bits = b.bits
-                b0 = first >> 3
-                b1 = last >> 3
-                if b0 == b1:
-                    bits[b0] |= _RANGE_MASKS[((first & 7) << 3) | (last & 7)]
-                    continue
-                bits[b0] |= _RANGE_MASKS[((first & 7) << 3) | 7]
-                bits[b1] |= _RANGE_MASKS[last & 7]
-                if b1 > b0 + 1:
-                    bits[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
+        """Set the bits of every active bitmap over guest ``[offset, offset + length)``,
+        under one mutex: this runs on every write."""
+        if length > 0:
+            with self._mutex:
+                _mark_bits(self.active, offset, offset + length - 1)
 
     def check_resize(self) -> None:
         """QEMU refuses to resize an image with an inconsistent bitmap."""
