@@ -376,8 +376,6 @@ class _Job:
             try:
                 if first.kind == DATA:
                     await self._write_data(first.offset, buf, length, runs)
-                    if self.writeback is not None:
-                        await self.writeback.wrote(length)
                 else:
                     await self._zeroes(first.offset, first.length)
             except Qcow2IOError as exc:
@@ -385,6 +383,10 @@ class _Job:
             finally:
                 self._done(last.seq)
             self.counter.add(length)
+            if first.kind == DATA and self.writeback is not None:
+                # After passing the turn on: the hint (a system call in a thread, which
+                # may wait for the device's queue) holds up no other worker's writes.
+                await self.writeback.wrote(length)
 
     async def _turn(self, seq: int) -> None:
         """Wait until every earlier item has been written (unless unordered)."""
