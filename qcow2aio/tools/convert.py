@@ -378,6 +378,10 @@ class _Job:
                     await self._write_data(first.offset, buf, length, runs)
                 else:
                     await self._zeroes(first.offset, first.length)
+            except _WriteFailed as failed:
+                # qemu-img names the chunk whose write failed: the one the request starts in.
+                at = max(i.offset for i in items if i.offset <= failed.offset)
+                raise _qemu_io_error("writing", at, failed.error) from failed.error
             except Qcow2IOError as exc:
                 raise _qemu_io_error("writing", first.offset, exc) from exc
             finally:
@@ -536,8 +540,10 @@ class _Job:
     async def _write_data(
         self, offset: int, buf: bytearray, length: int, runs: list[tuple[int, int, bool]] | None
     ) -> None:
-        """Write a chunk: compressed, or its data ``runs`` (:meth:`_zero_runs`, widened;
-        None: all of it, ``-S 0``) with the zero runs between them as zero ranges."""
+        """Write a worker's chunks: compressed, or their data ``runs`` (:meth:`_zero_runs`,
+        widened; None: all of it, ``-S 0``) with the zero runs between them as zero
+        ranges. A failure is raised as :class:`_WriteFailed` naming where the failed
+        request starts."""
         view = memoryview(buf)
         if self.compress:
             await self._write_compressed(offset, buf, length)
@@ -546,10 +552,13 @@ class _Job:
             await self.target.write(offset, view[:length])
             return
         for a, b, z in runs:
-            if not z:
-                await self.target.write(offset + a, view[a:b])
-            else:
-                await self._zeroes(offset + a, b - a)
+            try:
+                if not z:
+                    await self.target.write(offset + a, view[a:b])
+                else:
+                    await self._zeroes(offset + a, b - a)
+            except Qcow2IOError as exc:
+                raise _WriteFailed(offset + a, exc) from exc
 
     async def _write_compressed(self, offset: int, buf: bytearray, length: int) -> None:
         """Compress the chunk's clusters at once (I/O threads), zeros as zero ranges."""
@@ -568,6 +577,16 @@ class _Job:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+
+
+class _WriteFailed(Exception):
+    """A write of a worker's chunks failed at target ``offset`` (internal: the worker
+    reports it with qemu-img's words and the offset of the chunk it started in)."""
+
+    def __init__(self, offset: int, error: Qcow2IOError) -> None:
+        super().__init__(offset, error)
+        self.offset = offset
+        self.error = error
 
 
 def _add_run(runs: list[tuple[int, int, bool]], a: int, b: int, zero: bool) -> None:
