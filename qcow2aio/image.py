@@ -2257,6 +2257,21 @@ class Image:
 
         return _snapshots(self)
 
+    def load_snapshot_tmp(self, snapshot_id: str | None = None, name: str | None = None) -> None:
+        """Show internal snapshot (by id, name or both, as ``qemu-img convert/measure
+        -l``) instead of the active disk: the image must be open read-only, and stays
+        so until closed. ``SnapshotNotFoundError`` ("Can't find snapshot") when none
+        matches."""
+        from . import snapshot_ops
+
+        if self.writable:
+            raise Qcow2ReadOnlyError(
+                f"image {self.path!r}: a snapshot is loaded only into a read-only image"
+            )
+        # Drained and under the lock, as any image operation: no request holds a
+        # view of the L1 table that is being replaced.
+        self._exclusive_sync(lambda: snapshot_ops.load_tmp(self, snapshot_id, name))
+
     def _snapshot_job(self, kind: str, name: str) -> Callable[[], None]:
         from . import snapshot_ops
 

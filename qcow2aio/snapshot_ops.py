@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 from . import constants as C
 from .errors import Qcow2CorruptError, Qcow2Error
 from .snapshot import Snapshot, check_placement, validate_snapshot_l1
-from .tables import compressed_descriptor, encode_be64, read_table
+from .tables import Table, compressed_descriptor, encode_be64, read_table
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -100,6 +100,26 @@ def find_for_apply(snaps: list[Snapshot], name_or_id: str) -> int:
         if sn.name == name_or_id:
             return i
     raise SnapshotNotFoundError(f"no snapshot with id or name {name_or_id!r}")
+
+
+def find_by_id_and_name(snaps: list[Snapshot], snapshot_id: str | None, name: str | None) -> int:
+    """``find_snapshot_by_id_and_name``: the first snapshot matching every one given."""
+    for i, sn in enumerate(snaps):
+        if (snapshot_id is None or sn.id_str == snapshot_id) and (name is None or sn.name == name):
+            return i
+    raise SnapshotNotFoundError("Can't find snapshot")
+
+
+def load_tmp(img: Image, snapshot_id: str | None, name: str | None) -> None:
+    """``bdrv_snapshot_load_tmp`` on a read-only image: its L1 table becomes the
+    snapshot's, so every read, map and block status shows the snapshot. The disk
+    keeps its present size, as in QEMU 7.2 (past a smaller snapshot's L1 table:
+    zeros). Nothing is written; the L2 cache stays valid (keyed by host offset)."""
+    meta = img.meta
+    index = find_by_id_and_name(meta.snapshots, snapshot_id, name)
+    sn = meta.snapshots[index]
+    l1 = _read_snapshot_l1(meta, sn, index)
+    meta.l1 = Table(sn.l1_table_offset, l1)
 
 
 def find_by_name(snaps: list[Snapshot], name: str) -> int:

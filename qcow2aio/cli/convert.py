@@ -14,8 +14,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..backing import RAW_FORMATS
+from ..backing import RAW_FORMATS, RawImage, probe_format
 from ..errors import Qcow2Error
+from ..image import Image
 from ..tools.convert import MAX_MIN_SPARSE, convert
 from ..tools.progress import QemuProgress
 from .create import create_kwargs, qapi_visit
@@ -34,6 +35,7 @@ from .options import (
     split_options,
 )
 from .secrets import SecretError
+from .snapshot_param import load_snapshot_param
 from .unlock import chain_passphrases, ensure_readable, open_chain
 
 _SPARSE_SIZE = (
@@ -94,7 +96,7 @@ def cmd_convert(argv: Sequence[str]) -> int:
                 parallel = 0
             if not 1 <= parallel <= 16:
                 raise UsageError(_COROUTINES)
-        elif key in ("l", "r", "target-is-zero", "bitmaps", "skip-broken-bitmaps"):
+        elif key in ("r", "target-is-zero", "bitmaps", "skip-broken-bitmaps"):
             flag = f"-{key}" if len(key) == 1 else f"--{key}"
             raise UsageError(f"convert: option {flag} is not supported")
     p = cl.parsed
@@ -115,6 +117,9 @@ def cmd_convert(argv: Sequence[str]) -> int:
         raise UsageError("--target-image-opts requires use of -n flag")
     *srcs, dst = positional
     out_fmt = out_fmt or "raw"
+    snapshot_param = p.values.get("l")
+    if snapshot_param is not None and len(srcs) > 1:
+        raise UsageError("No support for concatenating multiple snapshot")
 
     # The sources: opened (and their secrets looked up) as qemu-img opens them.
     specs: list[ImageSpec] = []
@@ -127,6 +132,9 @@ def cmd_convert(argv: Sequence[str]) -> int:
             open_chain(spec, secrets)
         specs.append(spec)
     passes = [chain_passphrases(spec, secrets) for spec in specs]
+    sources: list[str | Image | RawImage] = [spec.path for spec in specs]
+    if snapshot_param is not None:  # -l: the one source, open read-only, shows it
+        sources = [_snapshot_source(specs[0], passes[0], snapshot_param)]
 
     if out_fmt != "qcow2" and out_fmt not in RAW_FORMATS:
         raise UsageError(f"Unknown file format '{out_fmt}'")
@@ -184,7 +192,7 @@ def cmd_convert(argv: Sequence[str]) -> int:
     try:
         asyncio.run(
             convert(
-                [spec.path for spec in specs],
+                sources,
                 target_path,
                 source_format=[spec.fmt for spec in specs],
                 target_format="qcow2" if out_fmt == "qcow2" else "raw",
@@ -208,6 +216,29 @@ def cmd_convert(argv: Sequence[str]) -> int:
         if meter is not None:
             sys.stdout.write("\n")
         raise
+    finally:
+        for src in sources:
+            if not isinstance(src, str):
+                src.close()
     if meter is not None:
         meter.finish()
     return 0
+
+
+def _snapshot_source(
+    spec: ImageSpec, passes: tuple[bytes | None, list[bytes | None]], param: str
+) -> Image | RawImage:
+    """The source of ``convert -l``: opened read-only, the snapshot loaded."""
+    kind = spec.fmt or probe_format(spec.path)
+    src: Image | RawImage
+    with could_not_open(spec.name):
+        if kind in RAW_FORMATS:
+            src = RawImage(spec.path)
+        else:
+            src = Image(spec.path, "r", passphrase=passes[0], backing_passphrase=passes[1] or None)
+    try:
+        load_snapshot_param(src, param)
+    except BaseException:
+        src.close()
+        raise
+    return src

@@ -35,6 +35,7 @@ from .options import (
     split_options,
 )
 from .secrets import SecretError, Secrets
+from .snapshot_param import load_snapshot_param
 
 USAGE = (
     "measure [--output=human|json] [--object OBJ] [--image-opts] [-O FMT] [-o OPTIONS] "
@@ -117,9 +118,11 @@ def _run(argv: Sequence[str]) -> int:
         src = open_image(spec, secrets, 1)
     try:
         if opts["snapshot"] is not None:
-            raise Exit(
-                error("Failed to load snapshot: measuring a snapshot (-l) is not supported", 1)
-            )
+            assert src is not None and isinstance(opts["snapshot"], str)
+            try:
+                load_snapshot_param(src, opts["snapshot"])
+            except UsageError as exc:
+                raise Exit(error(str(exc), 1)) from None
         out_fmt = str(opts["out_fmt"])
         options = _target_options(out_fmt, opts["options"], secrets)
         try:
