@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..backing import RawImage
 from ..image import Image
 from ..snapshot_ops import SnapshotNotFoundError
-from .options import UsageError
+from .options import UsageError, split_options
 
 _BASE = "snapshot."
 
@@ -22,8 +22,7 @@ def load_snapshot_param(img: Image | RawImage, param: str) -> None:
     snapshot_id: str | None = None
     name: str | None = None
     if param.startswith(_BASE):
-        for item in _split(param):
-            key, _, value = item.partition("=")
+        for key, value in split_options(param):
             if key == "snapshot.id":
                 snapshot_id = value
             elif key == "snapshot.name":
@@ -48,21 +47,3 @@ def load_snapshot_param(img: Image | RawImage, param: str) -> None:
                 img.load_snapshot_tmp(None, param)
     except SnapshotNotFoundError as exc:
         raise UsageError(f"Failed to load snapshot: {exc}") from None
-
-
-def _split(text: str) -> list[str]:
-    """QemuOpts items: split at commas, ``,,`` standing for a comma in a value."""
-    items, cur, i = [], [], 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1 : i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(text[i])
-        i += 1
-    items.append("".join(cur))
-    return [item for item in items if item]
