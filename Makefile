@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 qemu:
 	@if command -v qemu-img >/dev/null 2>&1 && command -v qemu-io >/dev/null 2>&1 && \
 		command -v qemu-nbd >/dev/null 2>&1 && command -v nbdinfo >/dev/null 2>&1 && \
-		command -v nbdcopy >/dev/null 2>&1 && command -v certtool >/dev/null 2>&1; then \
+		command -v nbdcopy >/dev/null 2>&1 && command -v nbdsh >/dev/null 2>&1 && \
+		command -v certtool >/dev/null 2>&1; then \
 		exit 0; \
 	fi; \
 	if [ "$$(id -u)" -eq 0 ]; then \
@@ -37,15 +38,15 @@ qemu:
 		exit 1; \
 	fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-		echo "error: QEMU's tools or the NBD clients are missing and apt-get is not available; install qemu-utils, libnbd-bin, gnutls-bin by hand" >&2; \
+		echo "error: QEMU's tools or the NBD clients are missing and apt-get is not available; install qemu-utils, libnbd-bin, python3-libnbd, gnutls-bin by hand" >&2; \
 		exit 1; \
 	fi; \
-	echo "installing qemu-utils (qemu-img, qemu-io, qemu-nbd), libnbd-bin (nbdinfo, nbdcopy), gnutls-bin (certtool) with apt-get"; \
+	echo "installing qemu-utils (qemu-img, qemu-io, qemu-nbd), libnbd-bin (nbdinfo, nbdcopy), python3-libnbd (nbdsh), gnutls-bin (certtool) with apt-get"; \
 	$$SUDO apt-get update && \
-	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y qemu-utils libnbd-bin gnutls-bin || { \
-		echo "error: could not install qemu-utils libnbd-bin gnutls-bin" >&2; exit 1; \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y qemu-utils libnbd-bin python3-libnbd gnutls-bin || { \
+		echo "error: could not install qemu-utils libnbd-bin python3-libnbd gnutls-bin" >&2; exit 1; \
 	}; \
-	for tool in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy certtool; do \
+	for tool in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdsh certtool; do \
 		command -v $$tool >/dev/null 2>&1 || { echo "error: $$tool is still not on PATH" >&2; exit 1; }; \
 	done
 
