@@ -226,7 +226,10 @@ async def _encrypted(folder: Path) -> int:
 
 async def _exported(folder: Path) -> int:
     """The overlay served over NBD (``qcow2aio.nbd.serve``) while the service keeps
-    writing to it itself; stock clients (nbdinfo, qemu-io) use it at the same time."""
+    writing to it itself; stock clients (nbdinfo, qemu-io) use it at the same time.
+    A persistent dirty bitmap added first records every write, as an incremental
+    backup needs: the export shows it (``qemu:dirty-bitmap:backup``), and QEMU reads
+    the stored bitmap afterwards."""
     from .nbd import Export, serve
 
     path = folder / "overlay.qcow2"
@@ -235,8 +238,14 @@ async def _exported(folder: Path) -> int:
     print(f"\nserving {path.name} as NBD export 'disk' on {sock}")
     ok = True
     async with qcow2aio.open(path, "r+") as img:
+        await img.add_bitmap("backup")
         export = Export(
-            img, name="disk", description="demo overlay", multi_conn=True, allocation_depth=True
+            img,
+            name="disk",
+            description="demo overlay",
+            multi_conn=True,
+            allocation_depth=True,
+            bitmaps=["backup"],
         )
         async with await serve(export, unix_path=sock, max_clients=4):
 
@@ -253,14 +262,31 @@ async def _exported(folder: Path) -> int:
             if shutil.which("nbdinfo"):
                 calls += [tool("nbdinfo", "--json", uri), tool("nbdinfo", "--map", uri)]
             done = await asyncio.gather(service(), *calls)
+            if shutil.which("nbdinfo"):  # what changed since the bitmap was added
+                done.append(await tool("nbdinfo", "--map=qemu:dirty-bitmap:backup", uri))
             for proc in done[1:]:
                 assert isinstance(proc, subprocess.CompletedProcess)
                 ok = ok and proc.returncode == 0
                 print(f"$ {' '.join(proc.args[:-1])} URI\n{proc.stdout.rstrip()[:1500]}")
+        written = [(SIZE - (i + 1) * 65536, 65536) for i in reversed(range(64))]
+        want = [(1 << 20, 65536), *written]  # qemu-io's write, then the service's
+        merged: list[tuple[int, int]] = []
+        for off, n in want:
+            if merged and merged[-1][0] + merged[-1][1] == off:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((off, n))
+        dirty = img.dirty_extents("backup")
+        print(f"dirty ranges for the next incremental backup: {dirty}")
+        ok = ok and dirty == merged
         got = await img.read(1 << 20, 65536)
         ok = ok and got == b"\x5a" * 65536
     proc = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
     print(f"$ qemu-img check overlay.qcow2 (after the export)\n{proc.stdout.strip()}")
+    info = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
+    shown = info.stdout[info.stdout.find("    bitmaps:") :].split("    refcount bits")[0]
+    print(f"$ qemu-img info overlay.qcow2 (the bitmap as QEMU reads it)\n{shown.rstrip()}")
+    ok = ok and info.returncode == 0 and "name: backup" in shown and "in-use" not in shown
     return 0 if ok and proc.returncode == 0 else 1
 
 
