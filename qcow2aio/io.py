@@ -91,24 +91,28 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 # Errors that mean "this file (system) cannot punch holes": nothing to do.
 _NO_PUNCH = frozenset({_errno.EOPNOTSUPP, _errno.ENOSYS, _errno.EINVAL, _errno.ENOTTY})
-_fallocate_fn: Any = None
+_LIBC_FUNCTIONS: dict[str, Any] = {}
 
 
-def _libc_fallocate() -> Any:
-    """libc's ``fallocate`` through ctypes (Python's ``os`` has only
-    ``posix_fallocate``, which cannot punch), or None where there is none."""
-    global _fallocate_fn
-    if _fallocate_fn is None:
-        fn: Any = False
+def libc_function(name: str, argtypes: tuple[str, ...]) -> Any:
+    """libc's ``name`` through ctypes, with ``argtypes`` (names of ctypes types) and
+    an ``int`` result, errno kept; None where libc has none. Looked up once. For the
+    calls Python's ``os`` lacks (``fallocate`` modes, ``sync_file_range``)."""
+    if name not in _LIBC_FUNCTIONS:
+        fn: Any = None
         with contextlib.suppress(OSError, AttributeError):
             import ctypes
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = libc.fallocate
-            fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+            fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+            fn.argtypes = tuple(getattr(ctypes, t) for t in argtypes)
             fn.restype = ctypes.c_int
-        _fallocate_fn = fn
-    return _fallocate_fn or None
+        _LIBC_FUNCTIONS[name] = fn
+    return _LIBC_FUNCTIONS[name]
+
+
+def _libc_fallocate() -> Any:
+    """``fallocate`` (``os.posix_fallocate`` cannot punch), or None."""
+    return libc_function("fallocate", ("c_int", "c_int", "c_int64", "c_int64"))
 
 
 def _zero_fill(view: memoryview) -> None:

@@ -21,27 +21,15 @@ from typing import Any
 from .. import constants as C
 from ..backing import RawImage
 from ..errors import Qcow2IOError, Qcow2RangeError, Qcow2ReadOnlyError
-from ..io import Buffer, FileBackend, to_thread
+from ..io import Buffer, FileBackend, libc_function, to_thread
 
 _ZERO_CHUNK = 1 << 20
 _SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range_fn: Any = None
 
 
 def _libc_sync_file_range() -> Any:
-    """libc's ``sync_file_range`` through ctypes (not in Python's ``os``), or None."""
-    global _sync_file_range_fn
-    if _sync_file_range_fn is None:
-        fn: Any = False
-        with contextlib.suppress(OSError, AttributeError):
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = libc.sync_file_range
-            fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-            fn.restype = ctypes.c_int
-        _sync_file_range_fn = fn
-    return _sync_file_range_fn or None
+    """libc's ``sync_file_range`` (not in Python's ``os``), or None."""
+    return libc_function("sync_file_range", ("c_int", "c_int64", "c_int64", "c_uint"))
 
 
 class EarlyWriteback:
