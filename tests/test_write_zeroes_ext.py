@@ -151,3 +151,44 @@ def test_write_zeroes_to_the_end(qemu: Qemu, tmp_path: Path, prep: str, off: int
     assert _layout(qemu, theirs) == _layout(qemu, ours)
     rc, report = qemu.check(ours)
     assert rc == 0 and not report.get("corruptions") and not report.get("leaks"), report
+
+
+def test_zero_clusters_rechecks_the_version_under_the_lock(qemu: Qemu, tmp_path: Path) -> None:
+    """An amend to compat=0.10 may run between a write-zeroes' split and its locked
+    step (race seeds 10400009/13): on a v2 image ``zero_clusters`` then changes no
+    entry and hands the range back to be written as data (v2 has no zero flag); a
+    discard over a backing file does nothing."""
+    from qcow2aio.mapping import map_read
+    from qcow2aio.writes import zero_clusters
+
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", base, "1M")
+    qemu.io(base, "write -P 7 0 1M", fmt="qcow2")
+    qemu.img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        base.name,
+        "-F",
+        "qcow2",
+        top,
+        "1M",
+    )
+    qemu.io(top, "write -P 1 0 128k")
+    with qcow2aio.open(top, "r+") as img:
+        assert img.meta.version == 2
+
+        def step() -> list[tuple[int, int]]:
+            before = map_read(img.meta, 0, 2 * CS, True)
+            left = zero_clusters(img, 0, 2 * CS, unmap=False, discard=False)
+            assert zero_clusters(img, 0, 2 * CS, unmap=True, discard=True) == []
+            assert map_read(img.meta, 0, 2 * CS, True) == before
+            return left
+
+        assert img._exclusive_sync(step) == [(0, 2 * CS)]
+    assert qemu.check(top)[0] == 0
+    qemu.io(top, "read -P 1 0 128k")
